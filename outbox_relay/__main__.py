@@ -1,0 +1,3 @@
+from outbox_relay.cli import main
+
+main()

@@ -1,0 +1,461 @@
+"""The ``outbox-relay`` command line: serve, migrate, status, emit, dead."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from outbox_relay import __version__, deadletters, migrations, producer
+from outbox_relay import logs as logconfig
+from outbox_relay.errors import ConfigError, DatabaseUnavailableError, ExitCode, OutboxRelayError
+from outbox_relay.publishers import create_publisher
+from outbox_relay.redact import redact_url
+from outbox_relay.settings import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_DATABASE_URL,
+    Mode,
+    OnSent,
+    RelaySettings,
+    check_database_url,
+)
+from outbox_relay.status import read_status
+
+log = logging.getLogger("outbox_relay")
+ENV = "OUTBOX_RELAY_"
+
+app = typer.Typer(
+    name="outbox-relay",
+    help="Relay events from a PostgreSQL transactional outbox to a message broker, "
+    "with publisher confirms and per-aggregate commit order.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+dead_app = typer.Typer(help="Inspect and requeue events the relay gave up on.", no_args_is_help=True)
+app.add_typer(dead_app, name="dead")
+
+# -- shared options ----------------------------------------------------------------------------
+
+DatabaseUrl = Annotated[
+    str,
+    typer.Option(
+        "--database-url",
+        envvar=f"{ENV}DATABASE_URL",
+        help="PostgreSQL URL of the outbox database.",
+        show_default=True,
+    ),
+]
+Schema = Annotated[
+    str,
+    typer.Option("--schema", envvar=f"{ENV}SCHEMA", help="Schema holding the outbox tables."),
+]
+LogLevel = Annotated[
+    str,
+    typer.Option(
+        "--log-level", envvar=f"{ENV}LOG_LEVEL", help="debug, info, warning or error."
+    ),
+]
+LogFormat = Annotated[
+    str,
+    typer.Option("--log-format", envvar=f"{ENV}LOG_FORMAT", help="text or json (one object a line)."),
+]
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(option: str, text: str) -> float:
+    """'90' / '90s' / '15m' / '24h' / '7d' -> seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ConfigError(f"{option}: {text!r} is not a duration (e.g. 30s, 15m, 24h, 7d)")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    if level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"--log-level: {level!r} is not one of debug, info, warning, error")
+    if fmt not in {"text", "json"}:
+        raise ConfigError(f"--log-format: {fmt!r} is not one of text, json")
+    logconfig.configure(level, fmt)
+
+
+@contextmanager
+def _connect(database_url: str, **kwargs: Any) -> Iterator[psycopg.Connection[Any]]:
+    check_database_url(database_url)
+    try:
+        conn = psycopg.connect(database_url, connect_timeout=10, **kwargs)
+    except psycopg.Error as exc:
+        raise DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL at {redact_url(database_url)}: {exc}".strip()
+        ) from exc
+    with conn:
+        yield conn
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"outbox-relay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Relay events from a PostgreSQL transactional outbox to a message broker."""
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    broker_url: Annotated[
+        str,
+        typer.Option("--broker-url", envvar=f"{ENV}BROKER_URL", help="Broker URL; the scheme picks the broker."),
+    ] = DEFAULT_BROKER_URL,
+    schema: Schema = "public",
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            "--mode",
+            envvar=f"{ENV}MODE",
+            help="notify: LISTEN/NOTIFY wake-ups plus polling; poll: polling only.",
+            case_sensitive=False,
+        ),
+    ] = Mode.NOTIFY,
+    exchange: Annotated[
+        str, typer.Option("--exchange", envvar=f"{ENV}EXCHANGE", help="Durable topic exchange to publish to.")
+    ] = "events",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", envvar=f"{ENV}BATCH_SIZE", help="Rows claimed per transaction.")
+    ] = 1000,
+    poll_interval: Annotated[
+        float,
+        typer.Option(
+            "--poll-interval",
+            envvar=f"{ENV}POLL_INTERVAL",
+            help="Seconds between polls when idle (the fallback for missed wake-ups).",
+        ),
+    ] = 1.0,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts", envvar=f"{ENV}MAX_ATTEMPTS", help="Failed publishes before an event is dead."
+        ),
+    ] = 10,
+    retry_backoff: Annotated[
+        float,
+        typer.Option(
+            "--retry-backoff",
+            envvar=f"{ENV}RETRY_BACKOFF",
+            help="First retry delay in seconds; doubles per attempt.",
+        ),
+    ] = 1.0,
+    retry_backoff_max: Annotated[
+        float,
+        typer.Option("--retry-backoff-max", envvar=f"{ENV}RETRY_BACKOFF_MAX", help="Longest retry delay."),
+    ] = 300.0,
+    on_sent: Annotated[
+        OnSent,
+        typer.Option(
+            "--on-sent",
+            envvar=f"{ENV}ON_SENT",
+            help="delete: remove rows once confirmed; keep: set published_at, prune after --retention.",
+            case_sensitive=False,
+        ),
+    ] = OnSent.DELETE,
+    retention: Annotated[
+        str,
+        typer.Option(
+            "--retention", envvar=f"{ENV}RETENTION", help="How long kept rows stay (e.g. 24h, 7d)."
+        ),
+    ] = "7d",
+    confirm_timeout: Annotated[
+        float,
+        typer.Option(
+            "--confirm-timeout",
+            envvar=f"{ENV}CONFIRM_TIMEOUT",
+            help="Seconds to wait for broker confirms before reconnecting.",
+        ),
+    ] = 30.0,
+    max_message_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-message-bytes",
+            envvar=f"{ENV}MAX_MESSAGE_BYTES",
+            help="Larger payloads are dead-lettered (keep at or below the broker's limit).",
+        ),
+    ] = 128 * 1024 * 1024,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            envvar=f"{ENV}SHUTDOWN_TIMEOUT",
+            help="On SIGTERM, seconds to finish the batch in flight before releasing it.",
+        ),
+    ] = 10.0,
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+) -> None:
+    """Run the relay daemon until SIGTERM or SIGINT."""
+    _setup_logging(log_level, log_format)
+    settings = RelaySettings(
+        database_url=database_url,
+        broker_url=broker_url,
+        schema=schema,
+        mode=mode,
+        exchange=exchange,
+        batch_size=batch_size,
+        poll_interval=poll_interval,
+        max_attempts=max_attempts,
+        retry_backoff=retry_backoff,
+        retry_backoff_max=retry_backoff_max,
+        on_sent=on_sent,
+        retention=parse_duration("--retention", retention),
+        confirm_timeout=confirm_timeout,
+        max_message_bytes=max_message_bytes,
+        shutdown_timeout=shutdown_timeout,
+    )
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: RelaySettings) -> None:
+    from outbox_relay.relay import Relay
+
+    publisher = create_publisher(settings.publisher_settings())
+    relay = Relay(settings, publisher)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(relay.run())
+
+    def on_signal(signum: signal.Signals) -> None:
+        if relay_stopping.done():
+            return
+        relay_stopping.set_result(None)
+        log.info("received %s: finishing the batch in flight", signum.name)
+        relay.stop()
+        loop.call_later(settings.shutdown_timeout, task.cancel)
+
+    relay_stopping: asyncio.Future[None] = loop.create_future()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    log.info("starting relay", extra=settings.describe())
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.warning("shutdown timed out: released the batch in flight, it will be published again")
+    log.info("stopped")
+
+
+# -- migrate / status / emit ----------------------------------------------------------------------
+
+
+@app.command()
+def migrate(database_url: DatabaseUrl = DEFAULT_DATABASE_URL, schema: Schema = "public") -> None:
+    """Create or upgrade the outbox tables, functions and triggers (safe to re-run)."""
+    with _connect(database_url, autocommit=True) as conn:
+        applied = migrations.migrate(conn, schema)
+        version = migrations.check_schema(conn, schema)
+    if applied:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+        typer.echo(f"schema {schema!r}: applied {names}; now at version {version}")
+    else:
+        typer.echo(f"schema {schema!r}: already at version {version}, nothing to do")
+
+
+@app.command()
+def status(
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (stable keys).")] = False,
+    fail_on_lag: Annotated[
+        float | None,
+        typer.Option(
+            "--fail-on-lag",
+            help="Exit with code 6 when the oldest pending event is older than this many seconds.",
+        ),
+    ] = None,
+) -> None:
+    """Show the backlog, the lag, throughput, dead letters and connected relays."""
+    with _connect(database_url, autocommit=True) as conn:
+        current = read_status(conn, schema)
+    lagging = fail_on_lag is not None and current.oldest_pending_age_seconds > fail_on_lag
+    if as_json:
+        typer.echo(json.dumps({**current.as_dict(), "lagging": lagging}))
+    else:
+        table = Table(title=f"outbox {schema!r} (schema version {current.schema_version})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        rows = [
+            ("pending", current.pending),
+            ("oldest pending (lag)", f"{current.oldest_pending_age_seconds:.1f}s"),
+            ("retrying", current.retrying),
+            ("dead", current.dead),
+            ("published, last minute", current.published_last_minute),
+            ("published, last hour", current.published_last_hour),
+            ("relays connected", current.relays_connected),
+            ("leader pid", current.leader_pid if current.leader_pid is not None else "none"),
+        ]
+        for name, value in rows:
+            table.add_row(name, str(value))
+        Console().print(table)
+    if lagging:
+        typer.echo(
+            f"lagging: oldest pending event is {current.oldest_pending_age_seconds:.1f}s old "
+            f"(limit {fail_on_lag}s)",
+            err=True,
+        )
+        raise typer.Exit(ExitCode.LAGGING)
+
+
+@app.command()
+def emit(
+    event_type: Annotated[str, typer.Argument(help="Event type = routing key, e.g. order.created.")],
+    payload: Annotated[str, typer.Option("--payload", help="JSON payload.")] = "{}",
+    aggregate_id: Annotated[
+        str | None, typer.Option("--aggregate-id", help="Ordering key, e.g. the order id.")
+    ] = None,
+    aggregate_type: Annotated[str | None, typer.Option("--aggregate-type", help="e.g. order.")] = None,
+    header: Annotated[
+        list[str] | None, typer.Option("--header", help="KEY=VALUE, repeatable.")
+    ] = None,
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+) -> None:
+    """Write one event to the outbox (handy for demos and smoke tests)."""
+    try:
+        body = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--payload: invalid JSON: {exc}") from exc
+    headers: dict[str, str] = {}
+    for item in header or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--header: {item!r} is not KEY=VALUE")
+        headers[key] = value
+    with _connect(database_url) as conn:
+        migrations.check_schema(conn, schema)
+        event_id = producer.emit(
+            conn,
+            event_type,
+            payload=body,
+            aggregate_id=aggregate_id,
+            aggregate_type=aggregate_type,
+            headers=headers,
+            schema=schema,
+        )
+        conn.commit()
+    typer.echo(str(event_id))
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+@dead_app.command("list")
+def dead_list(
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+    limit: Annotated[int, typer.Option("--limit", help="At most this many, oldest first.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+) -> None:
+    """List dead-lettered events with their last error."""
+    with _connect(database_url, autocommit=True) as conn:
+        migrations.check_schema(conn, schema)
+        dead = deadletters.list_dead(conn, schema, limit)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "event_id": d.event_id,
+                        "event_type": d.event_type,
+                        "aggregate_id": d.aggregate_id,
+                        "attempts": d.attempts,
+                        "last_error": d.last_error,
+                        "dead_at": d.dead_at.isoformat(),
+                        "created_at": d.created_at.isoformat(),
+                    }
+                    for d in dead
+                ]
+            )
+        )
+        return
+    table = Table(title=f"dead events ({len(dead)})")
+    for column in ("event id", "type", "aggregate", "attempts", "dead at", "last error"):
+        table.add_column(column)
+    for d in dead:
+        table.add_row(
+            d.event_id,
+            d.event_type,
+            d.aggregate_id or "",
+            str(d.attempts),
+            d.dead_at.isoformat(timespec="seconds"),
+            d.last_error or "",
+        )
+    Console().print(table)
+
+
+@dead_app.command("retry")
+def dead_retry(
+    event_ids: Annotated[list[str] | None, typer.Argument(help="Event ids to requeue.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Requeue every dead event.")] = False,
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+) -> None:
+    """Make dead events pending again, with their attempts reset."""
+    ids = event_ids or []
+    if not ids and not all_:
+        raise ConfigError("dead retry: give EVENT_ID... or --all")
+    for event_id in ids:
+        try:
+            uuid.UUID(event_id)
+        except ValueError:
+            raise ConfigError(f"dead retry: {event_id!r} is not an event id (a UUID)") from None
+    with _connect(database_url, autocommit=True) as conn:
+        migrations.check_schema(conn, schema)
+        requeued = deadletters.retry_dead(conn, schema, ids, all_=all_)
+    typer.echo(f"requeued {len(requeued)} event(s)")
+    missing = set(ids) - set(requeued)
+    if missing:
+        typer.echo(f"not dead (or unknown): {', '.join(sorted(missing))}", err=True)
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def _fail(exc: OutboxRelayError) -> NoReturn:
+    lines = [f"error: {exc}"]
+    cause = exc.__cause__
+    while cause is not None:
+        text = str(cause).strip().splitlines()
+        if text and text[0] not in lines[-1]:
+            lines.append(f"  caused by: {text[0]}")
+        cause = cause.__cause__
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.exit(exc.exit_code)
+
+
+def main() -> None:
+    try:
+        app()
+    except OutboxRelayError as exc:
+        _fail(exc)

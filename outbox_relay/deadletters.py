@@ -1,0 +1,39 @@
+"""Inspect and requeue events the relay gave up on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from outbox_relay.queries import Queries
+
+
+@dataclass(frozen=True, slots=True)
+class DeadEvent:
+    event_id: str
+    event_type: str
+    aggregate_id: str | None
+    attempts: int
+    last_error: str | None
+    dead_at: datetime
+    created_at: datetime
+
+
+def list_dead(conn: psycopg.Connection[Any], schema: str, limit: int = 100) -> list[DeadEvent]:
+    rows = conn.execute(Queries(schema)["dead_list"], {"limit": limit}).fetchall()
+    return [DeadEvent(*row) for row in rows]
+
+
+def retry_dead(
+    conn: psycopg.Connection[Any], schema: str, event_ids: Sequence[str] = (), *, all_: bool = False
+) -> list[str]:
+    """Make dead events pending again (attempts reset); returns the event ids requeued."""
+    with conn.transaction():
+        rows = conn.execute(
+            Queries(schema)["dead_retry"], {"all": all_, "event_ids": list(event_ids)}
+        ).fetchall()
+    return [row[0] for row in rows]

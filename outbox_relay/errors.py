@@ -1,0 +1,67 @@
+"""The project's exception tree.
+
+Driver errors (psycopg, pika, ...) are translated at the boundary into these, keeping the cause
+chain, so the CLI can print one readable block and exit with a named code.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    SCHEMA = 4
+    UNAVAILABLE = 5
+    LAGGING = 6
+
+
+class OutboxRelayError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class ConfigError(OutboxRelayError):
+    """A setting is missing or invalid; the message names the option."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class InvalidEventError(OutboxRelayError, ValueError):
+    """An event given to the producer API cannot be written (bad type, payload or headers)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class StoreError(OutboxRelayError):
+    """A problem with the outbox database."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class DatabaseUnavailableError(StoreError):
+    """PostgreSQL cannot be reached or the connection was lost; retrying may help."""
+
+
+class SchemaError(StoreError):
+    """The outbox schema is missing or older than this relay expects."""
+
+    exit_code = ExitCode.SCHEMA
+
+
+class PublishError(OutboxRelayError):
+    """A problem with the message broker."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class BrokerUnavailableError(PublishError):
+    """The broker cannot be reached or the connection was lost; retrying may help."""
+
+
+class MissingExtraError(ConfigError):
+    """A broker's client library is not installed."""

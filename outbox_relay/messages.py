@@ -1,0 +1,73 @@
+"""The message contract shared by the relay core and every publisher."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+# Dot-separated words: usable unchanged as an AMQP routing key, a NATS subject, a Redis stream
+# suffix and (dots turned into slashes) an MQTT topic. No wildcards, no empty words.
+EVENT_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*")
+MAX_EVENT_TYPE_BYTES = 255
+
+
+def event_type_problem(event_type: str) -> str | None:
+    """Why ``event_type`` cannot be a routing key, or None when it can."""
+    if not EVENT_TYPE_PATTERN.fullmatch(event_type):
+        return (
+            f"event type {event_type!r} must be dot-separated words of letters, digits, "
+            "'_', ':' or '-' (e.g. 'order.created')"
+        )
+    if len(event_type.encode()) > MAX_EVENT_TYPE_BYTES:
+        return f"event type is longer than {MAX_EVENT_TYPE_BYTES} bytes"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One outbox row on its way to the broker.
+
+    ``payload`` is the JSON text exactly as PostgreSQL renders the row's jsonb, encoded UTF-8;
+    ``headers`` is the row's own headers object (trace context lives there).
+    """
+
+    id: int
+    event_id: str
+    event_type: str
+    aggregate_type: str | None
+    aggregate_id: str | None
+    payload: bytes
+    headers: dict[str, Any]
+    created_at: datetime
+    attempts: int = 0
+
+    def broker_headers(self) -> dict[str, Any]:
+        """Headers every broker carries: the row's own plus the aggregate, never overwritten."""
+        headers = dict(self.headers)
+        if self.aggregate_type is not None:
+            headers["aggregate_type"] = self.aggregate_type
+        if self.aggregate_id is not None:
+            headers["aggregate_id"] = self.aggregate_id
+        return headers
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """The broker's verdict on one message.
+
+    ``permanent`` failures (payload too large, headers the broker cannot encode, a webhook's 4xx)
+    can never succeed and are dead-lettered at once; the others are retried with backoff.
+    """
+
+    confirmed: bool
+    reason: str | None = None
+    permanent: bool = False
+
+
+CONFIRMED = PublishResult(confirmed=True)
+
+
+def failed(reason: str, *, permanent: bool = False) -> PublishResult:
+    return PublishResult(confirmed=False, reason=reason, permanent=permanent)

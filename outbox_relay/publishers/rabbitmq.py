@@ -1,0 +1,281 @@
+"""RabbitMQ via pika's asyncio adapter, with pipelined publisher confirms.
+
+A batch is written to the socket in one go (``mandatory`` so unroutable messages come back as
+``basic.return``; ``delivery_mode=2``), then the broker's acks and nacks, which may cover many
+delivery tags at once (``multiple``), settle it. RabbitMQ sends a message's ``basic.return``
+before its ``basic.ack``, so a returned message is known to have failed by the time it is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from itertools import takewhile
+from collections.abc import Sequence
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
+from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+
+def _amqp_value(value: Any) -> Any:
+    """AMQP tables have no float type in pika; carry floats as their JSON text."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _amqp_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_amqp_value(v) for v in value]
+    return value
+
+
+class _Batch:
+    """Bookkeeping of one batch in flight: delivery tag -> position in the batch."""
+
+    def __init__(self, size: int) -> None:
+        self.results: list[PublishResult | None] = [None] * size
+        self.by_tag: dict[int, int] = {}
+        self.by_message_id: dict[str, int] = {}
+        self.returned: dict[int, str] = {}
+        self.done = asyncio.get_running_loop().create_future()
+
+    def settle(self, tag: int, result: PublishResult) -> None:
+        index = self.by_tag.pop(tag, None)
+        if index is None:
+            return
+        reason = self.returned.get(index)
+        self.results[index] = failed(reason) if reason and result.confirmed else result
+
+    def maybe_done(self) -> None:
+        if not self.by_tag and not self.done.done():
+            self.done.set_result(None)
+
+
+class RabbitMQPublisher:
+    """Publishes to a durable topic exchange (``events`` by default), routing key = event type."""
+
+    name = "rabbitmq"
+
+    def __init__(self, settings: PublisherSettings) -> None:
+        self._settings = settings
+        try:
+            self._parameters = pika.URLParameters(settings.url)
+        except Exception as exc:  # pika raises assorted errors for malformed URLs
+            raise ConfigError(f"--broker-url: invalid AMQP URL {redact_url(settings.url)}: {exc}") from exc
+        # A broker under a resource alarm blocks publishers; give up on it like on a lost link.
+        self._parameters.blocked_connection_timeout = settings.confirm_timeout
+        self._connection: AsyncioConnection | None = None
+        self._channel: Channel | None = None
+        self._batch: _Batch | None = None
+        self._next_tag = 1
+        self._failure: BaseException | None = None
+        self._opening: asyncio.Future[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        where = redact_url(self._settings.url)
+
+        def on_open(connection: AsyncioConnection) -> None:
+            connection.channel(on_open_callback=on_channel)
+
+        def on_open_error(_connection: AsyncioConnection, exc: BaseException | str) -> None:
+            if not opened.done():
+                opened.set_exception(
+                    BrokerUnavailableError(f"cannot connect to RabbitMQ at {where}: {exc}")
+                )
+
+        def on_channel(channel: Channel) -> None:
+            self._channel = channel
+            channel.add_on_close_callback(self._on_channel_closed)
+            channel.add_on_return_callback(self._on_return)
+            channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_confirming)
+
+        def on_confirming(_frame: Any) -> None:
+            assert self._channel is not None
+            self._channel.exchange_declare(
+                exchange=self._settings.exchange,
+                exchange_type="topic",
+                durable=True,
+                callback=on_declared,
+            )
+
+        def on_declared(_frame: Any) -> None:
+            if not opened.done():
+                opened.set_result(None)
+
+        self._failure = None
+        self._next_tag = 1
+        self._connection = AsyncioConnection(
+            self._parameters,
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=loop,
+        )
+        self._opening = opened
+        try:
+            await asyncio.wait_for(opened, timeout=self._settings.confirm_timeout)
+        except TimeoutError as exc:
+            await self.close()
+            raise BrokerUnavailableError(f"timed out connecting to RabbitMQ at {where}") from exc
+        except BaseException:
+            await self.close()
+            raise
+        log.info("connected to broker", extra={"broker": "rabbitmq", "url": where})
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._channel = None
+        if connection is None or connection.is_closed or connection.is_closing:
+            return
+        closed = asyncio.get_running_loop().create_future()
+        self._closing = closed
+        try:
+            connection.close()
+            await asyncio.wait_for(closed, timeout=5)
+        except (TimeoutError, pika.exceptions.AMQPError):
+            pass
+
+    def is_healthy(self) -> bool:
+        return (
+            self._connection is not None
+            and self._connection.is_open
+            and self._channel is not None
+            and self._channel.is_open
+        )
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+        channel = self._channel
+        if channel is None or not self.is_healthy():
+            raise BrokerUnavailableError("not connected to RabbitMQ") from self._failure
+        batch = _Batch(len(messages))
+        self._batch = batch
+        exchange = self._settings.exchange
+        limit = self._settings.max_message_bytes
+        try:
+            for index, message in enumerate(messages):
+                if len(message.payload) > limit:
+                    batch.results[index] = failed(
+                        f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
+                        "(--max-message-bytes)",
+                        permanent=True,
+                    )
+                    continue
+                headers = message.broker_headers()
+                properties = BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=message.event_id,
+                    type=message.event_type,
+                    timestamp=int(message.created_at.timestamp()),
+                    headers=_amqp_value(headers) if headers else None,
+                )
+                try:
+                    channel.basic_publish(
+                        exchange, message.event_type, message.payload, properties, mandatory=True
+                    )
+                except (pika.exceptions.UnsupportedAMQPFieldException, ValueError, TypeError) as exc:
+                    # Marshalled before anything is written, so nothing was sent.
+                    batch.results[index] = failed(
+                        f"headers cannot be encoded as AMQP: {exc!r}", permanent=True
+                    )
+                    continue
+                except pika.exceptions.AMQPError as exc:
+                    raise BrokerUnavailableError(f"RabbitMQ publish failed: {exc!r}") from exc
+                batch.by_tag[self._next_tag] = index
+                batch.by_message_id[message.event_id] = index
+                self._next_tag += 1
+            batch.maybe_done()
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(batch.done), timeout=self._settings.confirm_timeout
+                )
+            except TimeoutError as exc:
+                raise BrokerUnavailableError(
+                    f"RabbitMQ did not confirm {len(batch.by_tag)} message(s) "
+                    f"within {self._settings.confirm_timeout}s"
+                ) from exc
+        finally:
+            self._batch = None
+        return [result if result is not None else CONFIRMED for result in batch.results]
+
+    # -- pika callbacks --------------------------------------------------------------------
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        batch = self._batch
+        if batch is None:
+            return
+        if isinstance(method, Basic.Ack):
+            result = CONFIRMED
+        else:
+            result = failed("nacked by RabbitMQ (internal error or queue overflow)")
+        if method.multiple:
+            # by_tag is in ascending tag order, so the covered tags are a prefix of it.
+            covered = list(takewhile(lambda t: t <= method.delivery_tag, batch.by_tag))
+            for tag in covered:
+                batch.settle(tag, result)
+        else:
+            batch.settle(method.delivery_tag, result)
+        batch.maybe_done()
+
+    def _on_return(
+        self, _channel: Channel, method: Basic.Return, properties: BasicProperties, _body: bytes
+    ) -> None:
+        batch = self._batch
+        if batch is None or properties.message_id is None:
+            return
+        index = batch.by_message_id.get(properties.message_id)
+        if index is not None:
+            batch.returned[index] = (
+                f"unroutable: {method.reply_code} {method.reply_text} (exchange "
+                f"{method.exchange!r}, routing key {method.routing_key!r}); bind a queue or "
+                "set an alternate exchange"
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        opening = self._opening
+        if opening is not None and not opening.done():
+            opening.set_exception(self._describe(exc))
+        batch = self._batch
+        if batch is not None and not batch.done.done():
+            batch.done.set_exception(self._describe(exc))
+
+    def _describe(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 406:
+            return ConfigError(
+                f"RabbitMQ refused the exchange {self._settings.exchange!r}: {exc.reply_text} "
+                "(it exists with another type or flags; it must be a durable topic exchange)"
+            )
+        return BrokerUnavailableError(f"lost the RabbitMQ connection: {exc!r}")
+
+    def _on_channel_closed(self, _channel: Channel, exc: BaseException) -> None:
+        self._channel = None
+        self._fail(exc)
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.close()
+
+    def _on_connection_closed(self, _connection: AsyncioConnection, exc: BaseException) -> None:
+        self._channel = None
+        self._fail(exc)
+        closing = self._closing
+        if closing is not None and not closing.done():
+            closing.set_result(None)

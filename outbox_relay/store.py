@@ -1,0 +1,183 @@
+"""The outbox as the relay sees it: one PostgreSQL connection running the named queries.
+
+Claiming and settling a batch happen in one transaction, so a relay killed at any moment leaves
+its claimed rows pending and they are simply published again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from outbox_relay import migrations
+from outbox_relay.errors import DatabaseUnavailableError, SchemaError
+from outbox_relay.messages import OutboxMessage
+from outbox_relay.queries import Queries
+from outbox_relay.redact import redact_url
+from outbox_relay.settings import OnSent, RelaySettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    id: int
+    reason: str
+    permanent: bool
+
+
+@asynccontextmanager
+async def translate_errors(where: str) -> AsyncIterator[None]:
+    """Turn psycopg errors into the project's: lost connections are retryable, a missing table
+    means the schema was never migrated."""
+    try:
+        yield
+    except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction) as exc:
+        raise SchemaError(f"{exc.diag.message_primary}: run `outbox-relay migrate`") from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DatabaseUnavailableError(f"PostgreSQL at {where}: {exc}".strip()) from exc
+
+
+def _message(row: tuple[Any, ...]) -> OutboxMessage:
+    id_, event_id, event_type, aggregate_type, aggregate_id, payload, headers, created, attempts = row
+    return OutboxMessage(
+        id=id_,
+        event_id=event_id,
+        event_type=event_type,
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        payload=payload.encode(),
+        headers={} if headers == "{}" else json.loads(headers),
+        created_at=created,
+        attempts=attempts,
+    )
+
+
+class OutboxStore:
+    def __init__(self, settings: RelaySettings) -> None:
+        self._settings = settings
+        self._queries = Queries(settings.schema)
+        self._where = redact_url(settings.database_url)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    @property
+    def queries(self) -> Queries:
+        return self._queries
+
+    def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            raise DatabaseUnavailableError("not connected to PostgreSQL")
+        return self._conn
+
+    async def connect(self) -> None:
+        async with translate_errors(self._where):
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._settings.database_url,
+                application_name=self._queries.application_name,
+                connect_timeout=10,
+            )
+            async with self._conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT to_regclass(%s) IS NOT NULL",
+                    (f"{self._settings.schema}.outbox_schema_version",),
+                )
+                exists = await cur.fetchone()
+                version: int | None = None
+                if exists and exists[0]:
+                    await cur.execute(self._queries["schema_version"])
+                    row = await cur.fetchone()
+                    version = int(row[0]) if row and row[0] is not None else 0
+            await self._conn.commit()
+        problem = migrations.version_problem(self._settings.schema, version)
+        if problem:
+            await self.close()
+            raise SchemaError(problem)
+        log.info("connected to PostgreSQL", extra={"url": self._where})
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            try:
+                await conn.close()
+            except psycopg.Error:
+                pass
+
+    async def _fetch(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        async with translate_errors(self._where):
+            async with self._connection().cursor() as cur:
+                await cur.execute(self._queries[name], params)
+                return await cur.fetchall() if cur.description else []
+
+    async def commit(self) -> None:
+        async with translate_errors(self._where):
+            await self._connection().commit()
+
+    async def rollback(self) -> None:
+        """Release a claimed batch; rows stay pending."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                await conn.rollback()
+            except psycopg.Error:
+                pass
+
+    async def try_lead(self) -> bool:
+        rows = await self._fetch("try_lead", {"schema": self._settings.schema})
+        await self.commit()
+        return bool(rows[0][0])
+
+    async def claim(self, limit: int) -> list[OutboxMessage]:
+        """Lock the next pending rows in order. The transaction stays open until settle()."""
+        return [_message(row) for row in await self._fetch("claim", {"limit": limit})]
+
+    async def settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
+        """Mark the confirmed rows sent and record failures, then commit. Returns dead-lettered."""
+        dead = 0
+        if sent:
+            query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
+            await self._fetch(query, {"ids": list(sent)})
+        if failures:
+            rows = await self._fetch(
+                "record_failures",
+                {
+                    "ids": [f.id for f in failures],
+                    "reasons": [f.reason for f in failures],
+                    "permanent": [f.permanent for f in failures],
+                    "max_attempts": self._settings.max_attempts,
+                    "backoff_base": self._settings.retry_backoff,
+                    "backoff_max": self._settings.retry_backoff_max,
+                },
+            )
+            dead = sum(1 for _id, is_dead in rows if is_dead)
+        if sent or dead:
+            await self._fetch("count_published", {"published": len(sent), "dead": dead})
+        await self.commit()
+        return dead
+
+    async def start_listening(self, seconds: float) -> None:
+        await self._fetch("start_listening", {"seconds": seconds})
+        await self.commit()
+
+    async def stop_listening(self) -> None:
+        await self._fetch("stop_listening")
+        await self.commit()
+
+    async def next_retry_in(self) -> float | None:
+        rows = await self._fetch("next_retry_in")
+        await self.commit()
+        value = rows[0][0] if rows else None
+        return None if value is None else max(0.0, float(value))
+
+    async def housekeeping(self) -> None:
+        """Prune kept rows past their retention and old throughput buckets."""
+        if self._settings.on_sent is OnSent.KEEP:
+            await self._fetch("prune_published", {"retention": self._settings.retention})
+        await self._fetch("prune_stats")
+        await self.commit()
