@@ -44,7 +44,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-dead_app = typer.Typer(help="Inspect and requeue events the relay gave up on.", no_args_is_help=True)
+dead_app = typer.Typer(
+    help="Inspect and requeue events the relay gave up on.", no_args_is_help=True
+)
 app.add_typer(dead_app, name="dead")
 
 # -- shared options ----------------------------------------------------------------------------
@@ -64,13 +66,13 @@ Schema = Annotated[
 ]
 LogLevel = Annotated[
     str,
-    typer.Option(
-        "--log-level", envvar=f"{ENV}LOG_LEVEL", help="debug, info, warning or error."
-    ),
+    typer.Option("--log-level", envvar=f"{ENV}LOG_LEVEL", help="debug, info, warning or error."),
 ]
 LogFormat = Annotated[
     str,
-    typer.Option("--log-format", envvar=f"{ENV}LOG_FORMAT", help="text or json (one object a line)."),
+    typer.Option(
+        "--log-format", envvar=f"{ENV}LOG_FORMAT", help="text or json (one object a line)."
+    ),
 ]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
@@ -116,7 +118,9 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
     ] = False,
 ) -> None:
     """Relay events from a PostgreSQL transactional outbox to a message broker."""
@@ -130,7 +134,11 @@ def serve(
     database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
     broker_url: Annotated[
         str,
-        typer.Option("--broker-url", envvar=f"{ENV}BROKER_URL", help="Broker URL; the scheme picks the broker."),
+        typer.Option(
+            "--broker-url",
+            envvar=f"{ENV}BROKER_URL",
+            help="Broker URL; the scheme picks the broker.",
+        ),
     ] = DEFAULT_BROKER_URL,
     schema: Schema = "public",
     mode: Annotated[
@@ -143,10 +151,16 @@ def serve(
         ),
     ] = Mode.NOTIFY,
     exchange: Annotated[
-        str, typer.Option("--exchange", envvar=f"{ENV}EXCHANGE", help="Durable topic exchange to publish to.")
+        str,
+        typer.Option(
+            "--exchange", envvar=f"{ENV}EXCHANGE", help="Durable topic exchange to publish to."
+        ),
     ] = "events",
     batch_size: Annotated[
-        int, typer.Option("--batch-size", envvar=f"{ENV}BATCH_SIZE", help="Rows claimed per transaction.")
+        int,
+        typer.Option(
+            "--batch-size", envvar=f"{ENV}BATCH_SIZE", help="Rows claimed per transaction."
+        ),
     ] = 1000,
     poll_interval: Annotated[
         float,
@@ -159,7 +173,9 @@ def serve(
     max_attempts: Annotated[
         int,
         typer.Option(
-            "--max-attempts", envvar=f"{ENV}MAX_ATTEMPTS", help="Failed publishes before an event is dead."
+            "--max-attempts",
+            envvar=f"{ENV}MAX_ATTEMPTS",
+            help="Failed publishes before an event is dead.",
         ),
     ] = 10,
     retry_backoff: Annotated[
@@ -172,7 +188,9 @@ def serve(
     ] = 1.0,
     retry_backoff_max: Annotated[
         float,
-        typer.Option("--retry-backoff-max", envvar=f"{ENV}RETRY_BACKOFF_MAX", help="Longest retry delay."),
+        typer.Option(
+            "--retry-backoff-max", envvar=f"{ENV}RETRY_BACKOFF_MAX", help="Longest retry delay."
+        ),
     ] = 300.0,
     on_sent: Annotated[
         OnSent,
@@ -285,7 +303,9 @@ def migrate(database_url: DatabaseUrl = DEFAULT_DATABASE_URL, schema: Schema = "
 def status(
     database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
     schema: Schema = "public",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (stable keys).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (stable keys).")
+    ] = False,
     fail_on_lag: Annotated[
         float | None,
         typer.Option(
@@ -328,12 +348,16 @@ def status(
 
 @app.command()
 def emit(
-    event_type: Annotated[str, typer.Argument(help="Event type = routing key, e.g. order.created.")],
+    event_type: Annotated[
+        str, typer.Argument(help="Event type = routing key, e.g. order.created.")
+    ],
     payload: Annotated[str, typer.Option("--payload", help="JSON payload.")] = "{}",
     aggregate_id: Annotated[
         str | None, typer.Option("--aggregate-id", help="Ordering key, e.g. the order id.")
     ] = None,
-    aggregate_type: Annotated[str | None, typer.Option("--aggregate-type", help="e.g. order.")] = None,
+    aggregate_type: Annotated[
+        str | None, typer.Option("--aggregate-type", help="e.g. order.")
+    ] = None,
     header: Annotated[
         list[str] | None, typer.Option("--header", help="KEY=VALUE, repeatable.")
     ] = None,

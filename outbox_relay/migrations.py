@@ -53,7 +53,8 @@ def latest_version() -> int:
 def applied_version(conn: psycopg.Connection[Any], schema: str) -> int | None:
     """The schema's migration version, or None when it has no outbox tables at all."""
     row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{check_schema_name(schema)}.outbox_schema_version",)
+        "SELECT to_regclass(%s) IS NOT NULL",
+        (f"{check_schema_name(schema)}.outbox_schema_version",),
     ).fetchone()
     if not row or not row[0]:
         return None
@@ -67,7 +68,9 @@ def version_problem(schema: str, version: int | None) -> str | None:
     """Why a schema at ``version`` (None: no outbox tables) cannot be used, or None if it can."""
     expected = latest_version()
     if version is None:
-        return f"schema {schema!r} has no outbox tables in this database: run `outbox-relay migrate`"
+        return (
+            f"schema {schema!r} has no outbox tables in this database: run `outbox-relay migrate`"
+        )
     if version < expected:
         return (
             f"outbox schema {schema!r} is at version {version}, this relay needs {expected}: "
@@ -121,9 +124,9 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[Migration]:
                 continue
             conn.execute(render(migration.text, schema).encode())
             conn.execute(
-                sql.SQL("INSERT INTO {}.outbox_schema_version (version, name) VALUES (%s, %s)").format(
-                    sql.Identifier(schema)
-                ),
+                sql.SQL(
+                    "INSERT INTO {}.outbox_schema_version (version, name) VALUES (%s, %s)"
+                ).format(sql.Identifier(schema)),
                 (migration.version, migration.name),
             )
             log.info("applied migration", extra={"version": migration.version, "schema": schema})

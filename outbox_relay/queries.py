@@ -33,7 +33,9 @@ def _raw_queries() -> dict[str, str]:
     text = resources.files("outbox_relay").joinpath("sql/queries.sql").read_text("utf-8")
     parts = _NAME_MARKER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2])}
+    return {
+        name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=False)
+    }
 
 
 class Queries:
@@ -44,7 +46,7 @@ class Queries:
         self._rendered = {name: render(body, schema) for name, body in _raw_queries().items()}
 
     def __getitem__(self, name: str) -> sql.SQL:
-        return sql.SQL(self._rendered[name])  # type: ignore[arg-type]  # trusted package text
+        return sql.SQL(self._rendered[name])
 
     @property
     def notify_channel(self) -> str:

@@ -7,6 +7,7 @@ a broker client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -97,10 +98,8 @@ class Relay:
 
     async def _disconnect(self) -> None:
         if self._listening:
-            try:
+            with contextlib.suppress(*TRANSIENT):
                 await self._store.stop_listening()
-            except TRANSIENT:
-                pass
             self._listening = False
         await self._store.rollback()
         await self._store.close()
@@ -229,7 +228,5 @@ class Relay:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when asked to stop."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass

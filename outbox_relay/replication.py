@@ -28,6 +28,7 @@ import selectors
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import NoReturn
 
 import psycopg
 from psycopg import pq, sql
@@ -50,6 +51,7 @@ __all__ = [
     "SlotNotFoundError",
     "SystemIdentity",
     "WalLevelError",
+    "translate_error",
 ]
 
 
@@ -88,11 +90,10 @@ class SystemIdentity:
 # start WAL sender". They can be localized (lc_messages), hence the SQLSTATE checks first.
 _PRIVILEGE_HINTS = ("replication role", "permission denied to start wal sender")
 
-_PROTOCOL_VIOLATION = "08P01"
 
-
-def _translate(exc: psycopg.Error, action: str) -> ReplicationError:
-    """Map a psycopg error onto the local exception tree; the caller chains the cause."""
+def translate_error(exc: psycopg.Error, action: str) -> ReplicationError:
+    """Map a psycopg error onto the local exception tree; the caller chains the cause
+    (``raise translate_error(exc, "doing x") from exc``)."""
     message = f"{action}: {exc}"
     text = str(exc).lower()
     sqlstate = exc.sqlstate
@@ -148,7 +149,7 @@ class ReplicationStream:
                 connect_timeout=max(1, round(self._connect_timeout)),
             )
         except psycopg.Error as exc:
-            raise _translate(exc, "cannot open replication connection") from exc
+            raise translate_error(exc, "cannot open replication connection") from exc
         return self.identify_system()
 
     def close(self) -> None:
@@ -234,7 +235,7 @@ class ReplicationStream:
         try:
             conn.execute(command)
         except psycopg.Error as exc:
-            raise _translate(exc, f"cannot start replication from slot {slot!r}") from exc
+            raise translate_error(exc, f"cannot start replication from slot {slot!r}") from exc
         self._streaming = True
         self._selector = selectors.DefaultSelector()
         self._selector.register(conn.pgconn.socket, selectors.EVENT_READ)
@@ -263,7 +264,7 @@ class ReplicationStream:
                 pgconn.consume_input()
         except psycopg.Error as exc:
             self._streaming = False
-            raise _translate(exc, "replication stream failed") from exc
+            raise translate_error(exc, "replication stream failed") from exc
 
     def send_status(self, flush_lsn: int, reply: bool = False, timeout: float = 10.0) -> None:
         """Report ``flush_lsn`` as written, flushed and applied.
@@ -283,7 +284,7 @@ class ReplicationStream:
                 self._wait_for_write(deadline)
         except psycopg.Error as exc:
             self._streaming = False
-            raise _translate(exc, "cannot send standby status update") from exc
+            raise translate_error(exc, "cannot send standby status update") from exc
 
     # ---------------------------------------------------------------- internals
 
@@ -305,7 +306,7 @@ class ReplicationStream:
         try:
             return conn.execute(command).fetchone()
         except psycopg.Error as exc:
-            raise _translate(exc, action) from exc
+            raise translate_error(exc, action) from exc
 
     def _wait(self, events: int, timeout: float) -> bool:
         selector = self._selector
@@ -320,7 +321,7 @@ class ReplicationStream:
         if remaining <= 0 or not self._wait(selectors.EVENT_WRITE, remaining):
             raise ReplicationError("timed out sending standby status update")
 
-    def _raise_stream_end(self, pgconn: pq.abc.PGconn) -> None:
+    def _raise_stream_end(self, pgconn: pq.abc.PGconn) -> NoReturn:
         """The server ended COPY (error or shutdown): surface its error, never end silently."""
         self._streaming = False
         result = pgconn.get_result()
@@ -329,4 +330,4 @@ class ReplicationStream:
         if result is None:
             raise ReplicationError("replication stream ended by the server")
         error = psycopg.errors.error_from_result(result)
-        raise _translate(error, "replication stream ended by the server") from error
+        raise translate_error(error, "replication stream ended by the server") from error

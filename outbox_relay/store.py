@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,9 @@ async def translate_errors(where: str) -> AsyncIterator[None]:
 
 
 def _message(row: tuple[Any, ...]) -> OutboxMessage:
-    id_, event_id, event_type, aggregate_type, aggregate_id, payload, headers, created, attempts = row
+    id_, event_id, event_type, aggregate_type, aggregate_id, payload, headers, created, attempts = (
+        row
+    )
     return OutboxMessage(
         id=id_,
         event_id=event_id,
@@ -104,16 +106,15 @@ class OutboxStore:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            try:
+            with suppress(psycopg.Error):
                 await conn.close()
-            except psycopg.Error:
-                pass
 
-    async def _fetch(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        async with translate_errors(self._where):
-            async with self._connection().cursor() as cur:
-                await cur.execute(self._queries[name], params)
-                return await cur.fetchall() if cur.description else []
+    async def _fetch(
+        self, name: str, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        async with translate_errors(self._where), self._connection().cursor() as cur:
+            await cur.execute(self._queries[name], params)
+            return await cur.fetchall() if cur.description else []
 
     async def commit(self) -> None:
         async with translate_errors(self._where):
@@ -123,10 +124,8 @@ class OutboxStore:
         """Release a claimed batch; rows stay pending."""
         conn = self._conn
         if conn is not None and not conn.closed:
-            try:
+            with suppress(psycopg.Error):
                 await conn.rollback()
-            except psycopg.Error:
-                pass
 
     async def try_lead(self) -> bool:
         rows = await self._fetch("try_lead", {"schema": self._settings.schema})

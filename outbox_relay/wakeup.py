@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -29,20 +30,18 @@ class Waker:
             )
             await self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a notification; True when one arrived."""
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a notification; True when one arrived."""
         conn = self._conn
         if conn is None or conn.closed:
             raise DatabaseUnavailableError("the LISTEN connection is closed")
         async with translate_errors(redact_url(self._url)):
-            async for _ in conn.notifies(timeout=timeout, stop_after=1):
+            async for _ in conn.notifies(timeout=seconds, stop_after=1):
                 return True
         return False
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 await conn.close()
-            except psycopg.Error:
-                pass

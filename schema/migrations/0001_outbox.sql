@@ -33,12 +33,14 @@ CREATE INDEX outbox_published_v1 ON {{schema}}.outbox (published_at) WHERE publi
 -- Commit order per aggregate. Ids are drawn at insert time, so two transactions writing events
 -- of one aggregate can commit in the opposite order of their ids. Holding a transaction-scoped
 -- advisory lock on the aggregate from the event's insert until commit, and drawing the id only
--- once the lock is held, makes id order equal commit order for every aggregate. The lock lives
--- in shared memory (no writes), and only writers of the same aggregate ever wait on it.
+-- once the lock is held, makes id order equal commit order for every aggregate. The lock lives in
+-- shared memory (no writes) and only writers of the same aggregate bucket ever wait on it. Locks
+-- are taken per bucket (1024 of them, by hash of aggregate_id), not per aggregate, so a bulk insert
+-- of many aggregates holds at most 1024 locks and cannot exhaust max_locks_per_transaction.
 CREATE FUNCTION {{schema}}.outbox_order_v1() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.aggregate_id IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(1868724338, hashtext(NEW.aggregate_id));
+        PERFORM pg_advisory_xact_lock(1868724338, hashtext(NEW.aggregate_id) & 1023);
         NEW.id := nextval('{{schema}}.outbox_id_seq');
     END IF;
     RETURN NEW;
