@@ -49,6 +49,8 @@ class Relay:
         )
         self._stop = asyncio.Event()
         self._listening = False
+        # Writers in progress when producers were asked to ring; see _await_unringing_writers.
+        self._unringing: list[int] = []
         self.leading = False
 
     def stop(self) -> None:
@@ -141,8 +143,11 @@ class Relay:
             if self._waker is not None and not self._listening:
                 # Ask producers to ring, then look once more: a row committed before they could
                 # see the request would otherwise wait for the polling fallback.
-                await store.start_listening(self._listening_ttl)
+                self._unringing = await store.start_listening(self._listening_ttl)
                 self._listening = True
+                continue
+            if self._unringing:
+                await self._await_unringing_writers()
                 continue
             await self._idle()
 
@@ -150,6 +155,22 @@ class Relay:
     def _listening_ttl(self) -> float:
         # Refreshed every poll interval; lapses soon after a relay dies so producers stop ringing.
         return self._settings.poll_interval * 3 + 5
+
+    async def _await_unringing_writers(self) -> None:
+        """A writer whose trigger ran just before the relay asked for NOTIFY, and that committed
+        just after the relay's last look, would otherwise wait for the polling fallback. Wait for
+        the writers that were in progress then to end (usually a millisecond), then look again.
+        A notification or the poll interval ends the wait too."""
+        deadline = time.monotonic() + self._settings.poll_interval
+        delay = 0.001
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if await self._store.all_ended(self._unringing):
+                break
+            assert self._waker is not None
+            if await self._waker.wait(delay):
+                break
+            delay = min(delay * 2, 0.05)
+        self._unringing = []
 
     async def _idle(self) -> None:
         timeout = self._settings.poll_interval

@@ -160,9 +160,18 @@ class OutboxStore:
         await self.commit()
         return dead
 
-    async def start_listening(self, seconds: float) -> None:
+    async def start_listening(self, seconds: float) -> list[int]:
+        """Ask producers to NOTIFY; returns the transactions that may not have seen the request."""
         await self._fetch("start_listening", {"seconds": seconds})
         await self.commit()
+        rows = await self._fetch("transactions_in_progress")
+        await self.commit()
+        return list(rows[0][0])
+
+    async def all_ended(self, xids: Sequence[int]) -> bool:
+        rows = await self._fetch("all_ended", {"xids": list(xids)})
+        await self.commit()
+        return bool(rows[0][0])
 
     async def stop_listening(self) -> None:
         await self._fetch("stop_listening")

@@ -60,6 +60,15 @@ INSERT INTO {{schema}}.outbox_relay_wakeup (singleton, listening_until)
 VALUES (true, now() + make_interval(secs => %(seconds)s))
 ON CONFLICT (singleton) DO UPDATE SET listening_until = EXCLUDED.listening_until;
 
+-- name: transactions_in_progress
+-- Writers that may have read the wake-up flag before the relay set it; once they have all ended,
+-- one more claim sees every row whose producer did not ring.
+SELECT coalesce(array_agg(x::text::bigint), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x;
+
+-- name: all_ended
+SELECT coalesce(bool_and(pg_xact_status(x::text::xid8) IS DISTINCT FROM 'in progress'), true)
+FROM unnest(%(xids)s::bigint[]) AS x;
+
 -- name: stop_listening
 DELETE FROM {{schema}}.outbox_relay_wakeup;
 
