@@ -230,7 +230,7 @@ def serve(
             envvar=f"{ENV}SHUTDOWN_TIMEOUT",
             help="On SIGTERM, seconds to finish the batch in flight before releasing it.",
         ),
-    ] = 10.0,
+    ] = 5.0,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -483,3 +483,8 @@ def main() -> None:
         app()
     except OutboxRelayError as exc:
         _fail(exc)
+
+
+from outbox_relay import consumer_cli  # noqa: E402  (registers consume, topology, dlq, consumer-status)
+
+consumer_cli.register(app)

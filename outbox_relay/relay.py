@@ -59,13 +59,19 @@ class Relay:
 
     async def run(self) -> None:
         """Relay until stop() is called, reconnecting to PostgreSQL and the broker on its own."""
+        quick_failures = 0
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 await self._connect()
                 await self._lead()
                 await self._pump()
             except TRANSIENT as exc:
                 log.warning("disconnected: %s", exc, extra={"error": str(exc)})
+                # A link that fails right after connecting must not turn into a busy loop.
+                quick_failures = quick_failures + 1 if time.monotonic() - started < 30 else 0
+                await self._disconnect()
+                await self._sleep(min(10.0, 0.1 * 2**quick_failures))
             finally:
                 await self._disconnect()
 

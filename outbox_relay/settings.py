@@ -49,7 +49,7 @@ class RelaySettings:
     retention: float = 7 * 24 * 3600.0
     confirm_timeout: float = 30.0
     max_message_bytes: int = 128 * 1024 * 1024
-    shutdown_timeout: float = 10.0
+    shutdown_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         check_database_url(self.database_url)

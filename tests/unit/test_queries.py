@@ -1,0 +1,89 @@
+"""The named-query loader: every query the code asks for exists and renders for any schema."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+import outbox_relay
+from outbox_relay.errors import ConfigError
+from outbox_relay.queries import Queries, _raw_queries, check_schema_name, render
+
+PACKAGE = Path(outbox_relay.__file__).parent
+# Every way the package names a query: store._fetch("x"), queries["x"], Queries(schema)["x"],
+# and the on-sent choice in store.settle.
+USES = re.compile(r"""(?:_fetch\(\s*|queries\[|\)\[|query = )"(\w+)"(?: if .* else "(\w+)")?""")
+
+
+def names_used_by_the_package() -> set[str]:
+    names: set[str] = set()
+    for source in PACKAGE.rglob("*.py"):
+        for match in USES.finditer(source.read_text("utf-8")):
+            names.update(name for name in match.groups() if name)
+    return names
+
+
+def test_every_query_the_package_runs_is_defined() -> None:
+    used = names_used_by_the_package()
+    # A sanity check on the scan itself, so a refactor cannot make this test vacuous.
+    assert {"claim", "delete_sent", "mark_sent", "record_failures", "status", "dead_retry"} <= used
+    assert used - set(_raw_queries()) == set()
+
+
+def test_query_names_are_unique() -> None:
+    text = resources.files("outbox_relay").joinpath("sql/queries.sql").read_text("utf-8")
+    names = re.findall(r"^-- name: (\w+)\s*$", text, re.MULTILINE)
+    assert len(names) == len(set(names)) == len(_raw_queries())
+
+
+@pytest.mark.parametrize("name", sorted(_raw_queries()))
+def test_every_named_query_renders_for_a_custom_schema(name: str) -> None:
+    queries = Queries("outbox_custom")
+    text = queries[name].as_string()
+    assert text.strip()
+    assert "{{" not in text
+    assert not text.rstrip().endswith(";"), "psycopg runs one statement; the loader strips ';'"
+    assert "-- name:" not in text, "a query swallowed the next one"
+    if "outbox" in _raw_queries()[name]:
+        assert "outbox_custom." in text
+        assert "public." not in text
+    # Placeholders are psycopg named parameters only; a stray % would break execution.
+    assert "%" not in re.sub(r"%\(\w+\)s|%%", "", text)
+
+
+def test_notify_channel_and_application_name_are_per_schema_and_versioned() -> None:
+    queries = Queries("billing")
+    assert queries.notify_channel == "outbox_relay_v1.billing"
+    assert queries.application_name == "outbox-relay:billing"
+
+
+@pytest.mark.parametrize("schema", ["public", "outbox", "_private", "app_2", "a" * 40])
+def test_plain_lowercase_identifiers_are_schema_names(schema: str) -> None:
+    assert check_schema_name(schema) == schema
+    assert Queries(schema).schema == schema
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "",
+        "Public",
+        "2fast",
+        "outbox-relay",
+        "outbox.relay",
+        'public"; DROP TABLE outbox; --',
+        "public ",
+        "a" * 41,
+        "schéma",
+    ],
+)
+def test_other_schema_names_are_refused_naming_the_option(schema: str) -> None:
+    with pytest.raises(ConfigError, match="^--schema: "):
+        check_schema_name(schema)
+    with pytest.raises(ConfigError, match="^--schema: "):
+        Queries(schema)
+    with pytest.raises(ConfigError, match="^--schema: "):
+        render("SELECT 1 FROM {{schema}}.outbox", schema)
