@@ -28,7 +28,11 @@ console = Console()
 
 
 def cli(*args: str) -> str:
-    env = {**os.environ, "OUTBOX_RELAY_DATABASE_URL": DATABASE_URL, "OUTBOX_RELAY_BROKER_URL": BROKER_URL}
+    env = {
+        **os.environ,
+        "OUTBOX_RELAY_DATABASE_URL": DATABASE_URL,
+        "OUTBOX_RELAY_BROKER_URL": BROKER_URL,
+    }
     done = subprocess.run([str(BIN), *args], env=env, check=True, capture_output=True, text=True)
     return done.stdout
 

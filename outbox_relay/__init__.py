@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from outbox_relay.consumer import Consumer, ConsumerSettings, Event, PermanentError, Reject
 from outbox_relay.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -12,6 +13,7 @@ from outbox_relay.errors import (
     SchemaError,
     StoreError,
 )
+from outbox_relay.hooks import NoRelayHooks, RelayHooks
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.migrations import migrate
 from outbox_relay.producer import emit, emit_async
@@ -22,14 +24,21 @@ __version__ = "0.1.0"
 __all__ = [
     "BrokerUnavailableError",
     "ConfigError",
+    "Consumer",
+    "ConsumerSettings",
     "DatabaseUnavailableError",
+    "Event",
     "InvalidEventError",
+    "NoRelayHooks",
     "OutboxMessage",
     "OutboxRelayError",
+    "PermanentError",
     "PublishError",
     "PublishResult",
     "Publisher",
     "PublisherSettings",
+    "Reject",
+    "RelayHooks",
     "SchemaError",
     "StoreError",
     "__version__",

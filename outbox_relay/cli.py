@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from outbox_relay import __version__, deadletters, migrations, producer
+from outbox_relay import __version__, deadletters, migrations, producer, slots
 from outbox_relay import logs as logconfig
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError, ExitCode, OutboxRelayError
 from outbox_relay.publishers import create_publisher
@@ -30,6 +31,8 @@ from outbox_relay.settings import (
     OnSent,
     RelaySettings,
     check_database_url,
+    check_replication_name,
+    default_replication_name,
 )
 from outbox_relay.status import read_status
 
@@ -48,6 +51,10 @@ dead_app = typer.Typer(
     help="Inspect and requeue events the relay gave up on.", no_args_is_help=True
 )
 app.add_typer(dead_app, name="dead")
+slot_app = typer.Typer(
+    help="Manage the --mode cdc replication slot (docs/cdc.md).", no_args_is_help=True
+)
+app.add_typer(slot_app, name="slot")
 
 # -- shared options ----------------------------------------------------------------------------
 
@@ -68,10 +75,34 @@ LogLevel = Annotated[
     str,
     typer.Option("--log-level", envvar=f"{ENV}LOG_LEVEL", help="debug, info, warning or error."),
 ]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar=f"{ENV}METRICS_PORT",
+        help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics.",
+    ),
+]
 LogFormat = Annotated[
     str,
     typer.Option(
         "--log-format", envvar=f"{ENV}LOG_FORMAT", help="text or json (one object a line)."
+    ),
+]
+SlotName = Annotated[
+    str | None,
+    typer.Option(
+        "--slot-name",
+        envvar=f"{ENV}SLOT_NAME",
+        help="CDC: logical replication slot [default: outbox_relay_<schema>].",
+    ),
+]
+Publication = Annotated[
+    str | None,
+    typer.Option(
+        "--publication",
+        envvar=f"{ENV}PUBLICATION",
+        help="CDC: publication on <schema>.outbox [default: outbox_relay_<schema>].",
     ),
 ]
 
@@ -146,10 +177,30 @@ def serve(
         typer.Option(
             "--mode",
             envvar=f"{ENV}MODE",
-            help="notify: LISTEN/NOTIFY wake-ups plus polling; poll: polling only.",
+            help="notify: LISTEN/NOTIFY wake-ups plus polling; poll: polling only; "
+            "cdc: stream inserts from the WAL (logical replication, see docs/cdc.md).",
             case_sensitive=False,
         ),
     ] = Mode.NOTIFY,
+    slot_name: SlotName = None,
+    publication: Publication = None,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat-interval",
+            envvar=f"{ENV}HEARTBEAT_INTERVAL",
+            help="CDC: seconds of outbox silence before a WAL heartbeat lets the slot advance.",
+        ),
+    ] = 10.0,
+    wal_message_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--wal-message-prefix",
+            envvar=f"{ENV}WAL_MESSAGE_PREFIX",
+            help="CDC: also publish events written with pg_logical_emit_message(true, PREFIX, "
+            "json) [default: outbox_relay.<schema>].",
+        ),
+    ] = None,
     exchange: Annotated[
         str,
         typer.Option(
@@ -159,7 +210,9 @@ def serve(
     batch_size: Annotated[
         int,
         typer.Option(
-            "--batch-size", envvar=f"{ENV}BATCH_SIZE", help="Rows claimed per transaction."
+            "--batch-size",
+            envvar=f"{ENV}BATCH_SIZE",
+            help="Most rows in flight at once (claimed as two overlapping halves); a killed relay publishes at most this many twice.",
         ),
     ] = 1000,
     poll_interval: Annotated[
@@ -231,10 +284,88 @@ def serve(
             help="On SIGTERM, seconds to finish the batch in flight before releasing it.",
         ),
     ] = 5.0,
+    topic_prefix: Annotated[
+        str,
+        typer.Option(
+            "--topic-prefix",
+            envvar=f"{ENV}TOPIC_PREFIX",
+            help="NATS subject / Redis stream / MQTT topic prefix: events.order.created, "
+            "events:order.created, events/order/created.",
+        ),
+    ] = "events",
+    nats_stream: Annotated[
+        str,
+        typer.Option(
+            "--nats-stream",
+            envvar=f"{ENV}NATS_STREAM",
+            help="JetStream stream, created at start-up (subjects PREFIX.>) unless it exists.",
+        ),
+    ] = "EVENTS",
+    redis_stream_mode: Annotated[
+        str,
+        typer.Option(
+            "--redis-stream-mode",
+            envvar=f"{ENV}REDIS_STREAM_MODE",
+            help="per-type: one stream per event type (PREFIX:TYPE); single: one stream PREFIX.",
+        ),
+    ] = "per-type",
+    redis_maxlen: Annotated[
+        int | None,
+        typer.Option(
+            "--redis-maxlen",
+            envvar=f"{ENV}REDIS_MAXLEN",
+            help="Trim each stream to about this many entries (XADD MAXLEN ~).",
+        ),
+    ] = None,
+    mqtt_qos: Annotated[
+        int,
+        typer.Option(
+            "--mqtt-qos", envvar=f"{ENV}MQTT_QOS", help="1 (PUBACK) or 2 (PUBCOMP) confirms."
+        ),
+    ] = 1,
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook-secret",
+            envvar=f"{ENV}WEBHOOK_SECRET",
+            help="Shared secret: sign each body (X-Outbox-Signature: sha256=HMAC).",
+            show_default=False,
+        ),
+    ] = None,
+    webhook_timeout: Annotated[
+        float,
+        typer.Option(
+            "--webhook-timeout",
+            envvar=f"{ENV}WEBHOOK_TIMEOUT",
+            help="Seconds to wait for the webhook's answer.",
+        ),
+    ] = 10.0,
+    webhook_batch: Annotated[
+        bool,
+        typer.Option(
+            "--webhook-batch/--webhook-per-event",
+            envvar=f"{ENV}WEBHOOK_BATCH",
+            help='POST events in batches ({"events": [...]}) instead of one request each.',
+        ),
+    ] = False,
+    metrics_port: MetricsPort = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            envvar=f"{ENV}HEALTH_PORT",
+            help="Serve /livez and /readyz (Kubernetes probes) on this port.",
+        ),
+    ] = None,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
-    """Run the relay daemon until SIGTERM or SIGINT."""
+    """Run the relay daemon until SIGTERM or SIGINT.
+
+    Tracing and metrics are configured with the standard OTEL_* variables (OTEL_SERVICE_NAME,
+    OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, ...); see
+    docs/observability.md.
+    """
     _setup_logging(log_level, log_format)
     settings = RelaySettings(
         database_url=database_url,
@@ -252,15 +383,34 @@ def serve(
         confirm_timeout=confirm_timeout,
         max_message_bytes=max_message_bytes,
         shutdown_timeout=shutdown_timeout,
+        topic_prefix=topic_prefix,
+        nats_stream=nats_stream,
+        redis_stream_mode=redis_stream_mode,
+        redis_maxlen=redis_maxlen,
+        mqtt_qos=mqtt_qos,
+        webhook_secret=webhook_secret,
+        webhook_timeout=webhook_timeout,
+        webhook_batch=webhook_batch,
+        slot_name=slot_name,
+        publication=publication,
+        heartbeat_interval=heartbeat_interval,
+        wal_message_prefix=wal_message_prefix,
     )
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, metrics_port=metrics_port, health_port=health_port))
 
 
-async def _serve(settings: RelaySettings) -> None:
+async def _serve(
+    settings: RelaySettings, *, metrics_port: int | None = None, health_port: int | None = None
+) -> None:
+    from outbox_relay.observability import RelayObservability
     from outbox_relay.relay import Relay
 
     publisher = create_publisher(settings.publisher_settings())
-    relay = Relay(settings, publisher)
+    observability = RelayObservability(
+        settings, publisher.name, metrics_port=metrics_port, health_port=health_port
+    )
+    relay = Relay(settings, publisher, observability.hooks)
+    await observability.start(relay)
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(relay.run())
 
@@ -280,6 +430,8 @@ async def _serve(settings: RelaySettings) -> None:
         await task
     except asyncio.CancelledError:
         log.warning("shutdown timed out: released the batch in flight, it will be published again")
+    finally:
+        await observability.close()
     log.info("stopped")
 
 
@@ -287,16 +439,41 @@ async def _serve(settings: RelaySettings) -> None:
 
 
 @app.command()
-def migrate(database_url: DatabaseUrl = DEFAULT_DATABASE_URL, schema: Schema = "public") -> None:
+def migrate(
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+    cdc: Annotated[
+        bool,
+        typer.Option(
+            "--cdc",
+            help="Also create the publication and replication slot for --mode cdc "
+            "(needs wal_level=logical, table ownership and the REPLICATION attribute).",
+        ),
+    ] = False,
+    slot_name: SlotName = None,
+    publication: Publication = None,
+) -> None:
     """Create or upgrade the outbox tables, functions and triggers (safe to re-run)."""
     with _connect(database_url, autocommit=True) as conn:
         applied = migrations.migrate(conn, schema)
         version = migrations.check_schema(conn, schema)
-    if applied:
-        names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
-        typer.echo(f"schema {schema!r}: applied {names}; now at version {version}")
-    else:
-        typer.echo(f"schema {schema!r}: already at version {version}, nothing to do")
+        if applied:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+            typer.echo(f"schema {schema!r}: applied {names}; now at version {version}")
+        else:
+            typer.echo(f"schema {schema!r}: already at version {version}, nothing to do")
+        if cdc:
+            pub = check_replication_name(
+                "--publication", publication or default_replication_name(schema)
+            )
+            slot = check_replication_name(
+                "--slot-name", slot_name or default_replication_name(schema)
+            )
+            slots.check_wal_level(conn, schema)
+            made = slots.ensure_publication(conn, schema, pub)
+            typer.echo(f"publication {pub!r}: {'created' if made else 'already there'}")
+            made = slots.ensure_slot(conn, schema, slot)
+            typer.echo(f"replication slot {slot!r}: {'created' if made else 'already there'}")
 
 
 @app.command()
@@ -313,11 +490,22 @@ def status(
             help="Exit with code 6 when the oldest pending event is older than this many seconds.",
         ),
     ] = None,
+    fail_on_wal_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--fail-on-wal-bytes",
+            help="CDC: exit with code 6 when the replication slot retains more WAL than this.",
+        ),
+    ] = None,
+    slot_name: SlotName = None,
 ) -> None:
-    """Show the backlog, the lag, throughput, dead letters and connected relays."""
+    """Show the backlog, the lag, throughput, dead letters, connected relays and the CDC slot."""
     with _connect(database_url, autocommit=True) as conn:
-        current = read_status(conn, schema)
+        current = read_status(conn, schema, slot_name)
     lagging = fail_on_lag is not None and current.oldest_pending_age_seconds > fail_on_lag
+    retained = current.slot_retained_wal_bytes
+    wal_lagging = fail_on_wal_bytes is not None and (retained or 0) > fail_on_wal_bytes
+    lagging = lagging or wal_lagging
     if as_json:
         typer.echo(json.dumps({**current.as_dict(), "lagging": lagging}))
     else:
@@ -333,16 +521,30 @@ def status(
             ("published, last hour", current.published_last_hour),
             ("relays connected", current.relays_connected),
             ("leader pid", current.leader_pid if current.leader_pid is not None else "none"),
+            ("CDC slot", current.slot_name or "none"),
         ]
+        if current.slot_name is not None:
+            rows += [
+                ("slot active", current.slot_active),
+                ("slot confirmed flush LSN", current.slot_confirmed_flush_lsn),
+                ("slot retained WAL bytes", current.slot_retained_wal_bytes),
+            ]
         for name, value in rows:
             table.add_row(name, str(value))
         Console().print(table)
-    if lagging:
+    if wal_lagging:
+        typer.echo(
+            f"lagging: slot {current.slot_name!r} retains {retained} bytes of WAL "
+            f"(limit {fail_on_wal_bytes})",
+            err=True,
+        )
+    if lagging and not wal_lagging:
         typer.echo(
             f"lagging: oldest pending event is {current.oldest_pending_age_seconds:.1f}s old "
             f"(limit {fail_on_lag}s)",
             err=True,
         )
+    if lagging:
         raise typer.Exit(ExitCode.LAGGING)
 
 
@@ -375,6 +577,10 @@ def emit(
         if not sep or not key:
             raise ConfigError(f"--header: {item!r} is not KEY=VALUE")
         headers[key] = value
+    from outbox_relay.tracing import configure_tracing
+
+    # A traced emit from the command line starts its own trace (OTEL_TRACES_EXPORTER=console...).
+    tracer_provider = configure_tracing("outbox-relay-emit")
     with _connect(database_url) as conn:
         migrations.check_schema(conn, schema)
         event_id = producer.emit(
@@ -387,6 +593,8 @@ def emit(
             schema=schema,
         )
         conn.commit()
+    if tracer_provider is not None:
+        tracer_provider.shutdown()
     typer.echo(str(event_id))
 
 
@@ -461,6 +669,59 @@ def dead_retry(
     if missing:
         typer.echo(f"not dead (or unknown): {', '.join(sorted(missing))}", err=True)
         raise typer.Exit(ExitCode.FAILURE)
+
+
+# -- CDC slot ------------------------------------------------------------------------------------
+
+
+@slot_app.command("status")
+def slot_status(
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+    slot_name: SlotName = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object (null: no slot).")
+    ] = False,
+) -> None:
+    """Show whether the slot exists and streams, its confirmed position and retained WAL."""
+    slot = check_replication_name("--slot-name", slot_name or default_replication_name(schema))
+    with _connect(database_url, autocommit=True) as conn:
+        found = slots.slot_status(conn, schema, slot)
+    if as_json:
+        typer.echo(json.dumps(None if found is None else dataclasses.asdict(found)))
+    elif found is None:
+        typer.echo(f"replication slot {slot!r}: none")
+    else:
+        state = f"active (pid {found.active_pid})" if found.active else "inactive"
+        typer.echo(
+            f"replication slot {slot!r}: {state}, confirmed flush LSN "
+            f"{found.confirmed_flush_lsn}, retains {found.retained_wal_bytes} bytes of WAL"
+        )
+
+
+@slot_app.command("drop")
+def slot_drop(
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    schema: Schema = "public",
+    slot_name: SlotName = None,
+    publication: Publication = None,
+    with_publication: Annotated[
+        bool, typer.Option("--with-publication", help="Drop the publication too.")
+    ] = False,
+) -> None:
+    """Drop the replication slot so the server stops retaining WAL for it (stop the relays
+    first). Pending rows stay in the table: a relay started later recreates the slot and
+    publishes them from there."""
+    slot = check_replication_name("--slot-name", slot_name or default_replication_name(schema))
+    with _connect(database_url, autocommit=True) as conn:
+        dropped = slots.drop_slot(conn, schema, slot)
+        typer.echo(f"replication slot {slot!r}: {'dropped' if dropped else 'none'}")
+        if with_publication:
+            pub = check_replication_name(
+                "--publication", publication or default_replication_name(schema)
+            )
+            slots.drop_publication(conn, schema, pub)
+            typer.echo(f"publication {pub!r}: dropped")
 
 
 # -- entry point ---------------------------------------------------------------------------------

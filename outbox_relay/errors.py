@@ -65,3 +65,27 @@ class BrokerUnavailableError(PublishError):
 
 class MissingExtraError(ConfigError):
     """A broker's client library is not installed."""
+
+
+class ReplicationError(StoreError):
+    """A logical-replication (CDC) operation failed; ``__cause__`` holds the driver error."""
+
+
+class SlotInUseError(ReplicationError):
+    """The slot is already streaming to another connection (only one consumer per slot)."""
+
+
+class SlotNotFoundError(ReplicationError):
+    """The replication slot does not exist, or is not a logical pgoutput slot of this database."""
+
+
+class WalLevelError(ReplicationError, ConfigError):
+    """The server runs with ``wal_level`` below ``logical``; needs a config change and restart."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class ReplicationPrivilegeError(ReplicationError, ConfigError):
+    """The role lacks the REPLICATION attribute (or is refused a walsender by the server)."""
+
+    exit_code = ExitCode.CONFIG

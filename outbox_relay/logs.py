@@ -37,7 +37,9 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         context = " ".join(f"{k}={v}" for k, v in _context(record).items())
-        line = f"{_timestamp(record)} {record.levelname:<7} {record.getMessage()}"
+        # One entry, one line: drivers' messages often carry newlines and tabs.
+        message = " ".join(record.getMessage().split())
+        line = f"{_timestamp(record)} {record.levelname:<7} {message}"
         if context:
             line = f"{line}  {context}"
         if record.exc_info:

@@ -44,7 +44,7 @@ class OutboxMessage:
     attempts: int = 0
 
     def broker_headers(self) -> dict[str, Any]:
-        """Headers every broker carries: the row's own plus the aggregate, never overwritten."""
+        """Headers every broker carries: the row's own plus the aggregate (which wins a clash)."""
         headers = dict(self.headers)
         if self.aggregate_type is not None:
             headers["aggregate_type"] = self.aggregate_type

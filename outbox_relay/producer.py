@@ -16,6 +16,7 @@ import psycopg
 from outbox_relay.errors import InvalidEventError
 from outbox_relay.messages import event_type_problem
 from outbox_relay.queries import check_schema_name
+from outbox_relay.tracing import emit_context
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection as SAConnection
@@ -78,22 +79,25 @@ def emit(
     ``payload`` is any JSON-serializable value; ``aggregate_id`` is the ordering key: events of one
     aggregate reach the broker in the order their transactions commit.
     """
-    row = build_row(
-        event_type,
-        payload=payload,
-        aggregate_id=aggregate_id,
-        aggregate_type=aggregate_type,
-        headers=headers,
-        event_id=event_id,
-    )
-    if isinstance(conn, psycopg.Connection):
-        conn.execute(_insert_sql(schema, sqlalchemy=False).encode(), row)
-    else:
-        from sqlalchemy import text
+    event_id = event_id or uuid.uuid4()
+    # The current trace context travels in the row's headers (and an "outbox emit" span is
+    # recorded when tracing is set up), so the relay's publish span continues this trace.
+    with emit_context(event_type, str(event_id), headers) as traced_headers:
+        row = build_row(
+            event_type,
+            payload=payload,
+            aggregate_id=aggregate_id,
+            aggregate_type=aggregate_type,
+            headers=traced_headers,
+            event_id=event_id,
+        )
+        if isinstance(conn, psycopg.Connection):
+            conn.execute(_insert_sql(schema, sqlalchemy=False).encode(), row)
+        else:
+            from sqlalchemy import text
 
-        conn.execute(text(_insert_sql(schema, sqlalchemy=True)), row)
-    event_uuid: uuid.UUID = row["event_id"]
-    return event_uuid
+            conn.execute(text(_insert_sql(schema, sqlalchemy=True)), row)
+    return event_id
 
 
 async def emit_async(
@@ -108,14 +112,15 @@ async def emit_async(
     schema: str = "public",
 ) -> uuid.UUID:
     """:func:`emit` for a psycopg ``AsyncConnection``."""
-    row = build_row(
-        event_type,
-        payload=payload,
-        aggregate_id=aggregate_id,
-        aggregate_type=aggregate_type,
-        headers=headers,
-        event_id=event_id,
-    )
-    await conn.execute(_insert_sql(schema, sqlalchemy=False).encode(), row)
-    event_uuid: uuid.UUID = row["event_id"]
-    return event_uuid
+    event_id = event_id or uuid.uuid4()
+    with emit_context(event_type, str(event_id), headers) as traced_headers:
+        row = build_row(
+            event_type,
+            payload=payload,
+            aggregate_id=aggregate_id,
+            aggregate_type=aggregate_type,
+            headers=traced_headers,
+            event_id=event_id,
+        )
+        await conn.execute(_insert_sql(schema, sqlalchemy=False).encode(), row)
+    return event_id

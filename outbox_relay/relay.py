@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from tenacity import (
@@ -19,7 +20,9 @@ from tenacity import (
     wait_exponential,
 )
 
+from outbox_relay.cdc import CdcSource
 from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
+from outbox_relay.hooks import CompositeHooks, RelayHooks
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.ordering import plan_waves
 from outbox_relay.publishers.base import Publisher
@@ -34,10 +37,24 @@ HOUSEKEEPING_EVERY = 60.0
 
 
 class Relay:
-    def __init__(self, settings: RelaySettings, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: RelaySettings, publisher: Publisher, hooks: RelayHooks | None = None
+    ) -> None:
         self._settings = settings
         self._publisher = publisher
+        # Tracing and metrics; None (the default) costs nothing per batch.
+        self._hooks = CompositeHooks([hooks]) if hooks is not None else None
+        # time.monotonic() of the loop's last sign of life, for the health endpoint's /livez.
+        self.heartbeat = time.monotonic()
+        # Two connections ("lanes"): while one batch is being published, the next one is
+        # claimed on the other, and the previous one settles; see _pump. The first lane holds
+        # the leadership lock, does the idle-time work and is the one the other modules read.
         self._store = OutboxStore(settings)
+        self._lanes = (self._store, OutboxStore(settings, role="lane2"))
+        # At most --batch-size rows are in flight (claimed, not yet settled) so that a relay
+        # killed at any moment publishes at most that many twice: two halves, one per lane.
+        self._max_in_flight = 2 if settings.batch_size >= 2 else 1
+        self._claim_size = settings.batch_size // self._max_in_flight
         self._waker = (
             Waker(
                 settings.database_url,
@@ -47,11 +64,17 @@ class Relay:
             if settings.mode is Mode.NOTIFY
             else None
         )
+        # --mode cdc: the WAL says which rows to publish; publishing and settling stay here.
+        self._cdc = CdcSource(settings, self._store) if settings.mode is Mode.CDC else None
         self._stop = asyncio.Event()
         self._listening = False
         # Writers in progress when producers were asked to ring; see _await_unringing_writers.
         self._unringing: list[int] = []
         self.leading = False
+
+    def is_ready(self) -> bool:
+        """Connected to PostgreSQL and to the broker (a standby is ready too: it can take over)."""
+        return self._store.connected and self._publisher.is_healthy()
 
     def stop(self) -> None:
         """Stop claiming; the batch in flight is finished (or released) and run() returns."""
@@ -65,9 +88,14 @@ class Relay:
             try:
                 await self._connect()
                 await self._lead()
-                await self._pump()
+                if self._cdc is not None:
+                    await self._cdc.pump(
+                        self._publish_cdc, self._drain_table, self._stop, self._tick
+                    )
+                else:
+                    await self._pump()
             except TRANSIENT as exc:
-                log.warning("disconnected: %s", exc, extra={"error": str(exc)})
+                log.warning("disconnected: %s", exc)
                 # A link that fails right after connecting must not turn into a busy loop.
                 quick_failures = quick_failures + 1 if time.monotonic() - started < 30 else 0
                 await self._disconnect()
@@ -99,18 +127,22 @@ class Relay:
         async for attempt in retrying:
             with attempt:
                 await self._disconnect()
-                await self._store.connect()
+                for lane in self._lanes:
+                    await lane.connect()
                 if self._waker is not None:
                     await self._waker.connect()
                 await self._publisher.connect()
 
     async def _disconnect(self) -> None:
+        if self._cdc is not None:
+            await self._cdc.close()
         if self._listening:
             with contextlib.suppress(*TRANSIENT):
                 await self._store.stop_listening()
             self._listening = False
-        await self._store.rollback()
-        await self._store.close()
+        for lane in self._lanes:
+            await lane.rollback()
+            await lane.close()
         if self._waker is not None:
             await self._waker.close()
         await self._publisher.close()
@@ -132,30 +164,76 @@ class Relay:
     # -- the loop ---------------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        store = self._store
+        """Claim, publish and settle batches, two at a time.
+
+        Batch k+1 is claimed on the other lane (skipping batch k's locked rows) while batch k is
+        published, and batch k settles while k+1 is published, so the broker never waits for the
+        database. Batch k+1 is published only once every event of batch k is confirmed: if any
+        was not, k+1 is released unpublished and the next claim waits for k to settle, so a later
+        event can never overtake a failed one of its aggregate.
+        """
+        in_flight: deque[asyncio.Task[bool]] = deque()
+        # Row ids of the batch in flight on the other lane, which the next claim passes over.
+        in_flight_ids: list[int] = []
+        turn = 0
         next_housekeeping = time.monotonic()
-        while not self._stop.is_set():
-            if time.monotonic() >= next_housekeeping:
-                await store.housekeeping()
-                next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
-            batch = await store.claim(self._settings.batch_size)
-            if batch:
-                await self._relay_batch(batch)
-                if self._listening:
-                    await store.stop_listening()
-                    self._listening = False
-                continue
-            await store.commit()
-            if self._waker is not None and not self._listening:
-                # Ask producers to ring, then look once more: a row committed before they could
-                # see the request would otherwise wait for the polling fallback.
-                self._unringing = await store.start_listening(self._listening_ttl)
-                self._listening = True
-                continue
-            if self._unringing:
-                await self._await_unringing_writers()
-                continue
-            await self._idle()
+        try:
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                if not self._publisher.is_healthy():
+                    # Noticed even while idle, so the relay reconnects (and /readyz recovers)
+                    # without waiting for the next event to fail.
+                    raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
+                # This lane's previous batch must have settled before it claims again.
+                if len(in_flight) == self._max_in_flight and not await in_flight.popleft():
+                    await self._drain(in_flight)
+                if not in_flight and time.monotonic() >= next_housekeeping:
+                    await self._store.housekeeping()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+                store = self._lanes[turn]
+                claimed_at = time.perf_counter()
+                batch = await store.claim(
+                    self._claim_size, in_flight=in_flight_ids if in_flight else ()
+                )
+                if batch:
+                    if self._hooks is not None:
+                        self._hooks.after_claim(batch, time.perf_counter() - claimed_at)
+                    if self._listening:
+                        await store.stop_listening(commit=False)  # commits with the batch
+                        self._listening = False
+                    after = in_flight[-1] if in_flight else None
+                    in_flight.append(asyncio.ensure_future(self._relay_batch(store, batch, after)))
+                    in_flight_ids = [message.id for message in batch]
+                    turn = (turn + 1) % len(self._lanes)
+                    continue
+                await store.commit()
+                if in_flight:
+                    await self._drain(in_flight)  # then look again with nothing in flight
+                    continue
+                await self._when_empty()
+            await self._drain(in_flight)  # stopping: finish what is in flight
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    @staticmethod
+    async def _drain(in_flight: deque[asyncio.Task[bool]]) -> None:
+        while in_flight:
+            await in_flight.popleft()
+
+    async def _when_empty(self) -> None:
+        """Nothing to claim: ask producers to ring, then wait for them or the poll interval."""
+        if self._waker is not None and not self._listening:
+            # Ask producers to ring, then look once more: a row committed before they could
+            # see the request would otherwise wait for the polling fallback.
+            self._unringing = await self._store.start_listening(self._listening_ttl)
+            self._listening = True
+            return
+        if self._unringing:
+            await self._await_unringing_writers()
+            return
+        await self._idle()
 
     @property
     def _listening_ttl(self) -> float:
@@ -198,12 +276,21 @@ class Relay:
         if not woke and not self._stop.is_set():
             await self._store.start_listening(self._listening_ttl)
 
-    async def _relay_batch(self, batch: Sequence[OutboxMessage]) -> None:
+    async def _relay_batch(
+        self,
+        store: OutboxStore,
+        batch: Sequence[OutboxMessage],
+        after: asyncio.Task[bool] | None,
+    ) -> bool:
+        """Publish and settle one claimed batch; True when the broker confirmed all of it."""
         started = time.perf_counter()
         try:
+            if after is not None and not await asyncio.shield(after):
+                await store.rollback()  # released: claimed next to a batch that did not all go
+                return False
             results = await self._publish_in_order(batch)
         except BaseException:
-            await self._store.rollback()
+            await store.rollback()
             raise
         sent = [message.id for message, result in results if result.confirmed]
         failures = [
@@ -211,7 +298,10 @@ class Relay:
             for message, result in results
             if not result.confirmed
         ]
-        dead = await self._store.settle(sent, failures)
+        settled_at = time.perf_counter()
+        dead = await store.settle(sent, failures)
+        if self._hooks is not None:
+            self._hooks.after_settle(sent, failures, dead, time.perf_counter() - settled_at)
         for message, result in results:
             if not result.confirmed:
                 log.warning(
@@ -236,6 +326,7 @@ class Relay:
                 "seconds": round(time.perf_counter() - started, 4),
             },
         )
+        return not failures and len(results) == len(batch)
 
     async def _publish_in_order(
         self, batch: Sequence[OutboxMessage]
@@ -246,14 +337,52 @@ class Relay:
             sendable = [m for m in wave if m.aggregate_id not in failed_aggregates]
             if not sendable:
                 continue
-            outcomes = await self._publisher.publish_batch(sendable)
+            outcomes = await self._publish_wave(sendable)
             for message, result in zip(sendable, outcomes, strict=True):
                 if not result.confirmed and message.aggregate_id is not None:
                     failed_aggregates.add(message.aggregate_id)
                 results.append((message, result))
         return results
 
+    async def _publish_wave(self, wave: list[OutboxMessage]) -> list[PublishResult]:
+        hooks = self._hooks
+        if hooks is None:
+            return await self._publisher.publish_batch(wave)
+        # The hooks may return copies carrying a new trace context; those are what is sent.
+        wave[:] = hooks.before_publish(wave)
+        started = time.perf_counter()
+        try:
+            outcomes = await self._publisher.publish_batch(wave)
+        except BaseException as exc:
+            hooks.on_publish_error(wave, exc)
+            raise
+        hooks.after_publish(wave, outcomes, time.perf_counter() - started)
+        return outcomes
+
+    # -- CDC mode: the same publish-and-settle path, fed by outbox_relay.cdc ----------------
+
+    async def _publish_cdc(self, batch: Sequence[OutboxMessage]) -> None:
+        """Publish rows the CDC source claimed on the first lane, and settle them."""
+        await self._relay_batch(self._store, batch, None)
+
+    async def _drain_table(self) -> None:
+        """The table path in CDC mode: retries, held-back events, rows committed while no slot
+        streamed. Claims until nothing is due."""
+        while not self._stop.is_set():
+            self._tick()
+            batch = await self._store.claim(self._settings.batch_size)
+            if not batch:
+                break
+            await self._relay_batch(self._store, batch, None)
+        await self._store.commit()
+
+    def _tick(self) -> None:
+        self.heartbeat = time.monotonic()
+        if not self._publisher.is_healthy():
+            raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when asked to stop."""
+        self.heartbeat = time.monotonic()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)

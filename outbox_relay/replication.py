@@ -34,6 +34,13 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
 
+from outbox_relay.errors import (
+    ReplicationError,
+    ReplicationPrivilegeError,
+    SlotInUseError,
+    SlotNotFoundError,
+    WalLevelError,
+)
 from outbox_relay.pgoutput import (
     PgOutputDecodeError,
     ReplicationFrame,
@@ -43,36 +50,7 @@ from outbox_relay.pgoutput import (
     parse_lsn,
 )
 
-__all__ = [
-    "ReplicationError",
-    "ReplicationPrivilegeError",
-    "ReplicationStream",
-    "SlotInUseError",
-    "SlotNotFoundError",
-    "SystemIdentity",
-    "WalLevelError",
-    "translate_error",
-]
-
-
-class ReplicationError(Exception):
-    """A logical-replication operation failed; ``__cause__`` holds the driver error."""
-
-
-class SlotInUseError(ReplicationError):
-    """The slot is already streaming to another connection (only one consumer per slot)."""
-
-
-class SlotNotFoundError(ReplicationError):
-    """The replication slot does not exist, or is not a logical pgoutput slot of this database."""
-
-
-class WalLevelError(ReplicationError):
-    """The server runs with ``wal_level`` below ``logical``; needs a config change and restart."""
-
-
-class ReplicationPrivilegeError(ReplicationError):
-    """The role lacks the REPLICATION attribute (or is refused a walsender by the server)."""
+__all__ = ["ReplicationStream", "SystemIdentity", "translate_error"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,10 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay import migrations
+from outbox_relay import migrations, slots
 from outbox_relay.errors import SchemaError
 from outbox_relay.queries import Queries
+from outbox_relay.settings import default_replication_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +25,21 @@ class OutboxStatus:
     published_last_hour: int
     relays_connected: int
     leader_pid: int | None
+    # CDC (--mode cdc): the replication slot, all None when it does not exist. Retained WAL is
+    # what the server keeps for the slot (current WAL position minus its restart_lsn).
+    slot_name: str | None = None
+    slot_active: bool | None = None
+    slot_confirmed_flush_lsn: str | None = None
+    slot_retained_wal_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_status(conn: psycopg.Connection[Any], schema: str) -> OutboxStatus:
+def read_status(
+    conn: psycopg.Connection[Any], schema: str, slot_name: str | None = None
+) -> OutboxStatus:
+    """``slot_name`` defaults to the CDC mode's default slot name for the schema."""
     version = migrations.applied_version(conn, schema)
     problem = migrations.version_problem(schema, version)
     if problem:
@@ -41,6 +51,7 @@ def read_status(conn: psycopg.Connection[Any], schema: str) -> OutboxStatus:
     ).fetchone()
     assert row is not None
     pending, oldest, retrying, dead, last_minute, last_hour, relays, leader, version = row
+    slot = slots.slot_status(conn, schema, slot_name or default_replication_name(schema))
     return OutboxStatus(
         schema=schema,
         schema_version=int(version),
@@ -52,4 +63,8 @@ def read_status(conn: psycopg.Connection[Any], schema: str) -> OutboxStatus:
         published_last_hour=int(last_hour),
         relays_connected=int(relays),
         leader_pid=leader,
+        slot_name=slot.name if slot else None,
+        slot_active=slot.active if slot else None,
+        slot_confirmed_flush_lsn=slot.confirmed_flush_lsn if slot else None,
+        slot_retained_wal_bytes=slot.retained_wal_bytes if slot else None,
     )

@@ -22,6 +22,7 @@ from outbox_relay.messages import OutboxMessage
 from outbox_relay.queries import Queries
 from outbox_relay.redact import redact_url
 from outbox_relay.settings import OnSent, RelaySettings
+from outbox_relay.wal_events import WalEvent
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,22 @@ def _message(row: tuple[Any, ...]) -> OutboxMessage:
 
 
 class OutboxStore:
-    def __init__(self, settings: RelaySettings) -> None:
+    def __init__(self, settings: RelaySettings, role: str = "") -> None:
         self._settings = settings
         self._queries = Queries(settings.schema)
+        # status counts relays by the application name of their first connection only.
+        self._application_name = self._queries.application_name + (f":{role}" if role else "")
         self._where = redact_url(settings.database_url)
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     @property
     def queries(self) -> Queries:
         return self._queries
+
+    @property
+    def connected(self) -> bool:
+        """Connected as far as the client knows (a dead server shows at the next query)."""
+        return self._conn is not None and not self._conn.closed and not self._conn.broken
 
     def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -82,7 +90,7 @@ class OutboxStore:
         async with translate_errors(self._where):
             self._conn = await psycopg.AsyncConnection.connect(
                 self._settings.database_url,
-                application_name=self._queries.application_name,
+                application_name=self._application_name,
                 connect_timeout=10,
             )
             async with self._conn.cursor() as cur:
@@ -132,9 +140,11 @@ class OutboxStore:
         await self.commit()
         return bool(rows[0][0])
 
-    async def claim(self, limit: int) -> list[OutboxMessage]:
-        """Lock the next pending rows in order. The transaction stays open until settle()."""
-        return [_message(row) for row in await self._fetch("claim", {"limit": limit})]
+    async def claim(self, limit: int, *, in_flight: Sequence[int] = ()) -> list[OutboxMessage]:
+        """Lock the next pending rows in order, passing over ``in_flight`` (the ids of the batch
+        this relay holds on its other connection). The transaction stays open until settle()."""
+        rows = await self._fetch("claim", {"limit": limit, "in_flight": list(in_flight)})
+        return [_message(row) for row in rows]
 
     async def settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
         """Mark the confirmed rows sent and record failures, then commit. Returns dead-lettered."""
@@ -173,9 +183,10 @@ class OutboxStore:
         await self.commit()
         return bool(rows[0][0])
 
-    async def stop_listening(self) -> None:
+    async def stop_listening(self, *, commit: bool = True) -> None:
         await self._fetch("stop_listening")
-        await self.commit()
+        if commit:
+            await self.commit()
 
     async def next_retry_in(self) -> float | None:
         rows = await self._fetch("next_retry_in")
@@ -189,3 +200,41 @@ class OutboxStore:
             await self._fetch("prune_published", {"retention": self._settings.retention})
         await self._fetch("prune_stats")
         await self.commit()
+
+    # -- CDC mode (outbox_relay/cdc.py) ----------------------------------------------------------
+
+    async def claim_ids(self, ids: Sequence[int]) -> list[OutboxMessage]:
+        """Lock the rows with these ids that are still pending. Open until settle()/commit()."""
+        return [_message(row) for row in await self._fetch("cdc_claim_ids", {"ids": list(ids)})]
+
+    async def earliest_pending(
+        self, aggregates: Sequence[str], ids: Sequence[int], before: int
+    ) -> dict[str, int]:
+        """Per aggregate, its earliest pending id below ``before`` and not in ``ids``."""
+        rows = await self._fetch(
+            "cdc_earliest_pending",
+            {"aggregates": list(aggregates), "ids": list(ids), "before": before},
+        )
+        return {aggregate: int(first) for aggregate, first in rows}
+
+    async def heartbeat(self, prefix: str) -> None:
+        await self._fetch("cdc_heartbeat", {"prefix": prefix})
+        await self.commit()
+
+    async def materialize(self, events: Sequence[WalEvent]) -> dict[str, int]:
+        """Insert events read from the WAL as pending rows (once); event_id -> row id."""
+        await self._fetch(
+            "cdc_materialize",
+            {
+                "event_ids": [e.event_id for e in events],
+                "event_types": [e.event_type for e in events],
+                "aggregate_types": [e.aggregate_type for e in events],
+                "aggregate_ids": [e.aggregate_id for e in events],
+                "payloads": [e.payload for e in events],
+                "headers": [e.headers for e in events],
+                "created": [e.created_at for e in events],
+            },
+        )
+        rows = await self._fetch("cdc_ids_of_events", {"event_ids": [e.event_id for e in events]})
+        await self.commit()
+        return {event_id: int(id_) for event_id, id_ in rows}

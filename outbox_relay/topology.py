@@ -104,12 +104,13 @@ class Topology:
         and the differing argument (RabbitMQ closes the channel; the caller opens a new one).
         """
         _declare_exchange(channel, self.exchange, "topic")
-        _declare_exchange(channel, self.dead_letter_exchange, "fanout")
-        _declare_queue(channel, self.dead_letter_queue, self._type_arguments())
-        channel.queue_bind(self.dead_letter_queue, self.dead_letter_exchange)
+        # The main queue first: a conflict there is the one an operator most needs to see.
         _declare_queue(channel, self.queue, self.main_queue_arguments())
         for key in self.bindings:
             channel.queue_bind(self.queue, self.exchange, key)
+        _declare_exchange(channel, self.dead_letter_exchange, "fanout")
+        _declare_queue(channel, self.dead_letter_queue, self._type_arguments())
+        channel.queue_bind(self.dead_letter_queue, self.dead_letter_exchange)
         for delay in dict.fromkeys(self.delays):
             _declare_queue(channel, self.retry_queue(delay), self.retry_queue_arguments(delay))
         log.info(
@@ -156,7 +157,9 @@ def connect(broker_url: str, *, heartbeat: int | None = None) -> BlockingConnect
     try:
         parameters = pika.URLParameters(broker_url)
     except Exception as exc:  # pika raises assorted errors for malformed URLs
-        raise ConfigError(f"--broker-url: invalid AMQP URL {redact_url(broker_url)}: {exc}") from exc
+        raise ConfigError(
+            f"--broker-url: invalid AMQP URL {redact_url(broker_url)}: {exc}"
+        ) from exc
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
     try:

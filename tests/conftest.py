@@ -35,11 +35,15 @@ def template_database(services: Services) -> Iterator[str]:
     name = f"outbox_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(services.postgres_admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    with psycopg.connect(database_url_for(services.postgres_admin_url, name), autocommit=True) as conn:
+    with psycopg.connect(
+        database_url_for(services.postgres_admin_url, name), autocommit=True
+    ) as conn:
         migrate(conn, "public")
     yield name
     with psycopg.connect(services.postgres_admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture

@@ -13,6 +13,14 @@ from outbox_relay.publishers.base import Publisher, PublisherSettings
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "amqp": ("outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None),
     "amqps": ("outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None),
+    "nats": ("outbox_relay.publishers.nats", "NatsPublisher", "nats"),
+    "tls": ("outbox_relay.publishers.nats", "NatsPublisher", "nats"),
+    "redis": ("outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis"),
+    "rediss": ("outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis"),
+    "mqtt": ("outbox_relay.publishers.mqtt", "MqttPublisher", "mqtt"),
+    "mqtts": ("outbox_relay.publishers.mqtt", "MqttPublisher", "mqtt"),
+    "http": ("outbox_relay.publishers.webhook", "WebhookPublisher", "webhook"),
+    "https": ("outbox_relay.publishers.webhook", "WebhookPublisher", "webhook"),
 }
 
 __all__ = ["Publisher", "PublisherSettings", "create_publisher", "supported_schemes"]
@@ -23,7 +31,10 @@ def supported_schemes() -> list[str]:
 
 
 def create_publisher(settings: PublisherSettings) -> Publisher:
-    scheme = urlsplit(settings.url).scheme.lower()
+    try:
+        scheme = urlsplit(settings.url).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ConfigError(f"--broker-url: not a URL ({exc})") from None
     try:
         module_name, class_name, extra = _REGISTRY[scheme]
     except KeyError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from outbox_relay.messages import OutboxMessage, PublishResult
@@ -18,6 +18,16 @@ class PublisherSettings:
     confirm_timeout: float = 30.0
     max_message_bytes: int = 128 * 1024 * 1024
     max_in_flight: int = 5000
+    # Prefix of the NATS subject (events.order.created), the Redis stream (events:order.created)
+    # and the MQTT topic (events/order/created).
+    topic_prefix: str = "events"
+    nats_stream: str = "EVENTS"
+    redis_stream_mode: str = "per-type"  # per-type: one stream per event type; single: one stream
+    redis_maxlen: int | None = None  # XADD MAXLEN ~ n when set
+    mqtt_qos: int = 1
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_timeout: float = 10.0
+    webhook_batch: bool = False
 
 
 @runtime_checkable

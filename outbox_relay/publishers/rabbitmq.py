@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Sequence
 from itertools import takewhile
 from typing import Any
@@ -205,7 +206,9 @@ class RabbitMQPublisher:
                     if index:
                         await asyncio.sleep(0)  # let the loop write the chunk and read acks
                     if not self.is_healthy():
-                        raise BrokerUnavailableError("lost the RabbitMQ connection") from self._failure
+                        raise BrokerUnavailableError(
+                            "lost the RabbitMQ connection"
+                        ) from self._failure
                     connection.cork()
                 if len(message.payload) > limit:
                     batch.results[index] = failed(
@@ -229,6 +232,10 @@ class RabbitMQPublisher:
                     )
                 except (
                     pika.exceptions.UnsupportedAMQPFieldException,
+                    # A header name over 255 bytes; an AMQPError, but no sign of a broken link.
+                    pika.exceptions.ShortStringTooLong,
+                    # An integer header outside 64 bits.
+                    struct.error,
                     ValueError,
                     TypeError,
                 ) as exc:

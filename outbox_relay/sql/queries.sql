@@ -11,11 +11,14 @@ SELECT pg_try_advisory_lock(1868724339, hashtext(%(schema)s) & 2147483647);
 
 -- name: claim
 -- Pending rows in id (= per-aggregate commit) order, skipping every aggregate whose earliest
--- pending event is backing off after a failure, so later events never overtake it.
+-- pending event is backing off after a failure, so later events never overtake it, and the rows
+-- of the batch this relay has in flight on its other connection. Rows locked by anyone else are
+-- waited for, never skipped: skipping them could let a later event of their aggregate overtake.
 SELECT id, event_id::text, event_type, aggregate_type, aggregate_id, payload::text,
        headers::text, created_at, attempts
 FROM {{schema}}.outbox
 WHERE published_at IS NULL AND dead_at IS NULL
+  AND id <> ALL(%(in_flight)s::bigint[])
   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
   AND (aggregate_id IS NULL OR aggregate_id NOT IN (
         SELECT aggregate_id FROM {{schema}}.outbox
@@ -118,3 +121,81 @@ UPDATE {{schema}}.outbox
 SET dead_at = NULL, attempts = 0, next_attempt_at = NULL, last_error = NULL
 WHERE dead_at IS NOT NULL AND (%(all)s OR event_id = ANY(%(event_ids)s::uuid[]))
 RETURNING event_id::text;
+
+-- ------------------------------------------------------------------------------------------
+-- CDC mode (--mode cdc, outbox_relay/cdc.py and slots.py). {publication} and {slot} are
+-- filled in with psycopg.sql.Identifier / Literal.
+
+-- name: cdc_claim_ids
+-- The rows the WAL says were committed, if still pending (the table path may have published them
+-- first), locked until settle() like claim.
+SELECT id, event_id::text, event_type, aggregate_type, aggregate_id, payload::text,
+       headers::text, created_at, attempts
+FROM {{schema}}.outbox
+WHERE id = ANY(%(ids)s) AND published_at IS NULL AND dead_at IS NULL
+ORDER BY id
+FOR UPDATE;
+
+-- name: cdc_earliest_pending
+-- Per aggregate, its earliest pending event outside the batch that precedes one in it: such an
+-- event (retrying, held back, or committed while no slot existed) must be published first, by
+-- the table path.
+SELECT o.aggregate_id, min(o.id)
+FROM {{schema}}.outbox AS o
+WHERE o.published_at IS NULL AND o.dead_at IS NULL
+  AND o.aggregate_id IN (SELECT unnest(%(aggregates)s::text[]))
+  AND o.id < %(before)s
+  AND o.id NOT IN (SELECT unnest(%(ids)s::bigint[]))
+GROUP BY o.aggregate_id;
+
+-- name: cdc_heartbeat
+-- Non-transactional: reaches the slot at once, so an idle slot still gets a position to
+-- confirm while other tables fill the WAL.
+SELECT pg_logical_emit_message(false, %(prefix)s, '')::text;
+
+-- name: cdc_wal_level
+SELECT current_setting('wal_level');
+
+-- name: cdc_publication_exists
+SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s);
+
+-- name: cdc_create_publication
+CREATE PUBLICATION {publication} FOR TABLE {{schema}}.outbox WITH (publish = 'insert');
+
+-- name: cdc_slot
+SELECT slot_type, plugin, database = current_database(), active, active_pid,
+       confirmed_flush_lsn::text,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+FROM pg_replication_slots WHERE slot_name = %(slot)s;
+
+-- name: cdc_create_slot
+SELECT lsn::text FROM pg_create_logical_replication_slot(%(slot)s, 'pgoutput');
+
+-- name: cdc_drop_slot
+SELECT pg_drop_replication_slot(%(slot)s);
+
+-- name: cdc_drop_publication
+DROP PUBLICATION IF EXISTS {publication};
+
+-- name: pending_summary
+-- The backlog gauges of the metrics endpoint (sampled every few seconds, not per scrape).
+SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+  FROM {{schema}}.outbox WHERE published_at IS NULL AND dead_at IS NULL;
+
+-- name: cdc_materialize
+-- Events written straight to the WAL (pg_logical_emit_message) become pending rows here, in WAL
+-- order, so they take the same publish / settle / retry path as rows; an event seen again after
+-- a restart (same event_id) is not added twice.
+INSERT INTO {{schema}}.outbox
+    (event_id, event_type, aggregate_type, aggregate_id, payload, headers, created_at)
+SELECT e.event_id, e.event_type, e.aggregate_type, e.aggregate_id, e.payload, e.headers, e.created_at
+FROM unnest(%(event_ids)s::uuid[], %(event_types)s::text[], %(aggregate_types)s::text[],
+            %(aggregate_ids)s::text[], %(payloads)s::jsonb[], %(headers)s::jsonb[],
+            %(created)s::timestamptz[])
+     WITH ORDINALITY AS e(event_id, event_type, aggregate_type, aggregate_id, payload, headers,
+                          created_at, n)
+ORDER BY e.n
+ON CONFLICT (event_id) DO NOTHING;
+
+-- name: cdc_ids_of_events
+SELECT event_id::text, id FROM {{schema}}.outbox WHERE event_id = ANY(%(event_ids)s::uuid[]);

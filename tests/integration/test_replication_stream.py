@@ -25,6 +25,13 @@ import pytest
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from outbox_relay.errors import (
+    ReplicationError,
+    ReplicationPrivilegeError,
+    SlotInUseError,
+    SlotNotFoundError,
+    WalLevelError,
+)
 from outbox_relay.pgoutput import (
     PG_EPOCH,
     Begin,
@@ -42,15 +49,7 @@ from outbox_relay.pgoutput import (
     insert_to_dict,
     parse_lsn,
 )
-from outbox_relay.replication import (
-    ReplicationError,
-    ReplicationPrivilegeError,
-    ReplicationStream,
-    SlotInUseError,
-    SlotNotFoundError,
-    WalLevelError,
-    translate_error,
-)
+from outbox_relay.replication import ReplicationStream, translate_error
 from tests.services import DEFAULT_POSTGRES
 
 pytestmark = pytest.mark.integration

@@ -28,5 +28,5 @@ def test_durations_in_seconds(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "d", "-5s", "5w", "1.5.2s", "5 days", "1e3", "s5"])
 def test_bad_duration_names_the_option(text: str) -> None:
-    with pytest.raises(ConfigError, match="^--retention: .* is not a duration"):
+    with pytest.raises(ConfigError, match=r"^--retention: .* is not a duration"):
         parse_duration("--retention", text)

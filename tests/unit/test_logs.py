@@ -16,7 +16,9 @@ def record(
     msg: str = "publish failed: %s", args: tuple[object, ...] = ("unroutable",), **extra: object
 ) -> logging.LogRecord:
     logger = logging.getLogger("outbox_relay.relay")
-    return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, args, None, extra=extra)
+    return logger.makeRecord(
+        logger.name, logging.WARNING, __file__, 1, msg, args, None, extra=extra
+    )
 
 
 def test_json_line_has_the_message_and_every_extra() -> None:

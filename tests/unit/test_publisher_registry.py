@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from outbox_relay.errors import ConfigError
-from outbox_relay.publishers import Publisher, PublisherSettings, create_publisher, supported_schemes
+from outbox_relay.publishers import (
+    Publisher,
+    PublisherSettings,
+    create_publisher,
+    supported_schemes,
+)
 from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
 
 
@@ -20,7 +25,7 @@ def test_amqp_urls_make_a_rabbitmq_publisher_without_connecting(url: str) -> Non
 
 @pytest.mark.parametrize("url", ["ftp://broker/", "kafka://broker:9092", "localhost:5672", ""])
 def test_unknown_scheme_names_the_option_and_the_choices(url: str) -> None:
-    with pytest.raises(ConfigError, match="^--broker-url: unsupported scheme") as caught:
+    with pytest.raises(ConfigError, match=r"^--broker-url: unsupported scheme") as caught:
         create_publisher(PublisherSettings(url=url))
     assert "amqp://" in str(caught.value)
 

@@ -21,7 +21,12 @@ def settings(**changes: Any) -> RelaySettings:
 
 def test_defaults() -> None:
     s = settings()
-    assert (s.schema, s.mode, s.exchange, s.on_sent) == ("public", Mode.NOTIFY, "events", OnSent.DELETE)
+    assert (s.schema, s.mode, s.exchange, s.on_sent) == (
+        "public",
+        Mode.NOTIFY,
+        "events",
+        OnSent.DELETE,
+    )
     assert s.batch_size > 0
     assert s.max_attempts > 0
 
@@ -38,8 +43,10 @@ def test_defaults() -> None:
     ],
 )
 @pytest.mark.parametrize("value", [0, -1])
-def test_values_that_must_be_positive_name_their_option(option: str, field: str, value: int) -> None:
-    with pytest.raises(ConfigError, match=f"^{option}: must be greater than 0, got {value}$"):
+def test_values_that_must_be_positive_name_their_option(
+    option: str, field: str, value: int
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{option}: must be greater than 0, got {value}$"):
         settings(**{field: value})
 
 
@@ -49,7 +56,7 @@ def test_values_that_must_be_positive_name_their_option(option: str, field: str,
 def test_a_database_url_that_is_not_postgresql_names_the_option_without_its_password(
     url: str,
 ) -> None:
-    with pytest.raises(ConfigError, match="^--database-url: ") as caught:
+    with pytest.raises(ConfigError, match=r"^--database-url: ") as caught:
         settings(database_url=url)
     assert "db-secret" not in str(caught.value)
 
@@ -62,7 +69,7 @@ def test_postgresql_urls_and_conninfo_strings_are_accepted(url: str) -> None:
 
 
 def test_a_bad_schema_names_the_option() -> None:
-    with pytest.raises(ConfigError, match="^--schema: "):
+    with pytest.raises(ConfigError, match=r"^--schema: "):
         settings(schema="Orders-Outbox")
 
 

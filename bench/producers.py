@@ -1,0 +1,181 @@
+"""Writers of outbox rows: a bulk backlog, and paced producers that note each commit's time."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+import time
+import uuid
+from multiprocessing.connection import Connection
+
+import psycopg
+from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, PAYLOAD_SQL, payload_json
+
+INSERT = (
+    "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, payload)"
+    " VALUES (%s, %s, %s, %s, %s::jsonb)"
+)
+
+
+def insert_backlog(database_url: str, count: int, aggregates: int) -> float:
+    """Insert ``count`` events over ``aggregates`` aggregate ids (event g -> aggregate g mod A),
+    in chunks of 10,000 rows per transaction; returns the seconds it took."""
+    started = time.perf_counter()
+    with psycopg.connect(database_url) as conn:
+        for first in range(0, count, 10_000):
+            last = min(count, first + 10_000) - 1
+            conn.execute(
+                "INSERT INTO outbox (event_type, aggregate_type, aggregate_id, payload)"
+                f" SELECT %s, %s, mod(g, %s)::text, {PAYLOAD_SQL}"
+                " FROM generate_series(%s::bigint, %s::bigint) AS g",
+                (EVENT_TYPE, AGGREGATE_TYPE, aggregates, first, last),
+            )
+            conn.commit()
+    return time.perf_counter() - started
+
+
+def pending(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND dead_at IS NULL"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+
+class ServiceRestarted(RuntimeError):
+    """A shared service went away mid-measurement; the phase must be run again."""
+
+
+class PublishedCounter:
+    """Reads the relay's own per-second published counts: cheap enough to poll every 10 ms."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._conn = psycopg.connect(database_url, autocommit=True)
+
+    def published(self) -> int:
+        try:
+            row = self._conn.execute(
+                "SELECT coalesce(sum(published), 0) FROM outbox_relay_stats"
+            ).fetchone()
+        except psycopg.OperationalError as exc:
+            # Another engineer's test restarted PostgreSQL: this phase's figures are void.
+            raise ServiceRestarted(f"PostgreSQL connection lost: {exc}") from exc
+        return int(row[0]) if row else 0
+
+    def wait_for(self, target: int, timeout: float, interval: float = 0.01) -> float | None:
+        """Poll until ``target`` events are published; the perf_counter time seen, or None."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.published() >= target:
+                return time.perf_counter()
+            time.sleep(interval)
+        return None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _paced_thread(
+    database_url: str,
+    rate: float,
+    offset: float,
+    start_at: float,
+    stop_at: float,
+    aggregates: int,
+    out: list[tuple[str, float]],
+) -> None:
+    rng = random.Random()
+    interval = 1.0 / rate
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        due = start_at + offset
+        n = 0
+        while due < stop_at:
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            event_id = str(uuid.uuid4())
+            conn.execute(
+                INSERT,
+                (
+                    event_id,
+                    EVENT_TYPE,
+                    AGGREGATE_TYPE,
+                    str(rng.randrange(aggregates)),
+                    payload_json(n),
+                ),
+                prepare=True,
+            )
+            out.append((event_id, time.time()))  # committed: autocommit
+            n += 1
+            due += interval
+
+
+def _paced_child(
+    database_url: str,
+    rate: float,
+    seconds: float,
+    connections: int,
+    aggregates: int,
+    pipe: Connection,
+) -> None:
+    per_thread = rate / connections
+    start_at = time.time() + 0.5  # every thread connected before the first tick
+    stop_at = start_at + seconds
+    outs: list[list[tuple[str, float]]] = [[] for _ in range(connections)]
+    threads = [
+        threading.Thread(
+            target=_paced_thread,
+            args=(
+                database_url,
+                per_thread,
+                i / rate,
+                start_at,
+                stop_at,
+                aggregates,
+                outs[i],
+            ),
+        )
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    committed = {event_id: at for out in outs for event_id, at in out}
+    pipe.send((committed, start_at, time.time()))
+    pipe.close()
+
+
+class PacedProducers:
+    """``connections`` producers inserting ``rate`` single-row transactions per second in total,
+    each committed event's id and commit time recorded (a process of its own)."""
+
+    def __init__(
+        self, database_url: str, rate: float, seconds: float, connections: int, aggregates: int
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_paced_child,
+            args=(database_url, rate, seconds, connections, aggregates, child_end),
+            name="bench-producers",
+        )
+        self._process.start()
+        child_end.close()
+        self._seconds = seconds
+
+    def result(self) -> tuple[dict[str, float], float]:
+        """event_id -> commit time, and the achieved rate (events/s)."""
+        if not self._pipe.poll(self._seconds + 60):
+            raise RuntimeError("paced producers did not finish")
+        committed, started, finished = self._pipe.recv()
+        self._process.join(10)
+        return committed, len(committed) / max(finished - started, 1e-9)
+
+    def kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(10)

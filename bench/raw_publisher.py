@@ -1,0 +1,160 @@
+"""The ceiling: pika's SelectConnection publishing with a window of pipelined confirms.
+
+Same exchange, same queue, same message shape as the relay (300-byte persistent JSON body,
+message_id, type, timestamp, aggregate headers, mandatory), but no database at all: whatever the
+relay does beyond this is its overhead. Runs in a process of its own (see ``run_in_child``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pika
+from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, payload_json
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+
+@dataclass
+class RawResult:
+    messages: int
+    window: int
+    seconds: float
+    msg_per_s: float
+    nacked: int
+    returned: int
+    cpu_percent: float  # of one core, this publisher process alone
+
+
+class _WindowedPublisher:
+    def __init__(self, url: str, exchange: str, count: int, window: int) -> None:
+        self._parameters = pika.URLParameters(url)
+        self._exchange = exchange
+        self._count = count
+        self._window = window
+        self._bodies = [payload_json(n).encode() for n in range(1000)]
+        self._sent = 0
+        self._confirmed = 0
+        self._nacked = 0
+        self._returned = 0
+        self._unconfirmed: deque[int] = deque()
+        self._settled_early: set[int] = set()
+        self._channel: Channel | None = None
+        self._connection: SelectConnection | None = None
+        self._started = 0.0
+        self._finished = 0.0
+        self._error: str | None = None
+
+    def run(self) -> RawResult:
+        cpu_before = sum(os.times()[:2])
+        self._connection = SelectConnection(
+            self._parameters,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_error,
+            on_close_callback=self._on_closed,
+        )
+        self._connection.ioloop.start()
+        if self._error is not None and self._confirmed < self._count:
+            raise RuntimeError(f"raw publisher failed: {self._error}")
+        seconds = self._finished - self._started
+        cpu = sum(os.times()[:2]) - cpu_before
+        return RawResult(
+            messages=self._count,
+            window=self._window,
+            seconds=round(seconds, 4),
+            msg_per_s=round(self._count / seconds, 1),
+            nacked=self._nacked,
+            returned=self._returned,
+            cpu_percent=round(100 * cpu / seconds, 1),
+        )
+
+    def _on_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_error(self, _connection: Any, error: Any) -> None:
+        self._error = str(error)
+        assert self._connection is not None
+        self._connection.ioloop.stop()
+
+    def _on_closed(self, _connection: Any, reason: Any) -> None:
+        if self._confirmed < self._count:
+            self._error = str(reason)
+        assert self._connection is not None
+        self._connection.ioloop.stop()
+
+    def _on_channel(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirming)
+
+    def _on_confirming(self, _frame: Any) -> None:
+        self._started = time.perf_counter()
+        self._fill()
+
+    def _fill(self) -> None:
+        channel = self._channel
+        assert channel is not None
+        while self._sent < self._count and len(self._unconfirmed) < self._window:
+            n = self._sent
+            properties = BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=str(uuid.uuid4()),
+                type=EVENT_TYPE,
+                timestamp=int(time.time()),
+                headers={"aggregate_type": AGGREGATE_TYPE, "aggregate_id": str(n)},
+            )
+            channel.basic_publish(
+                self._exchange, EVENT_TYPE, self._bodies[n % 1000], properties, mandatory=True
+            )
+            self._sent += 1
+            self._unconfirmed.append(self._sent)  # delivery tags start at 1
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if isinstance(method, Basic.Nack):
+            self._nacked += 1
+        tag = method.delivery_tag
+        if method.multiple:
+            while self._unconfirmed and self._unconfirmed[0] <= tag:
+                settled = self._unconfirmed.popleft()
+                if settled in self._settled_early:
+                    self._settled_early.discard(settled)
+                else:
+                    self._confirmed += 1
+        elif self._unconfirmed and self._unconfirmed[0] == tag:
+            self._unconfirmed.popleft()
+            self._confirmed += 1
+        else:
+            self._settled_early.add(tag)
+            self._confirmed += 1
+        # Drop tags settled out of order once they reach the head of the window.
+        while self._unconfirmed and self._unconfirmed[0] in self._settled_early:
+            self._settled_early.discard(self._unconfirmed.popleft())
+        if self._confirmed >= self._count:
+            self._finished = time.perf_counter()
+            assert self._connection is not None
+            self._connection.close()
+            return
+        self._fill()
+
+    def _on_return(self, *_args: Any) -> None:
+        self._returned += 1
+
+
+def run_in_child(url: str, exchange: str, count: int, window: int, pipe: Connection) -> None:
+    """Process target: publish ``count`` messages and send back a RawResult as a dict."""
+    try:
+        result = _WindowedPublisher(url, exchange, count, window).run()
+        pipe.send(("ok", asdict(result)))
+    except Exception as exc:
+        pipe.send(("error", repr(exc)))
+    finally:
+        pipe.close()

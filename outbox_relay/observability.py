@@ -1,0 +1,170 @@
+"""Wires tracing, metrics and health probes into ``outbox-relay serve`` and ``consume``.
+
+Everything here is decided once at start-up: with no ``OTEL_*`` variables, no ``--metrics-port``
+and no ``--health-port``, the relay runs without hooks and nothing extra happens per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack
+from typing import TYPE_CHECKING, Any
+
+from outbox_relay.health import HealthServer
+from outbox_relay.hooks import CompositeHooks, RelayHooks
+from outbox_relay.metrics import Backlog, BacklogSampler, ConsumerMetrics, RelayMetrics
+from outbox_relay.metrics import configure_metrics as _configure_metrics
+from outbox_relay.tracing import INSTRUMENTATION, ConsumerTracing, RelayTracing, configure_tracing
+
+if TYPE_CHECKING:
+    from pika.spec import Basic, BasicProperties
+
+    from outbox_relay.consumer import ConsumerHooks, Event
+    from outbox_relay.relay import Relay
+    from outbox_relay.settings import RelaySettings
+
+log = logging.getLogger(__name__)
+
+RELAY_SERVICE = "outbox-relay"
+CONSUMER_SERVICE = "outbox-relay-consumer"
+
+
+def liveness_timeout(settings: RelaySettings) -> float:
+    """How long the relay loop may show no progress before /livez fails: longer than anything
+    it legitimately waits for (a confirm timeout, a connect attempt, a poll interval)."""
+    return max(60.0, 2 * settings.confirm_timeout + 3 * settings.poll_interval + 20)
+
+
+class RelayObservability:
+    """Tracing and metrics hooks, the backlog sampler and the health server of one relay."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        publisher_name: str,
+        *,
+        metrics_port: int | None = None,
+        health_port: int | None = None,
+    ) -> None:
+        self._settings = settings
+        self._health_port = health_port
+        self.tracer_provider = configure_tracing(RELAY_SERVICE)
+        self.meter_provider = _configure_metrics(RELAY_SERVICE, prometheus_port=metrics_port)
+        hooks: list[RelayHooks] = []
+        if self.tracer_provider is not None:
+            tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
+            hooks.append(RelayTracing(tracer, system=publisher_name, destination=settings.exchange))
+        self._sampler: BacklogSampler | None = None
+        if self.meter_provider is not None:
+            backlog = Backlog()
+            meter = self.meter_provider.get_meter(INSTRUMENTATION)
+            hooks.append(
+                RelayMetrics(
+                    meter, system=publisher_name, destination=settings.exchange, backlog=backlog
+                )
+            )
+            self._sampler = BacklogSampler(
+                settings.database_url,
+                settings.schema,
+                backlog,
+                interval=max(1.0, min(15.0, settings.poll_interval * 5)),
+            )
+        self.hooks: RelayHooks | None = CompositeHooks(hooks) if hooks else None
+        self.health: HealthServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, relay: Relay) -> None:
+        if self._health_port is not None:
+            self.health = HealthServer(
+                self._health_port,
+                ready=relay.is_ready,
+                heartbeat=lambda: relay.heartbeat,
+                stale_after=liveness_timeout(self._settings),
+            )
+            await self.health.start()
+        if self._sampler is not None:
+            self._tasks.append(asyncio.create_task(self._sampler.run()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.health is not None:
+            await self.health.close()
+        # Flushes the spans and metrics still buffered; blocking, so off the loop.
+        if self.tracer_provider is not None:
+            await asyncio.to_thread(self.tracer_provider.shutdown)
+        if self.meter_provider is not None:
+            await asyncio.to_thread(self.meter_provider.shutdown)
+
+
+class CompositeConsumerHooks:
+    """Several consumer hooks as one; each callback's failure is logged and contained."""
+
+    def __init__(self, hooks: Sequence[ConsumerHooks]) -> None:
+        self._hooks = tuple(hooks)
+
+    def handling(
+        self, method: Basic.Deliver, properties: BasicProperties
+    ) -> AbstractContextManager[object]:
+        stack = ExitStack()
+        for hook in self._hooks:
+            handling = getattr(hook, "handling", None)
+            if handling is not None:
+                try:
+                    stack.enter_context(handling(method, properties))
+                except Exception:
+                    log.exception("consumer hook handling failed (ignored)")
+        return stack
+
+    def _each(self, name: str, *args: Any) -> None:
+        for hook in self._hooks:
+            try:
+                getattr(hook, name)(*args)
+            except Exception:
+                log.exception("consumer hook %s failed (ignored)", name)
+
+    def on_handled(self, event: Event, seconds: float) -> None:
+        self._each("on_handled", event, seconds)
+
+    def on_deduped(self, event: Event) -> None:
+        self._each("on_deduped", event)
+
+    def on_retried(self, event: Event, delay: float, reason: str) -> None:
+        self._each("on_retried", event, delay, reason)
+
+    def on_dead_lettered(self, event_id: str | None, event_type: str | None, reason: str) -> None:
+        self._each("on_dead_lettered", event_id, event_type, reason)
+
+    def on_redelivered(self, event_id: str | None, event_type: str | None) -> None:
+        self._each("on_redelivered", event_id, event_type)
+
+    def on_handler_latency(self, event_type: str, seconds: float) -> None:
+        self._each("on_handler_latency", event_type, seconds)
+
+
+class ConsumerObservability:
+    """Tracing and metrics of one ``outbox-relay consume`` worker."""
+
+    def __init__(self, queue: str, *, metrics_port: int | None = None) -> None:
+        self.tracer_provider = configure_tracing(CONSUMER_SERVICE)
+        self.meter_provider = _configure_metrics(CONSUMER_SERVICE, prometheus_port=metrics_port)
+        hooks: list[ConsumerHooks] = []
+        if self.tracer_provider is not None:
+            hooks.append(ConsumerTracing(self.tracer_provider.get_tracer(INSTRUMENTATION)))
+        if self.meter_provider is not None:
+            hooks.append(
+                ConsumerMetrics(self.meter_provider.get_meter(INSTRUMENTATION), queue=queue)
+            )
+        self.hooks: ConsumerHooks | None = CompositeConsumerHooks(hooks) if hooks else None
+
+    def close(self) -> None:
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()

@@ -1,0 +1,381 @@
+"""MQTT 5 (or 3.1.1) via paho-mqtt 2.x, QoS 1 with the PUBACK as the confirm.
+
+Topic = ``<prefix>/<event type with dots as slashes>`` (``events/order/created``). paho's socket
+is driven by the relay's own asyncio loop (paho's external-loop hooks: add_reader / add_writer and
+a periodic ``loop_misc``), not by a network thread of its own: no lock handoff per message, and
+every callback runs on the relay's loop. A whole batch is handed to paho before any PUBACK is
+awaited (paho keeps up to ``max_in_flight`` unacknowledged, within the
+broker's receive maximum). With MQTT 5, headers travel as user properties and a PUBACK reason code
+says whether the broker took the message: "no matching subscribers" is treated like RabbitMQ's
+unroutable (failed, retried, dead after --max-attempts); refusals (not authorized, quota, packet
+too large, ...) fail the event. MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell.
+
+URL: ``mqtt[s]://[user:password@]host[:port][?version=3.1.1&client_id=...]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
+from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+MAX_MQTT_PAYLOAD = 268_435_455 - 65_536  # the protocol's packet limit, less room for the header
+_VERSIONS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+def mqtt_topic(prefix: str, event_type: str) -> str:
+    return "/".join(part for part in (prefix, event_type.replace(".", "/")) if part)
+
+
+def user_properties(message: OutboxMessage) -> list[tuple[str, str]]:
+    """The row's headers, the aggregate and the event id as MQTT 5 user properties."""
+    props = [("event_id", message.event_id), ("event_type", message.event_type)]
+    props.append(("created_at", message.created_at.isoformat()))
+    for key, value in message.broker_headers().items():
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        props.append((key, text))
+    return props
+
+
+class _Target:
+    """Where and how to connect, parsed from the broker URL."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        version = query.get("version", "5")
+        if version not in _VERSIONS:
+            raise ConfigError(f"--broker-url: MQTT version {version!r} is not one of 5, 3.1.1")
+        self.protocol = _VERSIONS[version]
+        self.tls = parts.scheme == "mqtts"
+        self.host = parts.hostname or "localhost"
+        try:
+            self.port = parts.port or (8883 if self.tls else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"--broker-url: invalid MQTT port in {redact_url(url)}") from exc
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.client_id = query.get("client_id") or f"outbox-relay-{uuid.uuid4().hex[:12]}"
+
+
+class MqttPublisher:
+    """Publishes each event with QoS 1 (or 2) and waits for the broker's acknowledgement."""
+
+    name = "mqtt"
+
+    def __init__(self, settings: PublisherSettings) -> None:
+        self._settings = settings
+        if settings.mqtt_qos not in (1, 2):
+            raise ConfigError(
+                f"--mqtt-qos: must be 1 or 2 (QoS 0 has no confirm), got {settings.mqtt_qos}"
+            )
+        if any(c in settings.topic_prefix for c in "+#"):
+            raise ConfigError(f"--topic-prefix: {settings.topic_prefix!r} has an MQTT wildcard")
+        self._target = _Target(settings.url)
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = False
+        self._failure: BaseException | None = None
+        self._acks: dict[int, asyncio.Future[PublishResult]] = {}
+        self._connack: asyncio.Future[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._loop_thread: int | None = None
+
+    @property
+    def mqtt5(self) -> bool:
+        return self._target.protocol == paho.MQTTv5
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        target = self._target
+        where = redact_url(self._settings.url)
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=target.client_id, protocol=target.protocol
+        )
+        if target.username is not None:
+            client.username_pw_set(target.username, target.password)
+        if target.tls:
+            client.tls_set_context(ssl.create_default_context())
+        client.connect_timeout = min(self._settings.confirm_timeout, 10.0)
+        client.max_inflight_messages_set(self._settings.max_in_flight)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        self._connack = loop.create_future()
+        self._failure = None
+        self._client = client
+        try:
+            # A clean session: the relay republishes whatever was in flight. clean_start is
+            # MQTT 5's flag; a 3.1.1 client is clean by default. The TCP connect blocks, hence
+            # the thread; the socket hooks it triggers hop back to the loop.
+            if self.mqtt5:
+                await asyncio.to_thread(
+                    lambda: client.connect(target.host, target.port, 30, clean_start=True)
+                )
+            else:
+                await asyncio.to_thread(client.connect, target.host, target.port, 30)
+        except (OSError, paho.WebsocketConnectionError) as exc:
+            self._client = None
+            raise BrokerUnavailableError(
+                f"cannot connect to MQTT broker at {where}: {exc}"
+            ) from exc
+        self._housekeeping = loop.create_task(self._misc(client))
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._connack), timeout=self._settings.confirm_timeout
+            )
+        except TimeoutError as exc:
+            await self.close()
+            raise BrokerUnavailableError(f"no CONNACK from the MQTT broker at {where}") from exc
+        except BaseException:
+            await self.close()
+            raise
+        self._connected = True
+        log.info("connected to broker", extra={"broker": "mqtt", "url": where})
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._connected = False
+        if client is None:
+            return
+        housekeeping, self._housekeeping = self._housekeeping, None
+        if housekeeping is not None:
+            housekeeping.cancel()
+        with contextlib.suppress(OSError, ValueError):
+            client.disconnect()  # paho closes the socket once DISCONNECT is written
+        with contextlib.suppress(OSError, ValueError):
+            client.loop_write()
+        sock = client.socket()
+        if sock is not None:
+            # Not written yet (a dead peer): drop the socket from the loop and close it.
+            self._on_socket_close(client, None, sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._fail_pending(BrokerUnavailableError("MQTT publisher closed"))
+
+    async def _misc(self, client: paho.Client) -> None:
+        """paho's timers: keepalive PINGREQ, and noticing a broker that stopped answering."""
+        while True:
+            await asyncio.sleep(1.0)
+            if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+    def is_healthy(self) -> bool:
+        return self._client is not None and self._connected
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+        client = self._client
+        if client is None or not self._connected:
+            raise BrokerUnavailableError("not connected to the MQTT broker") from self._failure
+        loop = asyncio.get_running_loop()
+        limit = min(self._settings.max_message_bytes, MAX_MQTT_PAYLOAD)
+        results: list[PublishResult | None] = [None] * len(messages)
+        pending: dict[int, asyncio.Future[PublishResult]] = {}
+        try:
+            # Synchronous on purpose: PUBACKs reach self._acks through call_soon_threadsafe, so
+            # none can be looked up before every mid of the batch is registered.
+            for index, message in enumerate(messages):
+                if len(message.payload) > limit:
+                    results[index] = failed(
+                        f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
+                        "(MQTT or --max-message-bytes)",
+                        permanent=True,
+                    )
+                    continue
+                properties: Properties | None = None
+                if self.mqtt5:
+                    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    properties.ContentType = "application/json"
+                    properties.PayloadFormatIndicator = 1
+                    properties.UserProperty = user_properties(message)
+                try:
+                    info = client.publish(
+                        mqtt_topic(self._settings.topic_prefix, message.event_type),
+                        message.payload,
+                        qos=self._settings.mqtt_qos,
+                        properties=properties,
+                    )
+                except ValueError as exc:  # paho validates before anything is sent
+                    results[index] = failed(f"cannot publish over MQTT: {exc}", permanent=True)
+                    continue
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise BrokerUnavailableError(
+                        f"MQTT publish failed: {paho.error_string(info.rc)}"
+                    ) from self._failure
+                future = loop.create_future()
+                pending[index] = future
+                self._acks[info.mid] = future
+            if pending:
+                await self._await_acks(list(pending.values()))
+        finally:
+            mine = set(pending.values())
+            for mid in [mid for mid, f in self._acks.items() if f in mine]:
+                del self._acks[mid]
+            for future in mine:
+                if future.done() and not future.cancelled():
+                    future.exception()  # one failure fails them all; mark the rest as seen
+        for index, future in pending.items():
+            results[index] = future.result()
+        return [result if result is not None else CONFIRMED for result in results]
+
+    async def _await_acks(self, futures: list[asyncio.Future[PublishResult]]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=self._settings.confirm_timeout)
+        except TimeoutError as exc:
+            unacked = sum(1 for f in futures if not f.done())
+            raise BrokerUnavailableError(
+                f"the MQTT broker did not acknowledge {unacked} message(s) "
+                f"within {self._settings.confirm_timeout}s"
+            ) from exc
+
+    def _result(self, reason_code: ReasonCode | int) -> PublishResult:
+        value = reason_code.value if isinstance(reason_code, ReasonCode) else int(reason_code)
+        if value == NO_MATCHING_SUBSCRIBERS:
+            return failed(
+                "unroutable: no subscriber matches the topic (MQTT 5 PUBACK reason 16); "
+                "subscribe a (persistent) session to it"
+            )
+        if value >= 0x80:
+            name = reason_code.getName() if isinstance(reason_code, ReasonCode) else str(value)
+            return failed(f"refused by the MQTT broker: {name} (reason code {value})")
+        return CONFIRMED
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for future in self._acks.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._acks.clear()
+
+    # -- paho callbacks --------------------------------------------------------------------
+
+    # Mostly called on the loop (from loop_read/loop_write), but during connect() on the thread
+    # doing the TCP connect, hence call_soon_threadsafe. Each hands the client over too: a late
+    # callback of a closed client must not touch the state of the one that replaced it.
+
+    def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock, "r", client.loop_read)
+
+    def _on_socket_close(self, _client: paho.Client, _u: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock, "r", None)
+        self._on_loop(self._watch, sock, "w", None)
+
+    def _on_socket_register_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock, "w", client.loop_write)
+
+    def _on_socket_unregister_write(self, _client: paho.Client, _u: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock, "w", None)
+
+    def _on_loop(self, function: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._loop_thread == threading.get_ident():
+            function(*args)
+        else:
+            with contextlib.suppress(RuntimeError):  # the relay's loop already closed
+                loop.call_soon_threadsafe(function, *args)
+
+    def _watch(self, sock: Any, kind: str, callback: Callable[[], Any] | None) -> None:
+        """Add or drop (callback None) the loop's read or write watch on paho's socket."""
+        loop = self._loop
+        assert loop is not None
+        if sock.fileno() < 0:  # closed meanwhile; the loop forgot it with the descriptor
+            return
+        if kind == "r":
+            if callback is None:
+                loop.remove_reader(sock)
+            else:
+                loop.add_reader(sock, callback)
+        elif callback is None:
+            loop.remove_writer(sock)
+        else:
+            loop.add_writer(sock, callback)
+
+    def _on_connect(
+        self, client: paho.Client, _u: Any, _flags: Any, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the relay's loop already closed
+            self._loop.call_soon_threadsafe(self._connected_result, client, reason_code)
+
+    def _on_disconnect(
+        self, client: paho.Client, _u: Any, _flags: Any, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        # The relay reconnects (and republishes the batch in flight); paho never does here,
+        # since reconnecting is the job of its loop_forever, which is not used.
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._lost, client, str(reason_code))
+
+    def _on_publish(
+        self, client: paho.Client, _u: Any, mid: int, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._acked, client, mid, reason_code)
+
+    # -- the same, on the relay's loop -------------------------------------------------------
+
+    def _connected_result(self, client: paho.Client, reason_code: ReasonCode) -> None:
+        connack = self._connack
+        if client is not self._client or connack is None or connack.done():
+            return
+        if not reason_code.is_failure:
+            connack.set_result(None)
+            return
+        where = redact_url(self._settings.url)
+        error_class = (
+            ConfigError if reason_code.value in (0x86, 0x87, 0x85) else BrokerUnavailableError
+        )
+        connack.set_exception(
+            error_class(f"the MQTT broker at {where} refused the connection: {reason_code}")
+        )
+
+    def _lost(self, client: paho.Client, reason: str) -> None:
+        if client is not self._client:
+            return
+        self._connected = False
+        exc = BrokerUnavailableError(f"lost the MQTT connection: {reason}")
+        self._failure = exc
+        connack = self._connack
+        if connack is not None and not connack.done():
+            connack.set_exception(exc)
+        self._fail_pending(exc)
+
+    def _acked(self, client: paho.Client, mid: int, reason_code: ReasonCode) -> None:
+        if client is not self._client:
+            return
+        future = self._acks.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(self._result(reason_code))

@@ -1,0 +1,248 @@
+"""NATS JetStream via nats-py, with pipelined publish acks.
+
+Subject = ``<prefix>.<event type>`` (``events.order.created``). A batch goes out with
+``publish_async`` (every message written before any ack is awaited); the JetStream PubAck is the
+confirm: the stream has stored the message. ``Nats-Msg-Id`` = event id, so a batch republished
+after a lost connection or a relay crash is dropped by the stream's duplicate window instead of
+stored twice. A subject no stream listens on gets "no responders": a failed, retried event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
+from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+def nats_headers(message: OutboxMessage) -> dict[str, str]:
+    """The row's headers and the aggregate as NATS headers (strings; other JSON as its text)."""
+    headers = {
+        key: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        for key, value in message.broker_headers().items()
+    }
+    headers[MSG_ID_HEADER] = message.event_id
+    headers["Content-Type"] = "application/json"
+    headers["Outbox-Event-Type"] = message.event_type
+    headers["Outbox-Created-At"] = message.created_at.isoformat()
+    return headers
+
+
+def header_problem(headers: dict[str, str]) -> str | None:
+    """NATS headers are MIME-style lines: names without ':' or spaces, values on one line."""
+    for key, value in headers.items():
+        if not key or any(c in key for c in ": \t\r\n") or not key.isascii():
+            return f"header name {key!r} cannot be a NATS header"
+        if "\r" in value or "\n" in value:
+            return f"header {key!r} has a line break, which NATS headers cannot carry"
+    return None
+
+
+class NatsPublisher:
+    """Publishes to JetStream; the stream (``--nats-stream``) is created or checked at start-up."""
+
+    name = "nats"
+
+    def __init__(self, settings: PublisherSettings) -> None:
+        self._settings = settings
+        self._prefix = settings.topic_prefix.strip(".")
+        if not self._prefix or any(c in self._prefix for c in " *>\t"):
+            raise ConfigError(
+                f"--topic-prefix: {settings.topic_prefix!r} is not a NATS subject prefix"
+            )
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._lost: asyncio.Future[None] | None = None
+
+    def subject(self, event_type: str) -> str:
+        return f"{self._prefix}.{event_type}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        where = redact_url(self._settings.url)
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lost = lost
+
+        async def on_disconnected() -> None:
+            if not lost.done():
+                lost.set_exception(BrokerUnavailableError(f"lost the NATS connection to {where}"))
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("NATS client error: %r", exc)
+
+        try:
+            # The relay owns reconnecting (and republishing the batch in flight), so the client
+            # must not silently reconnect and leave acks hanging.
+            self._nc = await nats.connect(
+                self._settings.url,
+                allow_reconnect=False,
+                # nats-py retries even the first connect (60 x 2 s by default; 0 = forever):
+                # two quick tries, then the relay's own backoff takes over.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.2,
+                connect_timeout=min(self._settings.confirm_timeout, 10.0),
+                disconnected_cb=on_disconnected,
+                closed_cb=on_disconnected,
+                error_cb=on_error,
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            raise BrokerUnavailableError(f"cannot connect to NATS at {where}: {exc!r}") from exc
+        self._js = self._nc.jetstream(
+            timeout=self._settings.confirm_timeout,
+            # A batch is the relay's window; unacked futures are cancelled (freeing their slots)
+            # when it ends, so nats-py's own limit must never make a batch wait.
+            publish_async_max_pending=1_000_000,
+        )
+        try:
+            await self._ensure_stream(self._js)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("connected to broker", extra={"broker": "nats", "url": where})
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        stream = self._settings.nats_stream
+        wanted = f"{self._prefix}.>"
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(name=stream, subjects=[wanted])
+            except nats.js.errors.BadRequestError as exc:
+                # Typically: the subjects overlap another stream's.
+                raise ConfigError(
+                    f"--nats-stream: cannot create JetStream stream {stream!r} for {wanted!r}: "
+                    f"{exc.description}"
+                ) from exc
+            log.info("created JetStream stream", extra={"stream": stream, "subjects": wanted})
+            return
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise ConfigError(
+                "NATS server has JetStream disabled (start nats-server with -js)"
+            ) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BrokerUnavailableError(
+                f"cannot read JetStream stream {stream!r}: {exc!r}"
+            ) from exc
+        subjects = list(info.config.subjects or [])
+        if wanted not in subjects and ">" not in subjects:
+            # Narrower subjects may be on purpose; events outside them fail with a clear reason.
+            log.warning(
+                "JetStream stream %r listens on %s, not %r: events outside those subjects will "
+                "fail as unroutable",
+                stream,
+                subjects,
+                wanted,
+            )
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        self._js = None
+        lost, self._lost = self._lost, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await asyncio.wait_for(nc.close(), timeout=5)
+        if lost is not None and lost.done():
+            lost.exception()  # retrieved: asyncio would otherwise log it as never retrieved
+
+    def is_healthy(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+        js, nc, lost = self._js, self._nc, self._lost
+        if js is None or nc is None or lost is None or not nc.is_connected:
+            raise BrokerUnavailableError("not connected to NATS")
+        limit = min(self._settings.max_message_bytes, nc.max_payload)
+        results: list[PublishResult | None] = [None] * len(messages)
+        pending: dict[int, asyncio.Future[Any]] = {}
+        try:
+            for index, message in enumerate(messages):
+                if len(message.payload) > limit:
+                    results[index] = failed(
+                        f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
+                        "(NATS max_payload or --max-message-bytes)",
+                        permanent=True,
+                    )
+                    continue
+                headers = nats_headers(message)
+                problem = header_problem(headers)
+                if problem:
+                    results[index] = failed(problem, permanent=True)
+                    continue
+                pending[index] = await js.publish_async(
+                    self.subject(message.event_type),
+                    message.payload,
+                    # No stall timeout: nats-py would then await each message through a task,
+                    # and every message would be flushed in a socket write of its own.
+                    wait_stall=None,
+                    headers=headers,
+                )
+            if pending:
+                await self._await_acks(list(pending.values()), lost)
+        except (nats.errors.Error, OSError) as exc:
+            if isinstance(exc, nats.js.errors.TooManyStalledMsgsError | nats.errors.TimeoutError):
+                raise BrokerUnavailableError(
+                    f"NATS did not ack within {self._settings.confirm_timeout}s"
+                ) from exc
+            raise BrokerUnavailableError(f"NATS publish failed: {exc!r}") from exc
+        finally:
+            for future in pending.values():
+                if not future.done():
+                    future.cancel()
+        for index, future in pending.items():
+            results[index] = self._result(future, messages[index])
+        return [result if result is not None else CONFIRMED for result in results]
+
+    async def _await_acks(
+        self, futures: list[asyncio.Future[Any]], lost: asyncio.Future[None]
+    ) -> None:
+        acks: asyncio.Future[Any] = asyncio.gather(*futures, return_exceptions=True)
+        waiting: set[asyncio.Future[Any]] = {acks, lost}
+        done, _ = await asyncio.wait(
+            waiting,
+            timeout=self._settings.confirm_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if acks in done:
+            return
+        acks.cancel()
+        if lost in done:
+            raise BrokerUnavailableError("lost the NATS connection mid-batch") from lost.exception()
+        unacked = sum(1 for f in futures if not f.done())
+        raise BrokerUnavailableError(
+            f"NATS did not ack {unacked} message(s) within {self._settings.confirm_timeout}s"
+        )
+
+    def _result(self, future: asyncio.Future[Any], message: OutboxMessage) -> PublishResult:
+        exc = future.exception()
+        if exc is None:
+            return CONFIRMED  # a duplicate ack (ack.duplicate) also means: the stream has it
+        subject = self.subject(message.event_type)
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):
+            return failed(
+                f"unroutable: no JetStream stream is bound to subject {subject!r}; add it to the "
+                f"subjects of stream {self._settings.nats_stream!r} (--nats-stream)"
+            )
+        if isinstance(exc, nats.js.errors.APIError):
+            return failed(f"rejected by JetStream for {subject!r}: {exc.description or exc!r}")
+        return failed(f"NATS publish of {subject!r} failed: {exc!r}")

@@ -1,0 +1,157 @@
+"""Redis Streams via redis-py's asyncio client, one pipelined round trip per batch.
+
+Each event is an ``XADD`` to ``<prefix>:<event type>`` (``events:order.created``), or to the one
+stream ``<prefix>`` with ``--redis-stream-mode single``. A batch is one pipeline without MULTI:
+the replies, in order, are the confirms (Redis has appended the entry), and a command Redis
+refuses (e.g. the key holds another type) fails only its own event. Redis has no deduplication,
+so the event id is a field for consumers to dedupe on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
+from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+STREAM_MODES = ("per-type", "single")
+
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def stream_fields(message: OutboxMessage) -> dict[str, str | bytes]:
+    """The entry's fields; absent aggregate fields are left out (Redis has no null)."""
+    fields: dict[str, str | bytes] = {
+        "event_id": message.event_id,
+        "event_type": message.event_type,
+    }
+    if message.aggregate_type is not None:
+        fields["aggregate_type"] = message.aggregate_type
+    if message.aggregate_id is not None:
+        fields["aggregate_id"] = message.aggregate_id
+    fields["payload"] = message.payload
+    fields["headers"] = json.dumps(message.headers, separators=(",", ":"))
+    fields["created_at"] = message.created_at.isoformat()
+    return fields
+
+
+class RedisStreamsPublisher:
+    """Appends events to Redis streams with ``XADD`` (optionally ``MAXLEN ~``)."""
+
+    name = "redis"
+
+    def __init__(self, settings: PublisherSettings) -> None:
+        self._settings = settings
+        if settings.redis_stream_mode not in STREAM_MODES:
+            raise ConfigError(
+                f"--redis-stream-mode: {settings.redis_stream_mode!r} is not one of "
+                + ", ".join(STREAM_MODES)
+            )
+        if settings.redis_maxlen is not None and settings.redis_maxlen <= 0:
+            raise ConfigError(
+                f"--redis-maxlen: must be greater than 0, got {settings.redis_maxlen}"
+            )
+        if not settings.topic_prefix:
+            raise ConfigError("--topic-prefix: must not be empty for Redis streams")
+        # Any: redis-py ships inline types while types-redis (for redis 4) may also be installed,
+        # and the two disagree (generic or not, aclose or close).
+        self._client: Any = None
+        self._healthy = False
+
+    def stream(self, event_type: str) -> str:
+        if self._settings.redis_stream_mode == "single":
+            return self._settings.topic_prefix
+        return f"{self._settings.topic_prefix}:{event_type}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        where = redact_url(self._settings.url)
+        try:
+            client: Any = redis.asyncio.Redis.from_url(
+                self._settings.url,
+                socket_connect_timeout=min(self._settings.confirm_timeout, 10.0),
+                socket_timeout=self._settings.confirm_timeout,
+                # The relay retries, and republishes the whole batch: a hidden client retry of
+                # a pipeline would only add duplicates.
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--broker-url: invalid Redis URL {where}: {exc}") from exc
+        self._client = client
+        try:
+            await client.ping()
+        except redis.exceptions.AuthenticationError as exc:
+            await self.close()
+            raise ConfigError(f"Redis at {where} refused the credentials: {exc}") from exc
+        except (*_UNAVAILABLE, redis.exceptions.RedisError) as exc:
+            await self.close()
+            raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc}") from exc
+        self._healthy = True
+        log.info("connected to broker", extra={"broker": "redis", "url": where})
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._healthy = False
+        if client is not None:
+            with contextlib.suppress(*_UNAVAILABLE, redis.exceptions.RedisError):
+                await client.aclose()
+
+    def is_healthy(self) -> bool:
+        return self._client is not None and self._healthy
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+        client = self._client
+        if client is None or not self._healthy:
+            raise BrokerUnavailableError("not connected to Redis")
+        limit = self._settings.max_message_bytes
+        maxlen = self._settings.redis_maxlen
+        results: list[PublishResult | None] = [None] * len(messages)
+        sent: list[int] = []
+        pipe = client.pipeline(transaction=False)
+        for index, message in enumerate(messages):
+            if len(message.payload) > limit:
+                results[index] = failed(
+                    f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
+                    "(--max-message-bytes)",
+                    permanent=True,
+                )
+                continue
+            pipe.xadd(
+                self.stream(message.event_type),
+                stream_fields(message),
+                maxlen=maxlen,
+                approximate=True,
+            )
+            sent.append(index)
+        if sent:
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except _UNAVAILABLE as exc:
+                self._healthy = False
+                raise BrokerUnavailableError(f"lost the Redis connection: {exc}") from exc
+            finally:
+                await pipe.reset()
+            for index, reply in zip(sent, replies, strict=True):
+                if isinstance(reply, _UNAVAILABLE):
+                    self._healthy = False
+                    raise BrokerUnavailableError(f"lost the Redis connection: {reply}")
+                if isinstance(reply, Exception):
+                    stream = self.stream(messages[index].event_type)
+                    results[index] = failed(f"XADD to {stream!r} refused by Redis: {reply}")
+        return [result if result is not None else CONFIRMED for result in results]

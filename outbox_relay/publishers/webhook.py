@@ -1,0 +1,219 @@
+"""HTTP webhook via httpx: POST each event (or each batch) as JSON; a 2xx response is the confirm.
+
+Body of one event::
+
+    {"event_id": "...", "event_type": "order.created", "aggregate_type": "order",
+     "aggregate_id": "123", "created_at": "2026-...", "headers": {...}, "payload": <the payload>}
+
+With ``--webhook-batch`` the body is ``{"events": [<event>, ...]}`` (one wave of the relay's
+batch) and the response settles all of them. Request headers: ``Idempotency-Key`` = the event id
+(in batch mode a digest of the event ids), ``X-Outbox-Event-Id``/``-Event-Type``, the row's
+``traceparent``/``tracestate`` (W3C trace context is an HTTP convention), and with
+``--webhook-secret`` ``X-Outbox-Signature: sha256=<hex HMAC-SHA256 of the body>``.
+
+Verdicts: 2xx confirmed; 408, 429 and 5xx failed and retried with backoff; any other 4xx is a
+permanent failure (dead at once: resending the same request cannot change the answer); a
+timeout fails the event (retried). An endpoint that cannot be reached at all raises
+BrokerUnavailableError, so the relay reconnects and republishes the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import httpx
+
+from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
+from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Outbox-Signature"
+TRACE_HEADERS = ("traceparent", "tracestate")
+RETRYABLE_4XX = frozenset({408, 429})
+
+
+def event_body(message: OutboxMessage) -> bytes:
+    """The event as JSON; the payload is embedded as PostgreSQL rendered it, not re-encoded."""
+    envelope = {
+        "event_id": message.event_id,
+        "event_type": message.event_type,
+        "aggregate_type": message.aggregate_type,
+        "aggregate_id": message.aggregate_id,
+        "created_at": message.created_at.isoformat(),
+        "headers": message.headers,
+    }
+    head = json.dumps(envelope, separators=(",", ":"))[:-1].encode()
+    return head + b',"payload":' + message.payload + b"}"
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verdict(status: int, reason: str) -> PublishResult:
+    if 200 <= status < 300:
+        return CONFIRMED
+    text = f"webhook answered {status} {reason}".rstrip()
+    if 400 <= status < 500 and status not in RETRYABLE_4XX:
+        return failed(text, permanent=True)
+    return failed(text)
+
+
+class WebhookPublisher:
+    """POSTs events to an HTTP endpoint, concurrently within a wave."""
+
+    name = "webhook"
+
+    def __init__(self, settings: PublisherSettings) -> None:
+        self._settings = settings
+        parts = urlsplit(settings.url)
+        if not parts.hostname:
+            raise ConfigError(f"--broker-url: no host in {redact_url(settings.url)}")
+        if settings.webhook_timeout <= 0:
+            raise ConfigError(
+                f"--webhook-timeout: must be greater than 0, got {settings.webhook_timeout}"
+            )
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._client: httpx.AsyncClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        where = redact_url(self._settings.url)
+        # HTTP has no session to open; checking that the endpoint accepts TCP connections makes
+        # an unreachable endpoint a clean BrokerUnavailableError at start-up, like other brokers.
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self._host, self._port),
+                timeout=self._settings.webhook_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        self._client = httpx.AsyncClient(
+            timeout=self._settings.webhook_timeout,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            follow_redirects=False,
+        )
+        log.info("connected to broker", extra={"broker": "webhook", "url": where})
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def is_healthy(self) -> bool:
+        return self._client is not None
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+        client = self._client
+        if client is None:
+            raise BrokerUnavailableError("webhook publisher is not connected")
+        limit = self._settings.max_message_bytes
+        results: list[PublishResult | None] = [None] * len(messages)
+        sendable: list[int] = []
+        for index, message in enumerate(messages):
+            if len(message.payload) > limit:
+                results[index] = failed(
+                    f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
+                    "(--max-message-bytes)",
+                    permanent=True,
+                )
+            else:
+                sendable.append(index)
+        if sendable and self._settings.webhook_batch:
+            batch = [messages[i] for i in sendable]
+            result = await self._post(client, self._batch_request(batch))
+            for index in sendable:
+                results[index] = result
+        elif sendable:
+            # Aggregates in parallel, each aggregate's events one after the other: concurrent
+            # requests may be handled in any order, and a later event must not overtake.
+            chains: dict[str | None, list[int]] = {}
+            for index in sendable:
+                key = messages[index].aggregate_id
+                chains.setdefault(key, []).append(index)
+            unordered = chains.pop(None, [])
+            work = [self._chain(client, messages, chain, results) for chain in chains.values()]
+            work += [self._chain(client, messages, [index], results) for index in unordered]
+            outcomes = await asyncio.gather(*work, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        return [result if result is not None else CONFIRMED for result in results]
+
+    async def _chain(
+        self,
+        client: httpx.AsyncClient,
+        messages: Sequence[OutboxMessage],
+        chain: list[int],
+        results: list[PublishResult | None],
+    ) -> None:
+        for position, index in enumerate(chain):
+            result = await self._post(client, self._event_request(messages[index]))
+            results[index] = result
+            if not result.confirmed:
+                for later in chain[position + 1 :]:
+                    results[later] = failed(
+                        "not sent: an earlier event of its aggregate failed in this batch"
+                    )
+                return
+
+    def _event_request(self, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+        body = event_body(message)
+        headers = {
+            "Idempotency-Key": message.event_id,
+            "X-Outbox-Event-Id": message.event_id,
+            "X-Outbox-Event-Type": message.event_type,
+        }
+        for name in TRACE_HEADERS:
+            value = message.headers.get(name)
+            if isinstance(value, str) and value.isprintable():
+                headers[name] = value
+        return body, headers
+
+    def _batch_request(self, batch: Sequence[OutboxMessage]) -> tuple[bytes, dict[str, str]]:
+        body = b'{"events":[' + b",".join(event_body(m) for m in batch) + b"]}"
+        ids = hashlib.sha256("\n".join(m.event_id for m in batch).encode()).hexdigest()
+        return body, {
+            "Idempotency-Key": f"batch-{ids[:40]}",
+            "X-Outbox-Batch-Size": str(len(batch)),
+        }
+
+    async def _post(
+        self, client: httpx.AsyncClient, request: tuple[bytes, dict[str, str]]
+    ) -> PublishResult:
+        body, headers = request
+        headers["Content-Type"] = "application/json"
+        secret = self._settings.webhook_secret
+        if secret:
+            headers[SIGNATURE_HEADER] = sign(secret, body)
+        try:
+            response = await client.post(self._settings.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            return failed(
+                f"webhook did not answer within {self._settings.webhook_timeout}s "
+                f"(--webhook-timeout): {type(exc).__name__}"
+            )
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError) as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach the webhook at {redact_url(self._settings.url)}: {exc!r}"
+            ) from exc
+        except httpx.HTTPError as exc:
+            return failed(f"webhook request failed: {exc!r}")
+        return verdict(response.status_code, response.reason_phrase)

@@ -1,0 +1,96 @@
+"""The benchmark script runs end to end (tiny sizes) and reports every figure it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.services import Services
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "relay_bench.py"
+EVENTS = 2000
+MAY_BE_ZERO = {"cpu_percent", "pending_at_end", "nacked", "returned", "catch_up_seconds"}
+
+
+def _positive_numbers(value: object, where: str = "") -> list[str]:
+    """Paths of every number in ``value`` that is not > 0, except those that may be 0 or less
+    (CPU shares, counts of failures, backlogs, overheads)."""
+    bad: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in MAY_BE_ZERO and not key.startswith("overhead_pct"):
+                bad += _positive_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            bad += _positive_numbers(item, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+        bad.append(f"{where}={value}")
+    return bad
+
+
+@pytest.mark.integration
+def test_bench_quick_mode_reports_every_figure(services: Services, tmp_path: Path) -> None:
+    # Given tiny sizes, when the bench runs in quick mode against the real services
+    output = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            f"--events={EVENTS}",
+            "--seconds=1",
+            "--pgbench-seconds=1",
+            "--busy-backlog=3000",
+            "--rate=200",
+            f"--admin-url={services.postgres_admin_url}",
+            f"--broker-url={services.rabbitmq_url}",
+            f"--output={output}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    # Then the JSON holds every measurement, with positive figures
+    results = json.loads(output.read_text())
+    assert set(results) >= {
+        "meta",
+        "raw",
+        "relay_backlog",
+        "relay_steady",
+        "latency",
+        "producer",
+        "targets",
+    }
+    assert [run["aggregates"] for run in results["relay_backlog"]] == [EVENTS, 200]
+    assert set(results["latency"]) == {"notify", "poll"}
+    assert set(results["producer"]) >= {
+        "plain",
+        "outbox",
+        "outbox_notify_every_tx",
+        "outbox_relay_live",
+        "plain_relay_busy",
+        "outbox_relay_busy",
+    }
+    assert set(results["targets"]) == {
+        "relay_throughput_ratio",
+        "p99_commit_to_confirm_ms_notify",
+        "producer_overhead_pct",
+    }
+    bad = _positive_numbers({k: v for k, v in results.items() if k not in {"meta", "targets"}})
+    assert not bad, f"non-positive figures: {bad}"
+
+    # And every event measured really travelled: each backlog (and the raw run) reached the queue
+    # exactly once, and every paced event was confirmed and consumed.
+    assert [run["queued"] for run in results["raw"]] == [EVENTS, EVENTS]
+    assert [run["queued"] for run in results["relay_backlog"]] == [EVENTS, EVENTS]
+    for run in results["latency"].values():
+        assert run["events"] > 0
+        assert run["confirmed"] == run["received"] == run["events"]
+    assert "measurement" in done.stdout  # the table was printed

@@ -1,0 +1,212 @@
+"""The inbox table in a real PostgreSQL: migration, one-transaction dedupe, races, retention."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox_relay.consumer import Consumer, Event, NoHooks
+from outbox_relay.errors import SchemaError
+from outbox_relay.inbox import Delivery, PsycopgInbox, SQLAlchemyInbox, migrate_inbox
+from tests.conftest import wait_until
+from tests.integration.consumer_harness import ConsumerEnv, WorkerThread, consumer_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:
+    yield from consumer_env(broker_url, database_url, exchange)
+
+
+def _effects(database_url: str) -> list[str]:
+    with psycopg.connect(database_url) as conn:
+        return [r[0] for r in conn.execute("SELECT event_id FROM effects ORDER BY id")]
+
+
+def _insert_effect(event_id: str) -> Any:
+    def work(db: psycopg.Connection[Any]) -> None:
+        db.execute("INSERT INTO effects (event_id, event_type) VALUES (%s, 't')", (event_id,))
+
+    return work
+
+
+def test_migrate_inbox_is_repeatable_and_creates_the_table(empty_database_url: str) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        assert migrate_inbox(conn, "shop") == ["0001_inbox"]
+        assert migrate_inbox(conn, "shop") == []
+        row = conn.execute("SELECT to_regclass('shop.processed_events') IS NOT NULL").fetchone()
+    assert row == (True,)
+
+
+def test_inbox_refuses_to_start_without_its_table_when_not_migrating(
+    empty_database_url: str,
+) -> None:
+    inbox = PsycopgInbox(empty_database_url, "c", migrate=False)
+    with pytest.raises(SchemaError, match="processed_events"):
+        inbox.open()
+
+
+def test_handler_work_and_inbox_row_commit_or_roll_back_together(env: ConsumerEnv) -> None:
+    inbox = PsycopgInbox(env.database_url, "billing")
+    inbox.open()
+    try:
+        delivery = Delivery("e-1", "order.created", 1, False)
+
+        def failing(db: psycopg.Connection[Any]) -> None:
+            _insert_effect("e-1")(db)
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            inbox.apply(delivery, failing)
+        # Neither the effect nor the inbox row survived: the retry will run the handler again.
+        assert _effects(env.database_url) == []
+        assert inbox.apply(delivery, _insert_effect("e-1")) is True
+        assert inbox.apply(delivery, _insert_effect("e-1")) is False
+        # Another consumer in the same database applies the same event for itself.
+        other = PsycopgInbox(env.database_url, "shipping")
+        other.open()
+        try:
+            assert other.apply(delivery, _insert_effect("e-1")) is True
+        finally:
+            other.close()
+    finally:
+        inbox.close()
+    assert _effects(env.database_url) == ["e-1", "e-1"]
+
+
+def test_when_the_first_racer_rolls_back_the_waiting_one_applies_the_event(
+    env: ConsumerEnv,
+) -> None:
+    first, second = PsycopgInbox(env.database_url, "c"), PsycopgInbox(env.database_url, "c")
+    first.open()
+    second.open()
+    delivery = Delivery("e-race", "order.created", 1, False)
+    inside, release = threading.Event(), threading.Event()
+    results: dict[str, Any] = {}
+
+    def slow_then_fail(db: psycopg.Connection[Any]) -> None:
+        inside.set()
+        release.wait(10)
+        raise ConnectionError("downstream failed")
+
+    def run_first() -> None:
+        try:
+            first.apply(delivery, slow_then_fail)
+        except ConnectionError as exc:
+            results["first"] = exc
+
+    def run_second() -> None:
+        results["second"] = second.apply(delivery, _insert_effect("e-race"))
+
+    threads = [threading.Thread(target=run_first)]
+    threads[0].start()
+    wait_until(inside.is_set)
+    threads.append(threading.Thread(target=run_second))
+    threads[1].start()
+    wait_until(lambda: _lock_waiters(env.database_url) >= 1, timeout=10)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    first.close()
+    second.close()
+    assert isinstance(results["first"], ConnectionError)
+    assert results["second"] is True
+    assert _effects(env.database_url) == ["e-race"]
+
+
+def _lock_waiters(database_url: str) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_cleanup_removes_only_expired_rows_of_its_own_consumer(env: ConsumerEnv) -> None:
+    inbox = PsycopgInbox(env.database_url, "c")
+    inbox.open()
+    try:
+        for n in range(3):
+            inbox.apply(Delivery(f"e-{n}", "t", 1, False), lambda db: None)
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO processed_events (consumer, event_id, event_type, processed_at)"
+                " VALUES ('other', 'old', 't', now() - interval '30 days')"
+            )
+            conn.execute(
+                "UPDATE processed_events SET processed_at = now() - interval '8 days'"
+                " WHERE event_id IN ('e-0', 'e-1')"
+            )
+        assert inbox.cleanup(7 * 24 * 3600) == 2
+        with psycopg.connect(env.database_url) as conn:
+            left = sorted(r[0] for r in conn.execute("SELECT event_id FROM processed_events"))
+    finally:
+        inbox.close()
+    assert left == ["e-2", "old"]
+
+
+def test_worker_cleans_up_the_inbox_periodically(env: ConsumerEnv) -> None:
+    consumer = Consumer()
+    consumer.add_handler("order.*", lambda event: None)
+    settings = env.settings(inbox_retention=1.0, cleanup_interval=0.2)
+    env.declare(settings)
+    with psycopg.connect(env.database_url, autocommit=True) as conn:
+        migrate_inbox(conn)
+        conn.execute(
+            "INSERT INTO processed_events (consumer, event_id, event_type, processed_at)"
+            " VALUES (%s, 'ancient', 't', now() - interval '1 hour')",
+            (settings.queue,),
+        )
+
+    def remaining() -> int:
+        with psycopg.connect(env.database_url) as conn:
+            row = conn.execute("SELECT count(*) FROM processed_events").fetchone()
+        return int(row[0]) if row else -1
+
+    with WorkerThread(consumer, settings):
+        wait_until(lambda: remaining() == 0, timeout=10)
+
+
+def test_handlers_can_use_a_sqlalchemy_session_in_the_inbox_transaction(env: ConsumerEnv) -> None:
+    engine = create_engine(env.database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with psycopg.connect(env.database_url, autocommit=True) as conn:
+        migrate_inbox(conn)
+    consumer = Consumer()
+
+    @consumer.handler("order.*")
+    def handle(event: Event, session: Session) -> None:
+        session.execute(
+            text("INSERT INTO effects (event_id, event_type) VALUES (:id, :type)"),
+            {"id": event.event_id, "type": event.event_type},
+        )
+
+    settings = env.settings()
+    env.declare(settings)
+    event_id = env.publish("order.created", {}, copies=3)
+    outcomes: list[str] = []
+
+    class Hooks(NoHooks):
+        def on_handled(self, event: Event, seconds: float) -> None:
+            outcomes.append("handled")
+
+        def on_deduped(self, event: Event) -> None:
+            outcomes.append("deduped")
+
+    inbox = SQLAlchemyInbox(sessionmaker(engine), settings.inbox_consumer)
+    thread = WorkerThread(consumer, settings, hooks=Hooks())
+    thread.worker.inbox = inbox
+    try:
+        with thread:
+            wait_until(lambda: len(outcomes) == 3)
+    finally:
+        engine.dispose()
+    assert sorted(outcomes) == ["deduped", "deduped", "handled"]
+    assert env.effect_counts() == {event_id: 1}

@@ -1,0 +1,151 @@
+"""Schema checks: a relay never runs against a missing or mismatched outbox schema; migrations
+are idempotent; a custom schema works end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+import outbox_relay
+from outbox_relay.errors import SchemaError
+from outbox_relay.migrations import applied_version, latest_version, migrate
+from outbox_relay.publishers import create_publisher
+from outbox_relay.relay import Relay
+from outbox_relay.settings import RelaySettings
+from outbox_relay.status import read_status
+from tests.conftest import RabbitQueue, wait_until
+from tests.integration.relay_harness import RelayThread, collect, relay_settings, scalar
+
+pytestmark = pytest.mark.integration
+
+
+def run_relay_until_it_fails(settings: RelaySettings) -> BaseException:
+    async def run() -> None:
+        relay = Relay(settings, create_publisher(settings.publisher_settings()))
+        # A schema problem must end run() on its own; the timeout only bounds a broken relay.
+        await asyncio.wait_for(relay.run(), timeout=20)
+
+    with pytest.raises(SchemaError) as caught:
+        asyncio.run(run())
+    return caught.value
+
+
+def test_relay_on_an_empty_database_says_to_migrate(
+    empty_database_url: str, broker_url: str, exchange: str
+) -> None:
+    error = run_relay_until_it_fails(relay_settings(empty_database_url, broker_url, exchange))
+    assert "run `outbox-relay migrate`" in str(error)
+    assert "'public'" in str(error)
+
+
+def test_status_on_an_empty_database_says_to_migrate(empty_database_url: str) -> None:
+    with (
+        psycopg.connect(empty_database_url, autocommit=True) as conn,
+        pytest.raises(SchemaError, match="run `outbox-relay migrate`"),
+    ):
+        read_status(conn, "public")
+
+
+def test_relay_refuses_a_schema_from_a_newer_release(
+    database_url: str, broker_url: str, exchange: str
+) -> None:
+    newer = latest_version() + 1
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox_schema_version (version, name) VALUES (%s, 'future')", (newer,)
+        )
+    error = run_relay_until_it_fails(relay_settings(database_url, broker_url, exchange))
+    assert f"version {newer}" in str(error)
+    assert "upgrade outbox-relay" in str(error)
+
+
+def test_relay_refuses_a_schema_that_is_behind(
+    database_url: str, broker_url: str, exchange: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM outbox_schema_version")
+    error = run_relay_until_it_fails(relay_settings(database_url, broker_url, exchange))
+    assert "is at version 0" in str(error)
+    assert "run `outbox-relay migrate`" in str(error)
+
+
+def test_migrate_twice_is_idempotent(empty_database_url: str) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        first = migrate(conn, "public")
+        second = migrate(conn, "public")
+        assert [m.version for m in first] == list(range(1, latest_version() + 1))
+        assert second == []
+        assert applied_version(conn, "public") == latest_version() == 1
+        assert read_status(conn, "public").schema_version == 1
+        row = conn.execute("SELECT count(*) FROM outbox_schema_version").fetchone()
+        assert row == (1,)
+
+
+def test_a_custom_schema_works_end_to_end(
+    empty_database_url: str,
+    broker_url: str,
+    exchange: str,
+    bind_queue: Callable[..., RabbitQueue],
+) -> None:
+    queue = bind_queue("order.*")
+    schema = "outbox_custom"
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        migrate(conn, schema)
+        assert applied_version(conn, schema) == 1
+        # Nothing leaked into public.
+        assert applied_version(conn, "public") is None
+    with psycopg.connect(empty_database_url) as conn:
+        ids = [
+            str(
+                outbox_relay.emit(
+                    conn, "order.created", payload={"seq": n}, aggregate_id="c", schema=schema
+                )
+            )
+            for n in (1, 2)
+        ]
+        row = conn.execute(
+            f"SELECT {schema}.outbox_emit('order.updated', 'c', '{{\"seq\": 3}}')::text"
+        ).fetchone()
+        assert row is not None
+        ids.append(row[0])
+
+    settings = relay_settings(empty_database_url, broker_url, exchange, schema=schema)
+    with RelayThread(settings):
+        deliveries = collect(queue, 3)
+        wait_until(lambda: scalar(empty_database_url, f"SELECT count(*) FROM {schema}.outbox") == 0)
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            status = read_status(conn, schema)
+    assert [d.event_id for d in deliveries] == ids
+    assert [d.json()["seq"] for d in deliveries] == [1, 2, 3]
+    assert status.leader_pid is not None
+    assert status.relays_connected == 1
+    assert status.published_last_minute == 3
+
+
+def test_relays_of_two_schemas_in_one_database_both_lead_each_on_its_own_outbox(
+    database_url: str, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
+) -> None:
+    queue = bind_queue("order.*")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        migrate(conn, "outbox_other")
+    with psycopg.connect(database_url) as conn:
+        outbox_relay.emit(conn, "order.created", payload={"in": "other"}, schema="outbox_other")
+        outbox_relay.emit(conn, "order.created", payload={"in": "public"})
+
+    public = RelayThread(relay_settings(database_url, broker_url, exchange, schema="public"))
+    with public:
+        deliveries = collect(queue, 1)
+        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM public.outbox") == 0)
+        # The public relay never touched the other schema's outbox...
+        assert [d.json() for d in deliveries] == [{"in": "public"}]
+        assert scalar(database_url, "SELECT count(*) FROM outbox_other.outbox") == 1
+        # ...and a relay for it leads alongside (leadership is per schema).
+        other = relay_settings(database_url, broker_url, exchange, schema="outbox_other")
+        with RelayThread(other) as other_relay:
+            deliveries += collect(queue, 1)
+            assert other_relay.leading
+            assert public.leading
+    assert [d.json() for d in deliveries] == [{"in": "public"}, {"in": "other"}]
