@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -90,11 +92,10 @@ def backlog_database(events: int) -> Iterator[str]:
             )
 
 
-def pending(url: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND dead_at IS NULL"
-        ).fetchone()
+def pending(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM outbox WHERE published_at IS NULL AND dead_at IS NULL"
+    ).fetchone()
     return int(row[0]) if row else -1
 
 
@@ -184,32 +185,55 @@ def mqtt() -> Iterator[dict[str, str]]:
         client.loop_stop()
 
 
+class _HookHandler(BaseHTTPRequestHandler):
+    """A minimal endpoint: read the body, answer 204."""
+
+    protocol_version = "HTTP/1.1"
+    # One write per response, sent at once: headers and body in separate small
+    # writes would meet Nagle + delayed ACK and cost 40 ms a request.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _HookServer(ThreadingHTTPServer):
+    request_queue_size = 256
+    daemon_threads = True
+
+
+def _serve_hooks(port: Connection) -> None:
+    server = _HookServer(("127.0.0.1", 0), _HookHandler)
+    port.send(server.server_address[1])
+    server.serve_forever()
+
+
 @contextmanager
 def webhook() -> Iterator[dict[str, str]]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            self.send_response(204)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 256
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    """The endpoint runs in a process of its own, so it does not share a GIL with the bench."""
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.Process(target=_serve_hooks, args=(child,), daemon=True)
+    process.start()
     try:
-        yield {"broker_url": f"http://127.0.0.1:{server.server_address[1]}/hook"}
+        if not parent.poll(10):
+            raise RuntimeError("the webhook endpoint did not start")
+        yield {"broker_url": f"http://127.0.0.1:{parent.recv()}/hook"}
     finally:
-        server.shutdown()
-        server.server_close()
+        process.terminate()
+        process.join(10)
+
+
+@contextmanager
+def webhook_batch() -> Iterator[dict[str, str]]:
+    with webhook() as options:
+        yield {**options, "webhook_batch": "true"}
 
 
 DESTINATIONS: dict[str, Destination] = {
@@ -218,6 +242,7 @@ DESTINATIONS: dict[str, Destination] = {
     "redis": redis_streams,
     "mqtt": mqtt,
     "webhook": webhook,
+    "webhook-batch": webhook_batch,
 }
 
 
@@ -246,19 +271,20 @@ def measure(broker: str, events: int, batch_size: int) -> Result:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+            poll = psycopg.connect(database_url, autocommit=True)
             try:
                 started = time.perf_counter()
                 deadline = started + 300
                 # Clock from the first batch settled: excludes interpreter start-up and
                 # connecting; the rate counts only the events left at that moment.
-                while (remaining := pending(database_url)) == events:
+                while (remaining := pending(poll)) == events:
                     if process.poll() is not None or time.perf_counter() > deadline:
                         raise RuntimeError(
                             f"{broker}: relay did not start:\n{Path(log.name).read_text()}"
                         )
                     time.sleep(0.005)
                 started = time.perf_counter()
-                while pending(database_url) > 0:
+                while pending(poll) > 0:
                     if process.poll() is not None or time.perf_counter() > deadline:
                         raise RuntimeError(
                             f"{broker}: relay stopped:\n{Path(log.name).read_text()}"
@@ -266,6 +292,7 @@ def measure(broker: str, events: int, batch_size: int) -> Result:
                     time.sleep(0.01)
                 elapsed = time.perf_counter() - started
             finally:
+                poll.close()
                 process.terminate()
                 process.wait(timeout=30)
     return Result(broker, remaining, elapsed)
@@ -284,19 +311,28 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown broker(s) {sorted(unknown)}; choose from {sorted(DESTINATIONS)}")
 
-    results = []
+    results: list[Result] = []
+    failures: dict[str, str] = {}
     for broker in brokers:
-        result = measure(broker, args.events, args.batch_size)
+        try:
+            result = measure(broker, args.events, args.batch_size)
+        except Exception as exc:  # e.g. a shared broker restarted by someone's test: go on
+            failures[broker] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            print(f"{broker:<14} failed: {failures[broker]}", flush=True)
+            continue
         print(
-            f"{broker:<10} {result.events:>7} events {result.seconds:>7.2f} s {result.rate:>9.0f} events/s",
+            f"{broker:<14} {result.events:>7} events {result.seconds:>7.2f} s "
+            f"{result.rate:>9.0f} events/s",
             flush=True,
         )
         results.append(result)
 
     print("\nrelay throughput, backlog to all confirmed")
-    print(f"{'broker':<10} {'events':>7} {'seconds':>8} {'events/s':>9}")
+    print(f"{'broker':<14} {'events':>7} {'seconds':>8} {'events/s':>9}")
     for result in results:
-        print(f"{result.broker:<10} {result.events:>7} {result.seconds:>8.2f} {result.rate:>9.0f}")
+        print(f"{result.broker:<14} {result.events:>7} {result.seconds:>8.2f} {result.rate:>9.0f}")
+    for broker, reason in failures.items():
+        print(f"{broker:<14} failed: {reason}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -312,12 +348,15 @@ def main() -> None:
                     }
                     for r in results
                 ],
+                "failed": failures,
             },
             indent=2,
         )
         + "\n"
     )
     print(f"\nwritten to {RESULTS}")
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from producers import PacedProducers, PublishedCounter, insert_backlog, pending
 from raw_publisher import run_in_child as raw_publisher_child
 from relay_process import RelayProcess
 
+from outbox_relay.queries import Queries
+
 # A shared service restarting mid-phase (other engineers' disruptive tests) surfaces as one of
 # these; the phase is then run again.
 INTERRUPTIONS = (
@@ -330,6 +332,7 @@ class Bench:
                 counter.wait_for(base + len(committed), timeout=60)
                 cpu = meter.stop()
                 confirmed_at = relay.stop()
+                steps = relay.steps
             arrived = consumer.finish(len(committed), timeout=30)
         finally:
             consumer.kill()
@@ -350,6 +353,8 @@ class Bench:
             "commit_to_confirm_ms": _summary(to_confirm),
             "commit_to_receipt_ms": _summary(to_receipt),
             "cpu_percent": cpu,
+            # Round trips the relay made (calls) and the time they took, over the whole run.
+            "relay_steps": steps,
         }
         confirm = result["commit_to_confirm_ms"]
         assert isinstance(confirm, dict)
@@ -374,14 +379,20 @@ class Bench:
             if reset_needed:
                 reset()
             meter = CpuMeter(self._relay_pids, self.env.database).start()
-            tps = run_pgbench(
-                self.env.database_url,
-                table,
-                clients=self.sizes.clients,
-                seconds=self.sizes.pgbench_seconds,
-                aggregates=10_000,
-            )
+            with self.counting_notifications() as notifications:
+                tps = run_pgbench(
+                    self.env.database_url,
+                    table,
+                    clients=self.sizes.clients,
+                    seconds=self.sizes.pgbench_seconds,
+                    aggregates=10_000,
+                )
             run = {"table": table, "tps": round(tps, 1), "cpu_percent": meter.stop()}
+            if table == "outbox":
+                # The share of producer transactions that paid for a NOTIFY.
+                rang = notifications()
+                run["notifications"] = rang
+                run["notifying_share"] = round(rang / (tps * self.sizes.pgbench_seconds), 3)
             if during is not None:
                 run.update(during())
             return run
@@ -441,33 +452,46 @@ class Bench:
 
     @contextmanager
     def forced_notify(self) -> Iterator[None]:
-        """Worst case: a listener that says it is idle for the whole run, so every insert
-        NOTIFYs (what a relay that is always idle-listening would cost producers)."""
-        stop = threading.Event()
-        listener = psycopg.connect(self.env.database_url, autocommit=True)
-        listener.execute('LISTEN "outbox_relay_v1.public"')
+        """Worst case: the wake-up row says a relay is idle-listening for the whole run, so every
+        insert NOTIFYs (measure()'s listener receives them)."""
         sql(
             self.env,
             "INSERT INTO outbox_relay_wakeup (singleton, listening_until)"
             " VALUES (true, now() + interval '1 hour')",
         )
+        try:
+            yield
+        finally:
+            sql(self.env, "DELETE FROM outbox_relay_wakeup")
+
+    @contextmanager
+    def counting_notifications(self) -> Iterator[Callable[[], int]]:
+        """LISTEN on the relay's channel and count what producers send: one notification per
+        transaction that rang (PostgreSQL folds duplicates only within a transaction)."""
+        channel = Queries("public").notify_channel
+        listener = psycopg.connect(self.env.database_url, autocommit=True)
+        listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+        stop = threading.Event()
         received = [0]
 
         def drain() -> None:
-            while not stop.is_set():
+            # After stop, keep reading until 0.2 s pass without one: deliveries lag commits.
+            while True:
+                got = 0
                 for _ in listener.notifies(timeout=0.2):
-                    received[0] += 1
+                    got += 1
+                received[0] += got
+                if stop.is_set() and not got:
+                    return
 
         thread = threading.Thread(target=drain, name="bench-listener")
         thread.start()
         try:
-            yield
+            yield lambda: received[0]
         finally:
             stop.set()
-            thread.join(10)
+            thread.join(30)
             listener.close()
-            sql(self.env, "DELETE FROM outbox_relay_wakeup")
-            log(f"forced-notify listener received {received[0]} notifications")
 
     @contextmanager
     def running_relay(self) -> Iterator[Callable[[], dict[str, Any]]]:
@@ -636,7 +660,10 @@ def render_table(results: dict[str, Any]) -> str:
             target = f"{run['overhead_pct_vs_plain_relay_busy']:+.1f}% vs (a') (same contention)"
         value = f"{run['tps']:,.0f} tx/s"
         if name != "plain":
-            value += f" ({run['overhead_pct_vs_plain']:+.1f}% overhead)"
+            value += f" ({run['overhead_pct_vs_plain']:+.1f}% overhead"
+            if "notifying_share" in run:
+                value += f", {run['notifying_share']:.0%} of tx NOTIFY"
+            value += ")"
         add(f"5. pgbench {producer['clients']}c {label}", value, target)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     header = ("measurement", "result", "target")

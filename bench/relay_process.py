@@ -62,13 +62,26 @@ class ConfirmClock:
 
 
 class Stopwatch:
-    """Time spent in the relay's three steps, to explain its throughput: claiming rows,
-    publishing them (send + wait for confirms) and settling them (mark sent + commit).
+    """Time spent in the relay's steps, to explain its throughput: claiming rows, publishing
+    them (send + wait for confirms) and settling them (mark sent + commit); and, for latency,
+    the idle path (commits, asking producers to ring, waiting for in-progress writers).
 
     The store's methods are wrapped in this bench process only; the relay is unchanged. With
     pipelined batches the steps overlap, so their sum may exceed the wall time."""
 
-    STEPS = (("claim", OutboxStore, "claim"), ("settle", OutboxStore, "settle"))
+    # The idle-path steps explain latency: each is a round trip (most with a commit).
+    STEPS = tuple(
+        (name, OutboxStore, name)
+        for name in (
+            "claim",
+            "settle",
+            "commit",
+            "start_listening",
+            "stop_listening",
+            "all_ended",
+            "next_retry_in",
+        )
+    )
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

@@ -39,6 +39,7 @@ from outbox_relay.errors import (
     DatabaseUnavailableError,
     InvalidEventError,
     ReplicationError,
+    ReplicationPrivilegeError,
     SlotInUseError,
     SlotNotFoundError,
 )
@@ -68,10 +69,16 @@ T = TypeVar("T")
 
 HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
 READ_TIMEOUT = 0.2  # also bounds how long stop() waits for the worker thread
+GATHER_TIMEOUT = 0.005
 MAX_FRAMES = 20_000  # per hop to the worker thread
 STATUS_EVERY = 10.0  # well inside the server's wal_sender_timeout (60 s by default)
 STATUS_MIN_GAP = 1.0
 HOUSEKEEPING_EVERY = 60.0
+# The table path runs when the CDC path held rows back, when a retry is due (checked every
+# --poll-interval, one cheap indexed query), and at least this often for rows made pending
+# without an insert (`dead retry`). Sweeping every poll interval regardless would claim the rows
+# the WAL is about to deliver and slow the stream down.
+SAFETY_SWEEP_EVERY = 30.0
 
 Publish = Callable[[Sequence[OutboxMessage]], Awaitable[None]]
 DrainTable = Callable[[], Awaitable[None]]
@@ -300,6 +307,11 @@ class CdcSource:
         while not stopping.is_set():
             try:
                 created = await self._call(self._open_stream)
+            except ReplicationPrivilegeError as exc:
+                raise ReplicationPrivilegeError(
+                    f"{exc}; --mode cdc needs a role with the REPLICATION attribute: "
+                    "ALTER ROLE <role> REPLICATION"
+                ) from exc
             except SlotInUseError as exc:
                 await self._call(self._close_stream)
                 if not said_standby:
@@ -346,13 +358,20 @@ class CdcSource:
         now = time.monotonic()
         last_status = last_activity = last_heartbeat = now
         sent = 0
-        next_sweep = now + self._settings.poll_interval
+        next_sweep = now + SAFETY_SWEEP_EVERY
+        next_retry_check = now + self._settings.poll_interval
         next_housekeeping = now + HOUSEKEEPING_EVERY
         while not stopping.is_set():
             tick()
             frames = await self._call(self._read_frames, READ_TIMEOUT)
             for frame, message in frames:
                 tracker.feed(frame, message)
+            if frames and tracker.ready_ids < self._settings.batch_size:
+                # Events are flowing: a few more milliseconds usually bring more transactions,
+                # and one bigger batch costs far fewer round trips than several small ones.
+                frames = await self._call(self._read_frames, GATHER_TIMEOUT)
+                for frame, message in frames:
+                    tracker.feed(frame, message)
             buffer_drained = len(frames) < MAX_FRAMES
             if tracker.ready and (buffer_drained or tracker.ready_ids >= self._settings.batch_size):
                 transactions = tracker.take_ready()
@@ -377,9 +396,14 @@ class CdcSource:
             if now - last_activity >= heartbeat_every and now - last_heartbeat >= heartbeat_every:
                 await self._store.heartbeat(HEARTBEAT_PREFIX)
                 last_heartbeat = now
+            if now >= next_retry_check:
+                retry_in = await self._store.next_retry_in()
+                if retry_in is not None and retry_in <= 0:
+                    next_sweep = now
+                next_retry_check = now + self._settings.poll_interval
             if now >= next_sweep:
                 await drain_table()
-                next_sweep = time.monotonic() + self._settings.poll_interval
+                next_sweep = time.monotonic() + SAFETY_SWEEP_EVERY
             if now >= next_housekeeping:
                 await self._store.housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_EVERY

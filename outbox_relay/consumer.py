@@ -335,6 +335,9 @@ class Worker:
             migrate=settings.migrate_inbox,
         )
         self.ready = threading.Event()  # set while consuming
+        # time.monotonic() of the consume loop's last turn (at least every 0.5 s unless a
+        # handler runs): the health endpoint's /livez.
+        self.heartbeat = time.monotonic()
         # The live broker connection, for handlers and tests running on the worker's thread.
         self.connection: BlockingConnection | None = None
         self._stopping = threading.Event()
@@ -420,6 +423,7 @@ class Worker:
                 if method is not None:
                     with self._handling(method, properties):
                         self._handle(channel, method, properties, body)
+                self.heartbeat = time.monotonic()
                 self._maybe_cleanup()
                 if self._stopping.is_set():
                     break

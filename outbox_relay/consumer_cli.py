@@ -235,6 +235,14 @@ def consume(
             help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics.",
         ),
     ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            envvar=f"{ENV}HEALTH_PORT",
+            help="Serve /livez and /readyz (consuming from the broker) on this port.",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker: handle events from QUEUE exactly once (inbox), retry, dead-letter; stop on SIGTERM."""
     from outbox_relay.cli import _setup_logging, parse_duration
@@ -265,7 +273,10 @@ def consume(
     # Tracing (OTEL_* variables) and metrics; the handler runs in a span continuing the relay's.
     observability = ConsumerObservability(queue, metrics_port=metrics_port)
     try:
-        consumer.run(settings, hooks=observability.hooks)
+        worker = consumer.worker(settings, hooks=observability.hooks)
+        observability.serve_health(worker, health_port)
+        with worker.stop_on_signals():
+            worker.run()
     finally:
         observability.close()
 

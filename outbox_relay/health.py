@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -105,3 +106,28 @@ class HealthServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+class HealthThread:
+    """A :class:`HealthServer` on a thread with its own event loop, for the (synchronous)
+    consumer worker. Only ``/livez`` staleness reveals a stuck worker there."""
+
+    def __init__(self, server: HealthServer) -> None:
+        self._server = server
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        """Listen; raises ConfigError here when the port is taken."""
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(timeout=10)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        done = asyncio.run_coroutine_threadsafe(self._server.close(), self._loop)
+        with contextlib.suppress(Exception):
+            done.result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack
 from typing import TYPE_CHECKING, Any
 
-from outbox_relay.health import HealthServer
+from outbox_relay.health import HealthServer, HealthThread
 from outbox_relay.hooks import CompositeHooks, RelayHooks
 from outbox_relay.metrics import Backlog, BacklogSampler, ConsumerMetrics, RelayMetrics
 from outbox_relay.metrics import configure_metrics as _configure_metrics
@@ -22,7 +22,7 @@ from outbox_relay.tracing import INSTRUMENTATION, ConsumerTracing, RelayTracing,
 if TYPE_CHECKING:
     from pika.spec import Basic, BasicProperties
 
-    from outbox_relay.consumer import ConsumerHooks, Event
+    from outbox_relay.consumer import ConsumerHooks, Event, Worker
     from outbox_relay.relay import Relay
     from outbox_relay.settings import RelaySettings
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RELAY_SERVICE = "outbox-relay"
 CONSUMER_SERVICE = "outbox-relay-consumer"
+CONSUMER_STALE_AFTER = 300.0
 
 
 def liveness_timeout(settings: RelaySettings) -> float:
@@ -162,8 +163,26 @@ class ConsumerObservability:
                 ConsumerMetrics(self.meter_provider.get_meter(INSTRUMENTATION), queue=queue)
             )
         self.hooks: ConsumerHooks | None = CompositeConsumerHooks(hooks) if hooks else None
+        self._health: HealthThread | None = None
+
+    def serve_health(self, worker: Worker, port: int | None) -> None:
+        """/readyz while the worker consumes; /livez until its loop stalls for 5 minutes (a
+        handler may legitimately run that long)."""
+        if port is None:
+            return
+        self._health = HealthThread(
+            HealthServer(
+                port,
+                ready=worker.ready.is_set,
+                heartbeat=lambda: worker.heartbeat,
+                stale_after=CONSUMER_STALE_AFTER,
+            )
+        )
+        self._health.start()
 
     def close(self) -> None:
+        if self._health is not None:
+            self._health.close()
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:

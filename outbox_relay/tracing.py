@@ -187,7 +187,7 @@ def parse_traceparent(headers: Mapping[str, Any]) -> SpanContext | None:
         trace_id,
         span_id,
         is_remote=True,
-        trace_flags=TraceFlags(flags & TraceFlags.SAMPLED),
+        trace_flags=_SAMPLED if flags & TraceFlags.SAMPLED else _NOT_SAMPLED,
         trace_state=TraceState.from_header([state]) if state else None,
     )
 

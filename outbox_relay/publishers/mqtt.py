@@ -4,11 +4,11 @@ Topic = ``<prefix>/<event type with dots as slashes>`` (``events/order/created``
 is driven by the relay's own asyncio loop (paho's external-loop hooks: add_reader / add_writer and
 a periodic ``loop_misc``), not by a network thread of its own: no lock handoff per message, and
 every callback runs on the relay's loop. A whole batch is handed to paho before any PUBACK is
-awaited (paho keeps up to ``max_in_flight`` unacknowledged, within the
-broker's receive maximum). With MQTT 5, headers travel as user properties and a PUBACK reason code
-says whether the broker took the message: "no matching subscribers" is treated like RabbitMQ's
-unroutable (failed, retried, dead after --max-attempts); refusals (not authorized, quota, packet
-too large, ...) fail the event. MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell.
+awaited (paho keeps up to ``max_in_flight``, 5,000, unacknowledged). With MQTT 5, headers
+travel as user properties and a PUBACK reason code says whether the broker took the message:
+"no matching subscribers" is treated like RabbitMQ's unroutable (failed, retried, dead after
+--max-attempts); refusals (not authorized, quota, packet too large, ...) fail the event.
+MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell.
 
 URL: ``mqtt[s]://[user:password@]host[:port][?version=3.1.1&client_id=...]``.
 """

@@ -6,9 +6,12 @@ slot, and the slot's status / drop commands.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 
+import psycopg
 import pytest
+from psycopg import conninfo, sql
 
 from tests.acceptance.conftest import (
     DeliveryReport,
@@ -227,3 +230,32 @@ def emit_cli(env: dict[str, str], event_type: str, aggregate_id: str) -> str:
     done = run_cli("emit", event_type, "--aggregate-id", aggregate_id, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def test_a_role_without_replication_gets_a_clear_error_naming_the_fix(
+    cdc_env: dict[str, str], database_url: str
+) -> None:
+    migrated = run_cli("migrate", "--cdc", env=cdc_env)  # as the superuser: publication and slot
+    assert migrated.returncode == 0, migrated.stderr
+    role = f"outbox_norepl_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOREPLICATION").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}"
+            ).format(sql.Identifier(role))
+        )
+    try:
+        env = {
+            **cdc_env,
+            "OUTBOX_RELAY_DATABASE_URL": conninfo.make_conninfo(database_url, user=role),
+        }
+        done = run_cli("serve", env=env, timeout=60)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+    assert done.returncode == 3, done.stderr
+    assert "ALTER ROLE <role> REPLICATION" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -77,6 +77,8 @@ def get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""  # not listening (yet)
 
 
 def test_one_trace_runs_through_emit_relay_and_consumer_processes(
@@ -207,32 +209,53 @@ def test_metrics_endpoint_serves_real_values_and_probes_answer(
 
 @pytest.mark.disruptive
 def test_readyz_turns_unready_within_5s_of_the_broker_going_down_and_recovers(
-    database_url: str,
-    broker_url: str,
-    exchange: str,
+    env: ConsumerEnv,
     relay_factory: Callable[..., RelayProcess],
+    tmp_path: Path,
 ) -> None:
-    health_port = free_port()
+    relay_port, consumer_port = free_port(), free_port()
     variables = cli_env(
-        database_url=database_url,
-        broker_url=broker_url,
-        exchange=exchange,
+        database_url=env.database_url,
+        broker_url=env.broker_url,
+        exchange=env.exchange,
         poll_interval=0.2,
-        health_port=health_port,
     )
-    relay = relay_factory(variables).start()
-    relay.wait_for_log("leading")
-    readyz = f"http://127.0.0.1:{health_port}/readyz"
-    livez = f"http://127.0.0.1:{health_port}/livez"
-    wait_until(lambda: get(readyz)[0] == 200, timeout=30)
+    relay = relay_factory({**variables, "OUTBOX_RELAY_HEALTH_PORT": str(relay_port)}).start()
+    worker = WorkerProcess(
+        {
+            **variables,
+            "OUTBOX_RELAY_QUEUE": env.settings().queue,
+            "OUTBOX_RELAY_HEALTH_PORT": str(consumer_port),
+        },
+        tmp_path / "worker.log",
+        "--handler",
+        HANDLER,
+        "--binding",
+        "order.*",
+    )
+    probes = {
+        "relay": f"http://127.0.0.1:{relay_port}",
+        "consumer": f"http://127.0.0.1:{consumer_port}",
+    }
+
+    def all_ready(code: int) -> bool:
+        return all(get(f"{base}/readyz")[0] == code for base in probes.values())
+
     try:
-        rabbitmq_stop_app()
-        stopped = time.monotonic()
-        wait_until(lambda: get(readyz)[0] == 503, timeout=5, interval=0.1)
-        assert time.monotonic() - stopped <= 5
-        assert get(livez)[0] == 200  # degraded, not stuck: no restart wanted
+        relay.wait_for_log("leading")
+        wait_until(lambda: all_ready(200), timeout=30)
+        try:
+            rabbitmq_stop_app()
+            stopped = time.monotonic()
+            wait_until(lambda: all_ready(503), timeout=5, interval=0.1)
+            assert time.monotonic() - stopped <= 5
+            for base in probes.values():  # degraded, not stuck: no restart wanted
+                assert get(f"{base}/livez")[0] == 200
+        finally:
+            rabbitmq_start_app()
+        wait_until(lambda: all_ready(200), timeout=60, interval=0.2)
+        assert worker.running(), worker.log()
     finally:
-        rabbitmq_start_app()
-    wait_until(lambda: get(readyz)[0] == 200, timeout=60, interval=0.2)
-    assert relay.running
+        exit_code = worker.stop()
+    assert exit_code == 0, worker.log()
     assert relay.terminate() == 0

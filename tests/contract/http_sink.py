@@ -55,6 +55,10 @@ class HttpSink:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a real endpoint would
+            # One write per response, sent at once: headers and body in separate small
+            # writes would meet Nagle + delayed ACK and cost 40 ms a request.
+            wbufsize = 64 * 1024
+            disable_nagle_algorithm = True
 
             def setup(self) -> None:
                 super().setup()

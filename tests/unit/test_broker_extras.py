@@ -12,6 +12,7 @@ from outbox_relay.publishers.mqtt import MqttPublisher, mqtt_topic
 from outbox_relay.publishers.nats import NatsPublisher
 from outbox_relay.publishers.redis_streams import RedisStreamsPublisher
 from outbox_relay.publishers.webhook import WebhookPublisher, sign, verdict
+from outbox_relay.settings import RelaySettings
 
 SCHEMES = {
     "nats://127.0.0.1:4222": NatsPublisher,
@@ -106,3 +107,25 @@ def test_webhook_signature_is_hmac_sha256_of_the_body() -> None:
     assert sign("secret", b'{"a":1}') == (
         "sha256=aa9e2e3575f5d7098b6caccd790888c36d5fdb63342a73bada2d6a51747a8494"
     )
+
+
+def test_relay_settings_pass_the_broker_options_to_the_publisher() -> None:
+    options = {
+        "topic_prefix": "shop",
+        "nats_stream": "SHOP",
+        "redis_stream_mode": "single",
+        "redis_maxlen": 10_000,
+        "mqtt_qos": 2,
+        "webhook_secret": "s3cret-value",
+        "webhook_timeout": 3.0,
+        "webhook_batch": True,
+    }
+    settings = RelaySettings(
+        database_url="postgresql://localhost/app", broker_url="nats://localhost", **options
+    )
+
+    publisher_settings = settings.publisher_settings()
+
+    assert {name: getattr(publisher_settings, name) for name in options} == options
+    assert "s3cret-value" not in repr(settings)
+    assert "s3cret-value" not in repr(publisher_settings)

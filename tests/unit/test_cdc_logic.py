@@ -19,6 +19,7 @@ from outbox_relay.pgoutput import (
     ValueKind,
     XLogData,
 )
+from outbox_relay.wal_events import WalEvent
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 OUTBOX, OTHER = 16384, 16400
@@ -120,3 +121,25 @@ def test_a_retried_row_belongs_to_the_table_path_and_holds_later_ones() -> None:
 
 def test_a_pending_event_with_a_larger_id_does_not_hold_back() -> None:
     assert ids_of(select_publishable([5], [message(5, "a")], {"a": 9})) == [5]
+
+
+def test_events_written_to_the_wal_join_their_transaction_in_order() -> None:
+    tracker = TransactionTracker("public")
+    event = b'{"event_type": "order.paid", "payload": {"n": 2}}'
+    feed(
+        tracker,
+        relation(OUTBOX, "public", "outbox"),
+        *txn(
+            300,
+            insert(OUTBOX, 1),
+            LogicalMessage(True, 310, "outbox_relay.public", event),
+            LogicalMessage(True, 320, "outbox_relay.billing", event),  # another schema's
+            LogicalMessage(True, 330, "outbox_relay.public", b"broken"),  # logged, skipped
+        ),
+    )
+
+    (done,) = tracker.take_ready()
+    first, second = done.ids
+    assert first == 1
+    assert isinstance(second, WalEvent)
+    assert (second.event_type, second.payload, second.created_at) == ("order.paid", '{"n": 2}', NOW)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from outbox_relay.consumer import Event
-from outbox_relay.health import HealthServer
+from outbox_relay.health import HealthServer, HealthThread
 from outbox_relay.hooks import CompositeHooks, NoRelayHooks
 from outbox_relay.messages import CONFIRMED, OutboxMessage, failed
 from outbox_relay.metrics import Backlog, ConsumerMetrics, RelayMetrics, failure_reason
@@ -80,6 +82,19 @@ def test_relay_metrics_count_what_the_broker_said() -> None:
         "messaging.system": "rabbitmq",
         "messaging.destination.name": "events",
     }
+
+
+def test_a_big_wave_records_a_bounded_sample_of_its_lag() -> None:
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("t")
+    hooks = RelayMetrics(meter, system="rabbitmq", destination="events", backlog=Backlog())
+    wave = [message(n, age=1000 - n) for n in range(1000)]
+    hooks.after_publish(wave, [CONFIRMED] * 1000, 0.05)
+    got = points(reader)
+    assert [p.value for p in got["outbox_relay.events.published"]] == [1000]
+    (lag,) = got["outbox_relay.delivery.lag"]
+    assert 64 <= lag.count <= 70
+    assert lag.max >= 999  # the oldest event is always in the sample
 
 
 def test_backlog_gauges_report_nothing_before_the_first_sample() -> None:
@@ -209,3 +224,19 @@ def test_health_server_answers_http_on_its_own_loop() -> None:
     assert live.startswith(b"HTTP/1.1 200 OK\r\n")
     assert ready.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert json.loads(ready.split(b"\r\n\r\n", 1)[1]) == {"status": "not ready"}
+
+
+def test_health_thread_serves_the_synchronous_consumer() -> None:
+    server = HealthServer(
+        0, ready=lambda: True, heartbeat=time.monotonic, stale_after=30, host="127.0.0.1"
+    )
+    thread = HealthThread(server)
+    thread.start()
+    url = f"http://127.0.0.1:{server.port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as got:
+            assert (got.status, json.loads(got.read())) == (200, {"status": "ready"})
+    finally:
+        thread.close()
+    with pytest.raises(urllib.error.URLError, match="refused"):
+        urllib.request.urlopen(url, timeout=5)
