@@ -96,6 +96,15 @@ class RelaySettings:
     wal_message_prefix: str | None = None  # None: outbox_relay.<schema>
 
     def __post_init__(self) -> None:
+        # Accept the enums' string values from code too ("notify" as well as Mode.NOTIFY).
+        for name, enum_type in (("mode", Mode), ("on_sent", OnSent)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_type(value))
+            except ValueError:
+                choices = ", ".join(member.value for member in enum_type)
+                option = "--" + name.replace("_", "-")
+                raise ConfigError(f"{option}: {value!r} is not one of {choices}") from None
         check_database_url(self.database_url)
         check_schema_name(self.schema)
         positive = {

@@ -148,6 +148,9 @@ class OutboxStore:
 
     async def settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
         """Mark the confirmed rows sent and record failures, then commit. Returns dead-lettered."""
+        if not failures:
+            await self._settle_all_sent(sent)
+            return 0
         dead = 0
         if sent:
             query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
@@ -169,6 +172,19 @@ class OutboxStore:
             await self._fetch("count_published", {"published": len(sent), "dead": dead})
         await self.commit()
         return dead
+
+    async def _settle_all_sent(self, sent: Sequence[int]) -> None:
+        """The common case in one round trip: mark, count and commit sent through libpq's
+        pipeline mode instead of waiting for each statement."""
+        query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
+        conn = self._connection()
+        async with translate_errors(self._where), conn.pipeline():
+            if sent:
+                await conn.execute(self._queries[query], {"ids": list(sent)})
+                await conn.execute(
+                    self._queries["count_published"], {"published": len(sent), "dead": 0}
+                )
+            await conn.commit()
 
     async def start_listening(self, seconds: float) -> list[int]:
         """Ask producers to NOTIFY; returns the transactions that may not have seen the request."""
