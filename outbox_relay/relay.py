@@ -36,6 +36,11 @@ TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
 
 
+def _resolve(future: asyncio.Future[bool] | None, value: bool) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
 class Relay:
     def __init__(
         self, settings: RelaySettings, publisher: Publisher, hooks: RelayHooks | None = None
@@ -173,8 +178,10 @@ class Relay:
         event can never overtake a failed one of its aggregate.
         """
         in_flight: deque[asyncio.Task[bool]] = deque()
-        # Row ids of the batch in flight on the other lane, which the next claim passes over.
+        # Row ids of the batch in flight on the other lane, which the next claim passes over,
+        # and whether it has been published, which the next batch waits for.
         in_flight_ids: list[int] = []
+        last_published: asyncio.Future[bool] | None = None
         turn = 0
         next_housekeeping = time.monotonic()
         try:
@@ -201,8 +208,13 @@ class Relay:
                     if self._listening:
                         await store.stop_listening(commit=False)  # commits with the batch
                         self._listening = False
-                    after = in_flight[-1] if in_flight else None
-                    in_flight.append(asyncio.ensure_future(self._relay_batch(store, batch, after)))
+                    after = last_published if in_flight else None
+                    last_published = asyncio.get_running_loop().create_future()
+                    in_flight.append(
+                        asyncio.ensure_future(
+                            self._relay_batch(store, batch, after, last_published)
+                        )
+                    )
                     in_flight_ids = [message.id for message in batch]
                     turn = (turn + 1) % len(self._lanes)
                     continue
@@ -280,18 +292,27 @@ class Relay:
         self,
         store: OutboxStore,
         batch: Sequence[OutboxMessage],
-        after: asyncio.Task[bool] | None,
+        after: asyncio.Future[bool] | None = None,
+        published: asyncio.Future[bool] | None = None,
     ) -> bool:
-        """Publish and settle one claimed batch; True when the broker confirmed all of it."""
+        """Publish and settle one claimed batch; True when the broker confirmed all of it.
+
+        ``after`` resolves once the previous batch is published (True: all of it confirmed);
+        ``published`` is resolved the same way for the next batch, before this one settles.
+        """
         started = time.perf_counter()
         try:
             if after is not None and not await asyncio.shield(after):
                 await store.rollback()  # released: claimed next to a batch that did not all go
+                _resolve(published, False)
                 return False
             results = await self._publish_in_order(batch)
         except BaseException:
+            _resolve(published, False)
             await store.rollback()
             raise
+        clean = len(results) == len(batch) and all(result.confirmed for _m, result in results)
+        _resolve(published, clean)
         sent = [message.id for message, result in results if result.confirmed]
         failures = [
             Failure(message.id, result.reason or "not confirmed", result.permanent)
@@ -326,7 +347,7 @@ class Relay:
                 "seconds": round(time.perf_counter() - started, 4),
             },
         )
-        return not failures and len(results) == len(batch)
+        return clean
 
     async def _publish_in_order(
         self, batch: Sequence[OutboxMessage]
