@@ -64,7 +64,7 @@ def main() -> int:
             chunk = 100
             for done in range(0, args.writes, chunk):
                 conn.execute(
-                    "INSERT INTO busy SELECT g, repeat('x', 500) FROM generate_series(%s, %s) g",
+                    "INSERT INTO busy SELECT g, repeat('x', 500) FROM generate_series(%s::bigint, %s::bigint) g",
                     (done, done + chunk - 1),
                 )
                 # Pace the writes evenly over the whole idle period.

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 def bucket(database_url: str, aggregate_id: str) -> int:
-    """The ordering-lock bucket of an aggregate (see outbox_order_v1 in the migration)."""
+    """The ordering-lock bucket of an aggregate (see outbox_before_insert_v2 in the migrations)."""
     value: int = scalar(database_url, "SELECT hashtext(%s) & 1023", (aggregate_id,))
     return value
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
+from outbox_relay.migrations import latest_version
 from outbox_relay.status import OutboxStatus, read_status
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, collect, relay_settings, scalar
@@ -31,7 +32,7 @@ def insert(database_url: str, event_type: str, aggregate_id: str, age_seconds: f
 def test_backlog_and_lag_while_no_relay_runs(database_url: str) -> None:
     assert status_of(database_url) == OutboxStatus(
         schema="public",
-        schema_version=1,
+        schema_version=latest_version(),
         pending=0,
         oldest_pending_age_seconds=0.0,
         retrying=0,
