@@ -117,6 +117,7 @@ def _otlp_metric_exporter() -> Any:
         if otlp_protocol("metrics") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         else:
+            # The gRPC and HTTP exporters are distinct classes with one interface; either is the exporter.
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
                 OTLPMetricExporter,
             )

@@ -132,6 +132,7 @@ def _otlp_span_exporter() -> Any:
         if otlp_protocol("traces") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         else:
+            # The gRPC and HTTP exporters are distinct classes with one interface; either is the exporter.
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
                 OTLPSpanExporter,
             )
@@ -571,6 +572,7 @@ class ConsumerTracing:
     ) -> AbstractContextManager[object]:
         """The span one delivery is handled in (called by the worker around each message)."""
         headers = properties.headers or {}
+        # AMQP headers are a dict of AMQP values, not the str carrier the stubs declare.
         parent = propagate.extract(headers, getter=_GETTER)  # type: ignore[arg-type]
         event_type = properties.type or method.routing_key
         attributes: dict[str, Any] = {

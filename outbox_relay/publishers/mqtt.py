@@ -216,6 +216,7 @@ class MqttPublisher:
                     continue
                 properties: Properties | None = None
                 if self.mqtt5:
+                    # paho-mqtt leaves its Properties constructor unannotated.
                     properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                     properties.ContentType = "application/json"
                     properties.PayloadFormatIndicator = 1
