@@ -171,7 +171,7 @@ class Relay:
     async def _pump(self) -> None:
         """Claim, publish and settle batches, two at a time.
 
-        Batch k+1 is claimed on the other lane (skipping batch k's locked rows) while batch k is
+        Batch k+1 is claimed on the other lane (passing over batch k's row ids) while batch k is
         published, and batch k settles while k+1 is published, so the broker never waits for the
         database. Batch k+1 is published only once every event of batch k is confirmed: if any
         was not, k+1 is released unpublished and the next claim waits for k to settle, so a later
@@ -186,11 +186,7 @@ class Relay:
         next_housekeeping = time.monotonic()
         try:
             while not self._stop.is_set():
-                self.heartbeat = time.monotonic()
-                if not self._publisher.is_healthy():
-                    # Noticed even while idle, so the relay reconnects (and /readyz recovers)
-                    # without waiting for the next event to fail.
-                    raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
+                self._tick()
                 # This lane's previous batch must have settled before it claims again.
                 if len(in_flight) == self._max_in_flight and not await in_flight.popleft():
                     await self._drain(in_flight)
@@ -398,6 +394,8 @@ class Relay:
         await self._store.commit()
 
     def _tick(self) -> None:
+        """A sign of life for /livez, and a lost broker noticed even while idle, so the relay
+        reconnects (and /readyz recovers) without waiting for the next event to fail."""
         self.heartbeat = time.monotonic()
         if not self._publisher.is_healthy():
             raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
