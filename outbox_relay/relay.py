@@ -24,7 +24,7 @@ from outbox_relay.cdc import CdcSource
 from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
 from outbox_relay.hooks import CompositeHooks, RelayHooks
 from outbox_relay.messages import OutboxMessage, PublishResult
-from outbox_relay.ordering import plan_waves
+from outbox_relay.ordering import AggregateChains, LinkedBatch, publish_in_order
 from outbox_relay.publishers.base import Publisher
 from outbox_relay.settings import Mode, RelaySettings
 from outbox_relay.store import Failure, OutboxStore
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
-
-
-def _resolve(future: asyncio.Future[bool] | None, value: bool) -> None:
-    if future is not None and not future.done():
-        future.set_result(value)
 
 
 class Relay:
@@ -58,7 +53,7 @@ class Relay:
         self._lanes = (self._store, OutboxStore(settings, role="lane2"))
         # At most --batch-size rows are in flight (claimed, not yet settled) so that a relay
         # killed at any moment publishes at most that many twice: two halves, one per lane.
-        self._max_in_flight = 2 if settings.batch_size >= 2 else 1
+        self._max_in_flight = min(len(self._lanes), settings.batch_size)
         self._claim_size = settings.batch_size // self._max_in_flight
         self._waker = (
             Waker(
@@ -172,31 +167,35 @@ class Relay:
         """Claim, publish and settle batches, two at a time.
 
         Batch k+1 is claimed on the other lane (passing over batch k's row ids) while batch k is
-        published, and batch k settles while k+1 is published, so the broker never waits for the
-        database. Batch k+1 is published only once every event of batch k is confirmed: if any
-        was not, k+1 is released unpublished and the next claim waits for k to settle, so a later
-        event can never overtake a failed one of its aggregate.
+        published, and goes on the wire at once, behind k: an event waits only for the previous
+        event of its aggregate still in flight (see outbox_relay.ordering), so the broker always
+        has work. A lane claims again once its previous batch has settled. If a batch was not all
+        confirmed, everything in flight settles before the next claim, which then sees the failed
+        events backing off in the table and holds their aggregates back.
         """
         in_flight: deque[asyncio.Task[bool]] = deque()
-        # Row ids of the batch in flight on the other lane, which the next claim passes over,
-        # and whether it has been published, which the next batch waits for.
-        in_flight_ids: list[int] = []
-        last_published: asyncio.Future[bool] | None = None
+        chains = AggregateChains()
+        # Row ids of the batches in flight on the other lanes, which the next claim passes over.
+        in_flight_ids: deque[list[int]] = deque()
         turn = 0
         next_housekeeping = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._tick()
                 # This lane's previous batch must have settled before it claims again.
-                if len(in_flight) == self._max_in_flight and not await in_flight.popleft():
-                    await self._drain(in_flight)
+                if len(in_flight) == self._max_in_flight:
+                    in_flight_ids.popleft()
+                    if not await in_flight.popleft():
+                        await self._drain(in_flight)
+                if not in_flight:
+                    in_flight_ids.clear()
                 if not in_flight and time.monotonic() >= next_housekeeping:
                     await self._store.housekeeping()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
                 store = self._lanes[turn]
                 claimed_at = time.perf_counter()
                 batch = await store.claim(
-                    self._claim_size, in_flight=in_flight_ids if in_flight else ()
+                    self._claim_size, in_flight=[i for ids in in_flight_ids for i in ids]
                 )
                 if batch:
                     if self._hooks is not None:
@@ -204,14 +203,11 @@ class Relay:
                     if self._listening:
                         await store.stop_listening(commit=False)  # commits with the batch
                         self._listening = False
-                    after = last_published if in_flight else None
-                    last_published = asyncio.get_running_loop().create_future()
+                    linked = chains.link(batch)
                     in_flight.append(
-                        asyncio.ensure_future(
-                            self._relay_batch(store, batch, after, last_published)
-                        )
+                        asyncio.ensure_future(self._relay_batch(store, linked, chains))
                     )
-                    in_flight_ids = [message.id for message in batch]
+                    in_flight_ids.append([message.id for message in batch])
                     turn = (turn + 1) % len(self._lanes)
                     continue
                 await store.commit()
@@ -285,38 +281,26 @@ class Relay:
             await self._store.start_listening(self._listening_ttl)
 
     async def _relay_batch(
-        self,
-        store: OutboxStore,
-        batch: Sequence[OutboxMessage],
-        after: asyncio.Future[bool] | None = None,
-        published: asyncio.Future[bool] | None = None,
+        self, store: OutboxStore, batch: LinkedBatch, chains: AggregateChains
     ) -> bool:
-        """Publish and settle one claimed batch; True when the broker confirmed all of it.
-
-        ``after`` resolves once the previous batch is published (True: all of it confirmed);
-        ``published`` is resolved the same way for the next batch, before this one settles.
-        """
+        """Publish and settle one claimed batch; True when the broker confirmed all of it."""
         started = time.perf_counter()
         try:
-            if after is not None and not await asyncio.shield(after):
-                await store.rollback()  # released: claimed next to a batch that did not all go
-                _resolve(published, False)
-                return False
-            results = await self._publish_in_order(batch)
-        except BaseException:
-            _resolve(published, False)
-            await store.rollback()
-            raise
-        clean = len(results) == len(batch) and all(result.confirmed for _m, result in results)
-        _resolve(published, clean)
-        sent = [message.id for message, result in results if result.confirmed]
-        failures = [
-            Failure(message.id, result.reason or "not confirmed", result.permanent)
-            for message, result in results
-            if not result.confirmed
-        ]
-        settled_at = time.perf_counter()
-        dead = await store.settle(sent, failures)
+            try:
+                results = await publish_in_order(batch.links, self._publish_wave)
+            except BaseException:
+                await store.rollback()
+                raise
+            sent = [message.id for message, result in results if result.confirmed]
+            failures = [
+                Failure(message.id, result.reason or "not confirmed", result.permanent)
+                for message, result in results
+                if not result.confirmed
+            ]
+            settled_at = time.perf_counter()
+            dead = await store.settle(sent, failures)
+        finally:
+            chains.release(batch)
         if self._hooks is not None:
             self._hooks.after_settle(sent, failures, dead, time.perf_counter() - settled_at)
         for message, result in results:
@@ -337,29 +321,14 @@ class Relay:
         log.debug(
             "batch published",
             extra={
-                "batch_size": len(batch),
+                "batch_size": len(batch.links),
                 "sent": len(sent),
                 "failed": len(failures),
+                "held_back": len(batch.links) - len(results),
                 "seconds": round(time.perf_counter() - started, 4),
             },
         )
-        return clean
-
-    async def _publish_in_order(
-        self, batch: Sequence[OutboxMessage]
-    ) -> list[tuple[OutboxMessage, PublishResult]]:
-        results: list[tuple[OutboxMessage, PublishResult]] = []
-        failed_aggregates: set[str] = set()
-        for wave in plan_waves(batch):
-            sendable = [m for m in wave if m.aggregate_id not in failed_aggregates]
-            if not sendable:
-                continue
-            outcomes = await self._publish_wave(sendable)
-            for message, result in zip(sendable, outcomes, strict=True):
-                if not result.confirmed and message.aggregate_id is not None:
-                    failed_aggregates.add(message.aggregate_id)
-                results.append((message, result))
-        return results
+        return len(sent) == len(batch.links)
 
     async def _publish_wave(self, wave: list[OutboxMessage]) -> list[PublishResult]:
         hooks = self._hooks
@@ -380,7 +349,7 @@ class Relay:
 
     async def _publish_cdc(self, batch: Sequence[OutboxMessage]) -> None:
         """Publish rows the CDC source claimed on the first lane, and settle them."""
-        await self._relay_batch(self._store, batch, None)
+        await self._relay_one(batch)
 
     async def _drain_table(self) -> None:
         """The table path in CDC mode: retries, held-back events, rows committed while no slot
@@ -390,8 +359,13 @@ class Relay:
             batch = await self._store.claim(self._settings.batch_size)
             if not batch:
                 break
-            await self._relay_batch(self._store, batch, None)
+            await self._relay_one(batch)
         await self._store.commit()
+
+    async def _relay_one(self, batch: Sequence[OutboxMessage]) -> bool:
+        """Publish and settle a batch on the first lane with nothing else in flight."""
+        chains = AggregateChains()
+        return await self._relay_batch(self._store, chains.link(batch), chains)
 
     def _tick(self) -> None:
         """A sign of life for /livez, and a lost broker noticed even while idle, so the relay

@@ -67,24 +67,23 @@ _CHUNK = 200
 
 
 class _Batch:
-    """Bookkeeping of one batch in flight: delivery tag -> position in the batch."""
+    """One publish_batch call in flight: its results, filled in as the broker settles them."""
 
-    def __init__(self, size: int) -> None:
-        self.results: list[PublishResult | None] = [None] * size
-        self.by_tag: dict[int, int] = {}
-        self.by_message_id: dict[str, int] = {}
+    def __init__(self, messages: Sequence[OutboxMessage]) -> None:
+        self.messages = messages
+        self.results: list[PublishResult | None] = [None] * len(messages)
         self.returned: dict[int, str] = {}
+        self.tags: list[int] = []
+        self.unsettled = 0
         self.done = asyncio.get_running_loop().create_future()
 
-    def settle(self, tag: int, result: PublishResult) -> None:
-        index = self.by_tag.pop(tag, None)
-        if index is None:
-            return
+    def settle(self, index: int, result: PublishResult) -> None:
         reason = self.returned.get(index)
         self.results[index] = failed(reason) if reason and result.confirmed else result
+        self.unsettled -= 1
 
     def maybe_done(self) -> None:
-        if not self.by_tag and not self.done.done():
+        if not self.unsettled and not self.done.done():
             self.done.set_result(None)
 
 
@@ -105,7 +104,11 @@ class RabbitMQPublisher:
         self._parameters.blocked_connection_timeout = settings.confirm_timeout
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
-        self._batch: _Batch | None = None
+        # Several batches may be in flight at once (the relay sends the next before the previous
+        # is confirmed). Delivery tag -> (batch, position), in tag order; message id -> the same.
+        self._unconfirmed: dict[int, tuple[_Batch, int]] = {}
+        self._by_message_id: dict[str, tuple[_Batch, int]] = {}
+        self._batches: set[_Batch] = set()
         self._next_tag = 1
         self._failure: BaseException | None = None
         self._opening: asyncio.Future[None] | None = None
@@ -148,6 +151,8 @@ class RabbitMQPublisher:
 
         self._failure = None
         self._next_tag = 1
+        self._unconfirmed.clear()
+        self._by_message_id.clear()
         self._connection = _CorkedConnection(
             self._parameters,
             on_open_callback=on_open,
@@ -193,8 +198,8 @@ class RabbitMQPublisher:
         channel = self._channel
         if channel is None or not self.is_healthy():
             raise BrokerUnavailableError("not connected to RabbitMQ") from self._failure
-        batch = _Batch(len(messages))
-        self._batch = batch
+        batch = _Batch(messages)
+        self._batches.add(batch)
         exchange = self._settings.exchange
         limit = self._settings.max_message_bytes
         connection = self._connection
@@ -246,8 +251,10 @@ class RabbitMQPublisher:
                     continue
                 except pika.exceptions.AMQPError as exc:
                     raise BrokerUnavailableError(f"RabbitMQ publish failed: {exc!r}") from exc
-                batch.by_tag[self._next_tag] = index
-                batch.by_message_id[message.event_id] = index
+                self._unconfirmed[self._next_tag] = (batch, index)
+                self._by_message_id[message.event_id] = (batch, index)
+                batch.tags.append(self._next_tag)
+                batch.unsettled += 1
                 self._next_tag += 1
             connection.uncork()
             batch.maybe_done()
@@ -257,42 +264,52 @@ class RabbitMQPublisher:
                 )
             except TimeoutError as exc:
                 raise BrokerUnavailableError(
-                    f"RabbitMQ did not confirm {len(batch.by_tag)} message(s) "
+                    f"RabbitMQ did not confirm {batch.unsettled} message(s) "
                     f"within {self._settings.confirm_timeout}s"
                 ) from exc
         finally:
             connection.uncork()
-            self._batch = None
+            self._forget(batch)
         return [result if result is not None else CONFIRMED for result in batch.results]
 
     # -- pika callbacks --------------------------------------------------------------------
 
+    def _forget(self, batch: _Batch) -> None:
+        self._batches.discard(batch)
+        for tag in batch.tags:
+            self._unconfirmed.pop(tag, None)
+        for message in batch.messages:
+            self._by_message_id.pop(message.event_id, None)
+
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        batch = self._batch
-        if batch is None:
-            return
         if isinstance(method, Basic.Ack):
             result = CONFIRMED
         else:
             result = failed("nacked by RabbitMQ (internal error or queue overflow)")
-        if method.multiple:
-            # by_tag is in ascending tag order, so the covered tags are a prefix of it.
-            covered = list(takewhile(lambda t: t <= method.delivery_tag, batch.by_tag))
-            for tag in covered:
-                batch.settle(tag, result)
-        else:
-            batch.settle(method.delivery_tag, result)
-        batch.maybe_done()
+        tag = method.delivery_tag
+        # _unconfirmed is in ascending tag order, so the tags an ack with multiple covers are
+        # a prefix of it.
+        covered = list(takewhile(tag.__ge__, self._unconfirmed)) if method.multiple else [tag]
+        touched: set[_Batch] = set()
+        for covered_tag in covered:
+            entry = self._unconfirmed.pop(covered_tag, None)
+            if entry is None:
+                continue
+            batch, index = entry
+            batch.settle(index, result)
+            touched.add(batch)
+        for batch in touched:
+            batch.maybe_done()
 
     def _on_return(
         self, _channel: Channel, method: Basic.Return, properties: BasicProperties, _body: bytes
     ) -> None:
-        batch = self._batch
-        if batch is None or properties.message_id is None:
+        if properties.message_id is None:
             return
-        index = batch.by_message_id.get(properties.message_id)
-        if index is not None:
+        entry = self._by_message_id.get(properties.message_id)
+        if entry is not None:
+            batch, index = entry
             batch.returned[index] = (
                 f"unroutable: {method.reply_code} {method.reply_text} (exchange "
                 f"{method.exchange!r}, routing key {method.routing_key!r}); bind a queue or "
@@ -304,9 +321,9 @@ class RabbitMQPublisher:
         opening = self._opening
         if opening is not None and not opening.done():
             opening.set_exception(self._describe(exc))
-        batch = self._batch
-        if batch is not None and not batch.done.done():
-            batch.done.set_exception(self._describe(exc))
+        for batch in self._batches:
+            if not batch.done.done():
+                batch.done.set_exception(self._describe(exc))
 
     def _describe(self, exc: BaseException) -> BaseException:
         if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 406:

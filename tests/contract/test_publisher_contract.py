@@ -149,6 +149,37 @@ class PublisherContract:
         got = {r.event_id for r in arrived(broker, [*good_before, *good_after])}
         assert refused[0].event_id not in got
 
+    def test_batches_published_concurrently_each_get_their_own_results(
+        self, broker: BrokerUnderTest
+    ) -> None:
+        # The relay sends the next batch before the previous one is confirmed.
+        first = make_messages(150, aggregates=["agg-1", "agg-2"])
+        refused = make_messages(1, event_type=UNROUTED, aggregates=["agg-3"], first_id=200)
+        second = make_messages(150, aggregates=["agg-4"], first_id=300)
+        third = make_messages(3, aggregates=["agg-5"], first_id=500)
+
+        async def run() -> list[list[PublishResult]]:
+            publisher = create_publisher(broker.settings())
+            await publisher.connect()
+            try:
+                calls = [
+                    publisher.publish_batch(first),
+                    publisher.publish_batch([*second[:75], *refused, *second[75:]]),
+                    publisher.publish_batch(third),
+                ]
+                return list(await asyncio.gather(*calls))
+            finally:
+                await publisher.close()
+
+        one, two, three = asyncio.run(run())
+
+        assert [r.confirmed for r in one] == [True] * 150
+        assert [r.confirmed for r in two] == [True] * 75 + [False] + [True] * 75
+        assert broker.unroutable_reason in (two[75].reason or ""), two[75]
+        assert [r.confirmed for r in three] == [True] * 3
+        got = {r.event_id for r in arrived(broker, [*first, *second, *third])}
+        assert refused[0].event_id not in got
+
     def test_a_republished_batch_is_dropped_or_carries_the_same_event_ids(
         self, broker: BrokerUnderTest
     ) -> None:
