@@ -38,6 +38,7 @@ import psycopg
 from psycopg import sql
 
 from outbox_relay.migrations import migrate
+from outbox_relay.settings import DEFAULT_BATCH_SIZE
 
 ADMIN_URL = os.environ.get(
     "OUTBOX_RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -303,7 +304,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--brokers", default=",".join(DESTINATIONS))
     args = parser.parse_args()
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]

@@ -39,6 +39,7 @@ from raw_publisher import run_in_child as raw_publisher_child
 from relay_process import RelayProcess
 
 from outbox_relay.queries import Queries
+from outbox_relay.settings import DEFAULT_BATCH_SIZE
 
 # A shared service restarting mid-phase (other engineers' disruptive tests) surfaces as one of
 # these; the phase is then run again.
@@ -684,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busy-backlog", type=int, help="backlog drained during 'relay busy'")
     parser.add_argument("--pgbench-rounds", type=int, help="rounds of plain vs outbox pgbench")
     parser.add_argument("--rate", type=int, help="paced producer rate for latency (events/s)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="relay --batch-size")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="relay --batch-size"
+    )
     parser.add_argument(
         "--admin-url",
         default=os.environ.get("OUTBOX_RELAY_TEST_DATABASE_URL", DEFAULT_ADMIN_URL),

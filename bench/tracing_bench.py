@@ -38,7 +38,7 @@ from bench_setup import EVENT_TYPE, PAYLOAD_SQL, BenchEnv, bench_env
 
 from outbox_relay.publishers import create_publisher
 from outbox_relay.relay import Relay
-from outbox_relay.settings import Mode, RelaySettings
+from outbox_relay.settings import DEFAULT_BATCH_SIZE, Mode, RelaySettings
 
 MODES = ("off", "on", "on-10%")
 # Diagnostics, not run by default: the SDK loaded and a provider running, but no hooks.
@@ -180,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"of {', '.join(MODES + EXTRA_MODES)}"
     )

@@ -25,6 +25,7 @@ from outbox_relay.errors import ConfigError, DatabaseUnavailableError, ExitCode,
 from outbox_relay.publishers import create_publisher
 from outbox_relay.redact import redact_url
 from outbox_relay.settings import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_BROKER_URL,
     DEFAULT_DATABASE_URL,
     Mode,
@@ -214,7 +215,7 @@ def serve(
             envvar=f"{ENV}BATCH_SIZE",
             help="Most rows in flight at once (claimed as two overlapping halves); a killed relay publishes at most this many twice.",
         ),
-    ] = 1000,
+    ] = DEFAULT_BATCH_SIZE,
     poll_interval: Annotated[
         float,
         typer.Option(

@@ -63,6 +63,11 @@ def check_replication_name(option: str, name: str) -> str:
     return name
 
 
+# Rows in flight: enough for the broker to stay busy (about a raw publisher's window of
+# unconfirmed messages); also the most a killed relay can publish twice.
+DEFAULT_BATCH_SIZE = 4000
+
+
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     database_url: str = field(repr=False)
@@ -70,7 +75,7 @@ class RelaySettings:
     schema: str = "public"
     mode: Mode = Mode.NOTIFY
     exchange: str = "events"
-    batch_size: int = 1000
+    batch_size: int = DEFAULT_BATCH_SIZE
     poll_interval: float = 1.0
     max_attempts: int = 10
     retry_backoff: float = 1.0

@@ -36,8 +36,10 @@ class Publisher(Protocol):
 
     A publisher pipelines: it sends the whole batch without waiting for each confirm, then waits
     for all of them. Results are returned in the order of ``messages``. Messages in one batch are
-    sent in that order. When the connection is lost mid-batch it raises
-    :class:`~outbox_relay.errors.BrokerUnavailableError`; the relay then republishes the batch.
+    sent in that order. The relay calls ``publish_batch`` again before earlier calls have
+    returned (it keeps several waves on the wire; events of separate calls need no order between
+    them), so each call must track its own confirms. When the connection is lost mid-batch it
+    raises :class:`~outbox_relay.errors.BrokerUnavailableError`; the relay then republishes.
     """
 
     @property

@@ -4,6 +4,7 @@ A batch is written to the socket in one go (``mandatory`` so unroutable messages
 ``basic.return``; ``delivery_mode=2``), then the broker's acks and nacks, which may cover many
 delivery tags at once (``multiple``), settle it. RabbitMQ sends a message's ``basic.return``
 before its ``basic.ack``, so a returned message is known to have failed by the time it is acked.
+Several batches may be in flight on the channel at once; each delivery tag maps to its batch.
 """
 
 from __future__ import annotations

@@ -104,7 +104,9 @@ class WebhookPublisher:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         self._client = httpx.AsyncClient(
-            timeout=self._settings.webhook_timeout,
+            # Waiting for one of the 64 connections is not the endpoint being slow: with
+            # thousands of events in flight, requests queue for a connection without a limit.
+            timeout=httpx.Timeout(self._settings.webhook_timeout, pool=None),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             follow_redirects=False,
         )

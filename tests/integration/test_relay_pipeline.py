@@ -96,3 +96,40 @@ def test_a_failure_in_one_batch_holds_back_its_aggregate_in_the_batch_claimed_ne
     with psycopg.connect(database_url) as conn:
         dead = conn.execute("SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL").fetchone()
     assert dead == (1,)
+
+
+def test_an_event_dead_at_once_lets_its_aggregate_go_on_in_order_across_overlapping_batches(
+    database_url: str, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
+) -> None:
+    # Given a backlog where agg-3's 7th event is too large for the broker: a permanent failure,
+    # dead-lettered at once, while later events of agg-3 are already claimed in the next batch
+    queue = bind_queue("order.*")
+    _backlog(database_url, aggregates=10, per_aggregate=30)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE outbox SET payload = payload || jsonb_build_object('pad', repeat('x', 2000))"
+            " WHERE aggregate_id = 'agg-3' AND payload->>'seq' = '6'"
+        )
+
+    # When the relay drains it with small, overlapping batches
+    settings = relay_settings(
+        database_url, broker_url, exchange, batch_size=16, max_message_bytes=1000
+    )
+    with RelayThread(settings):
+        wait_until(lambda: queue.count() == 299, timeout=60)
+        got = queue.drain()
+
+    # Then nothing overtook: every aggregate in order, agg-3 without its dead event, once each
+    seen: dict[int, list[int]] = defaultdict(list)
+    for _m, _p, body in got:
+        event = json.loads(body)
+        seen[event["agg"]].append(event["seq"])
+    assert seen.pop(3) == [s for s in range(30) if s != 6]
+    assert all(seqs == list(range(30)) for seqs in seen.values())
+    with psycopg.connect(database_url) as conn:
+        dead = conn.execute(
+            "SELECT payload->>'seq', last_error FROM outbox WHERE dead_at IS NOT NULL"
+        ).fetchall()
+    assert len(dead) == 1
+    assert dead[0][0] == "6"
+    assert "exceeds" in dead[0][1]
