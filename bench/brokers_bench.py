@@ -1,6 +1,6 @@
 """Relay throughput per broker, side by side in one run.
 
-    /work/venv/bin/python bench/brokers_bench.py [--events 20000] [--brokers rabbitmq,nats,...]
+    .venv/bin/python bench/brokers_bench.py [--events 20000] [--brokers rabbitmq,nats,...]
 
 For each broker: a fresh migrated database holding a backlog of N events (200 aggregates, about
 300-byte payloads), a fresh destination (exchange + queue bound '#', JetStream stream, Redis

@@ -1,7 +1,7 @@
 """CDC mode next to notify mode, in the same run: throughput on a backlog and latency at a rate.
 
-    /work/venv/bin/python bench/cdc_bench.py               # 20,000 events, 1,000/s for 10 s
-    /work/venv/bin/python bench/cdc_bench.py --events 5000 --seconds 5 --rate 500
+    .venv/bin/python bench/cdc_bench.py               # 20,000 events, 1,000/s for 10 s
+    .venv/bin/python bench/cdc_bench.py --events 5000 --seconds 5 --rate 500
 
 For each mode, on a fresh database, exchange and queue (bench/bench_setup.py), with
 ``outbox-relay serve`` running as a child process (its own GIL, exactly what users run):

@@ -5,7 +5,7 @@ writes; the slot's retained WAL must stay under 64 MB. This runs exactly that ag
 server (a relay `outbox-relay serve --mode cdc` as a subprocess, paced writes to another table)
 and samples `pg_replication_slots` every few seconds.
 
-    /work/venv/bin/python bench/cdc_idle_wal.py [--minutes 5] [--writes 50000]
+    .venv/bin/python bench/cdc_idle_wal.py [--minutes 5] [--writes 50000]
 """
 
 from __future__ import annotations

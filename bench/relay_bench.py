@@ -1,6 +1,6 @@
 """Relay benchmark: the relay side by side with a raw pipelined pika publisher, in one run.
 
-    /work/venv/bin/python bench/relay_bench.py [--quick]
+    .venv/bin/python bench/relay_bench.py [--quick]
 
 Creates its own database (bench_<random>, migrated) and its own exchange and durable queue (bound
 with '#'), measures, prints a table, writes bench/results/latest.json and removes what it created.

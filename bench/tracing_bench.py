@@ -15,7 +15,7 @@ confirms, in a child process of its own:
 Modes alternate (off, on, on-10%, off, ...) so a drift of the machine hits all of them; the
 median of ``--rounds`` is reported.
 
-    /work/venv/bin/python bench/tracing_bench.py [--events 50000] [--rounds 3]
+    .venv/bin/python bench/tracing_bench.py [--events 50000] [--rounds 3]
 """
 
 from __future__ import annotations
