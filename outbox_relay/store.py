@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from outbox_relay import migrations
-from outbox_relay.errors import DatabaseUnavailableError, SchemaError
+from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError
 from outbox_relay.messages import OutboxMessage
 from outbox_relay.queries import Queries
 from outbox_relay.redact import redact_url
@@ -34,15 +35,27 @@ class Failure:
     permanent: bool
 
 
+# Connection failures no retry can fix: the URL, the role or the server's configuration must
+# change. libpq reports them only as text.
+_SETTINGS_REFUSED = re.compile(
+    r"invalid \S+ value|invalid connection option|password authentication failed|"
+    r"no password supplied|role \"[^\"]*\" does not exist|database \"[^\"]*\" does not exist|"
+    r"no pg_hba\.conf entry|server does not support SSL"
+)
+
+
 @asynccontextmanager
 async def translate_errors(where: str) -> AsyncIterator[None]:
-    """Turn psycopg errors into the project's: lost connections are retryable, a missing table
-    means the schema was never migrated."""
+    """Turn psycopg errors into the project's: lost connections are retryable, a connection
+    refused for its settings is a configuration error, a missing table means the schema was
+    never migrated."""
     try:
         yield
     except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction) as exc:
         raise SchemaError(f"{exc.diag.message_primary}: run `outbox-relay migrate`") from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        if _SETTINGS_REFUSED.search(str(exc)):
+            raise ConfigError(f"--database-url: PostgreSQL at {where}: {exc}".strip()) from exc
         raise DatabaseUnavailableError(f"PostgreSQL at {where}: {exc}".strip()) from exc
 
 

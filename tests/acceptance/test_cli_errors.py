@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -95,6 +96,36 @@ def test_emit_with_invalid_json_names_the_payload_option(database_url: str) -> N
 
     assert done.returncode == EXIT_CONFIG
     assert_one_clear_error(done.stderr, "--payload")
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("?sslmode=bogus", 'invalid sslmode value: "bogus"'),
+        ("?sslmode=require", "server does not support SSL"),
+    ],
+)
+def test_serve_exits_when_the_database_refuses_the_connection_settings(
+    query: str, needle: str, database_url: str
+) -> None:
+    # Retrying cannot fix these: the relay must say so and exit, not retry forever.
+    done = run_cli("serve", env=cli_env(database_url=database_url + query))
+
+    assert done.returncode == EXIT_CONFIG
+    assert_one_clear_error(done.stderr, "--database-url")
+    assert needle in done.stderr
+
+
+def test_serve_exits_when_the_database_role_does_not_exist(database_url: str) -> None:
+    role = f"nobody_{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(database_url)
+    url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+
+    done = run_cli("serve", env=cli_env(database_url=url))
+
+    assert done.returncode == EXIT_CONFIG
+    assert_one_clear_error(done.stderr, "--database-url")
+    assert f'role "{role}" does not exist' in done.stderr
 
 
 def _closed_port() -> int:
