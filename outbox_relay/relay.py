@@ -50,7 +50,12 @@ class Relay:
         # claimed on the other, and the previous one settles; see _pump. The first lane holds
         # the leadership lock, does the idle-time work and is the one the other modules read.
         self._store = OutboxStore(settings)
-        self._lanes = (self._store, OutboxStore(settings, role="lane2"))
+        # In cdc mode the WAL feeds the first lane only; a second connection would sit idle.
+        self._lanes = (
+            (self._store,)
+            if settings.mode is Mode.CDC
+            else (self._store, OutboxStore(settings, role="lane2"))
+        )
         # At most --batch-size rows are in flight (claimed, not yet settled) so that a relay
         # killed at any moment publishes at most that many twice: two halves, one per lane.
         self._max_in_flight = min(len(self._lanes), settings.batch_size)

@@ -356,3 +356,22 @@ def test_events_written_straight_to_the_wal_are_published_with_the_same_contract
     )
     assert "skipped an invalid event written to the WAL: not JSON" in caplog.text
     assert drain(queue) == []  # other prefixes are not ours
+
+
+def test_cdc_mode_opens_no_second_claiming_connection(
+    database_url: str, cdc_relay: Callable[..., RelayThread]
+) -> None:
+    # The WAL feeds one connection; notify and poll modes claim on two (see Relay._lanes).
+    cdc_relay()
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        names = [
+            row[0]
+            for row in conn.execute(
+                "SELECT application_name FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE 'outbox-relay:%'"
+            )
+        ]
+
+    assert "outbox-relay:public" in names
+    assert "outbox-relay:public:lane2" not in names
