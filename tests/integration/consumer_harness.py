@@ -39,6 +39,14 @@ def record_effect(event: Event, db: psycopg.Connection[Any], worker: str | None 
     )
 
 
+# Retry delays (ms) the tests' consumers may use: the doubling series of every base delay the
+# tests and the CLI default start from, capped as the CLI caps them.
+_TEST_RETRY_DELAYS_MS = sorted(
+    {round(base * 2**k * 1000) for base in (0.05, 0.1, 0.2, 0.5, 1.0) for k in range(8)}
+    | {2000, 300_000}
+)
+
+
 @dataclasses.dataclass
 class ConsumerEnv:
     broker_url: str
@@ -144,13 +152,17 @@ class ConsumerEnv:
             connection.close()
 
     def cleanup(self) -> None:
-        for topology in self.topologies:
-            names = [topology.queue, topology.dead_letter_queue, *topology.retry_queues]
-            for name in names:
-                _rabbit_cleanup(self.broker_url, lambda ch, n=name: ch.queue_delete(n))
-            _rabbit_cleanup(
-                self.broker_url, lambda ch, t=topology: ch.exchange_delete(t.dead_letter_exchange)
-            )
+        def delete(channel: Any) -> None:
+            for topology in self.topologies:
+                names = [topology.queue, topology.dead_letter_queue, *topology.retry_queues]
+                # Workers started through the CLI may have used other retry delays than the
+                # settings registered here: delete every retry queue a test could have made.
+                names += [f"{topology.queue}.retry.{ms}ms" for ms in _TEST_RETRY_DELAYS_MS]
+                for name in dict.fromkeys(names):
+                    channel.queue_delete(name)  # deleting a missing queue is not an error
+                channel.exchange_delete(topology.dead_letter_exchange)
+
+        _rabbit_cleanup(self.broker_url, delete)
 
 
 def consumer_env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:
