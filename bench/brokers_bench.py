@@ -171,7 +171,7 @@ def mqtt() -> Iterator[dict[str, str]]:
     subscribed = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     client.on_subscribe = lambda *_args: subscribed.set()
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
     props.ReceiveMaximum = 65535
     parts = urlsplit(MQTT_URL)
     client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, properties=props)

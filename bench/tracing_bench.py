@@ -102,7 +102,7 @@ async def _relay_until_empty(mode: str, settings_kwargs: dict[str, Any]) -> dict
 
         exporter = DroppingExporter()
         provider = TracerProvider()  # the default sampler: parentbased_always_on
-        provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]
+        provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]  # a duck-typed exporter
         if mode != "sdk-idle":
             hooks = RelayTracing(
                 provider.get_tracer(INSTRUMENTATION),

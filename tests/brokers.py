@@ -373,7 +373,7 @@ class MqttSubscriber:
             self._ids.add(record.event_id)
 
     def _run(self) -> None:
-        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
         connect_props.SessionExpiryInterval = 600
         connect_props.ReceiveMaximum = 65535
         while not self._stopping.is_set():

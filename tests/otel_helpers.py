@@ -15,8 +15,8 @@ from opentelemetry.util._once import Once
 def _set_global_provider(provider: TracerProvider | None) -> None:
     # The API lets a process set its provider once; tests take turns, as OpenTelemetry's own
     # test utilities do.
-    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
-    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]  # private: reset between tests
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]  # private, as above
     if provider is not None:
         trace.set_tracer_provider(provider)
 

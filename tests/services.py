@@ -55,8 +55,8 @@ def provide_services() -> Iterator[Services]:
             if not _reachable(url, port)
         ]
         if missing and _docker_available():
-            from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
-            from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+            from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]  # no type hints
+            from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]  # no type hints
 
             if "PostgreSQL" in missing:
                 pg = stack.enter_context(

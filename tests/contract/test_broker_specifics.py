@@ -157,11 +157,11 @@ def test_redis_maxlen_trims_the_stream_approximately() -> None:
                 topic_prefix=prefix,
                 redis_stream_mode="single",
                 redis_maxlen=100,
-                **overrides,  # type: ignore[arg-type]
+                **overrides,  # type: ignore[arg-type]  # the contract's adapters pass typed fields
             )
 
     try:
-        [results] = publish(Adapter(), make_messages(1000))  # type: ignore[arg-type]
+        [results] = publish(Adapter(), make_messages(1000))  # type: ignore[arg-type]  # a duck-typed adapter
         assert all(r.confirmed for r in results)
         client = redis_client()
         length = client.xlen(prefix)

@@ -86,7 +86,7 @@ def emit(database_url: str, *events: tuple[str, str | None, dict[str, object]]) 
                 conn.execute(
                     "SELECT outbox_emit(%s, %s, %s::jsonb, 'order', %s::jsonb)",
                     (kind, aggregate, json.dumps(payload), json.dumps({"trace": "t-1"})),
-                ).fetchone()[0]  # type: ignore[index]
+                ).fetchone()[0]  # type: ignore[index]  # one row, always
             )
             for kind, aggregate, payload in events
         ]
@@ -123,7 +123,7 @@ def test_cdc_publishes_committed_events_with_the_message_contract_and_deletes_th
     wait_until(lambda: scalar(database_url, "SELECT count(*) FROM outbox") == 0, timeout=10)
     # The slot confirmed the transaction: its position moved past the commit.
     end = current_wal_lsn(database_url)
-    wait_until(lambda: slot_row(database_url, slot)["confirmed"] >= end - 1024 * 1024, timeout=10)  # type: ignore[index]
+    wait_until(lambda: slot_row(database_url, slot)["confirmed"] >= end - 1024 * 1024, timeout=10)  # type: ignore[index]  # the slot exists
 
 
 def test_restart_resumes_from_the_slot_without_republishing_confirmed_events(

@@ -40,7 +40,7 @@ def feed(tracker: TransactionTracker, *messages: object) -> None:
         if isinstance(message, PrimaryKeepalive):
             tracker.feed(message, None)
         else:
-            tracker.feed(XLogData(0, 0, NOW, b""), message)  # type: ignore[arg-type]
+            tracker.feed(XLogData(0, 0, NOW, b""), message)  # type: ignore[arg-type]  # decoded messages of any kind
 
 
 def txn(final: int, *body: object, end: int | None = None) -> list[object]:

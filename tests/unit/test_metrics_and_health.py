@@ -179,7 +179,7 @@ def test_composite_consumer_hooks_contain_failures() -> None:
         def on_handled(self, event: Event, seconds: float) -> None:
             raise RuntimeError("bug")
 
-    hooks = CompositeConsumerHooks([Exploding(), metrics])  # type: ignore[list-item]
+    hooks = CompositeConsumerHooks([Exploding(), metrics])  # type: ignore[list-item]  # a partial hooks object on purpose
     hooks.on_handled(event(), 0.1)
     assert points(reader)["outbox_relay.consumer.handled"][0].value == 1
 
