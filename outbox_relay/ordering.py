@@ -7,8 +7,11 @@ of its aggregate still in flight has been confirmed. If that one failed, the eve
 (left pending, not sent, not counted as an attempt) and goes out after it on a later claim.
 Events without an aggregate have no order to keep and go at once.
 
-A chain link lives until its batch has settled: from then on the table itself holds an
-aggregate back (the claim query skips aggregates whose earliest pending event is backing off).
+A batch's links stay in the chains until the relay has collected the batch after its settle, not
+merely until the settle: a claim that started on the other connection before the settle committed
+does not see the failure in the table, so it must still find the failed event's link. Claims that
+start later see it there (the claim query skips aggregates whose earliest pending event is backing
+off).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class LinkedBatch:
     owner: int
     links: list[Link]
 
+    def close(self) -> None:
+        """The batch has settled (or was given up): events not confirmed by now never will be,
+        so whatever is chained behind them is held back, never left waiting."""
+        for link in self.links:
+            link.resolve(False)
+
 
 class AggregateChains:
     """The last in-flight event of each aggregate, across all batches in flight."""
@@ -79,11 +88,10 @@ class AggregateChains:
             links.append(link)
         return LinkedBatch(owner, links)
 
-    def release(self, batch: LinkedBatch) -> None:
-        """Forget a batch that has settled (or been given up). Its unresolved events count as
-        failed, so nothing chained behind them waits forever or overtakes them."""
+    def forget(self, batch: LinkedBatch) -> None:
+        """Drop a collected batch's links: claims from now on see its outcome in the table."""
+        batch.close()
         for link in batch.links:
-            link.resolve(False)
             key = link.message.aggregate_id
             if key is not None:
                 tail = self._tails.get(key)

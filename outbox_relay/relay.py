@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tenacity import (
     AsyncRetrying,
@@ -34,6 +35,15 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A claimed batch being published and settled on its lane."""
+
+    task: asyncio.Task[bool]
+    linked: LinkedBatch
+    row_ids: list[int]
 
 
 class Relay:
@@ -178,29 +188,26 @@ class Relay:
         confirmed, everything in flight settles before the next claim, which then sees the failed
         events backing off in the table and holds their aggregates back.
         """
-        in_flight: deque[asyncio.Task[bool]] = deque()
+        in_flight: deque[_Flight] = deque()
         chains = AggregateChains()
-        # Row ids of the batches in flight on the other lanes, which the next claim passes over.
-        in_flight_ids: deque[list[int]] = deque()
         turn = 0
         next_housekeeping = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._tick()
                 # This lane's previous batch must have settled before it claims again.
-                if len(in_flight) == self._max_in_flight:
-                    in_flight_ids.popleft()
-                    if not await in_flight.popleft():
-                        await self._drain(in_flight)
-                if not in_flight:
-                    in_flight_ids.clear()
+                if len(in_flight) == self._max_in_flight and not await self._land(
+                    in_flight.popleft(), chains
+                ):
+                    await self._drain(in_flight, chains)
                 if not in_flight and time.monotonic() >= next_housekeeping:
                     await self._store.housekeeping()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
                 store = self._lanes[turn]
                 claimed_at = time.perf_counter()
+                # Pass over the rows of the batches in flight on the other lanes.
                 batch = await store.claim(
-                    self._claim_size, in_flight=[i for ids in in_flight_ids for i in ids]
+                    self._claim_size, in_flight=[i for f in in_flight for i in f.row_ids]
                 )
                 if batch:
                     if self._hooks is not None:
@@ -209,27 +216,38 @@ class Relay:
                         await store.stop_listening(commit=False)  # commits with the batch
                         self._listening = False
                     linked = chains.link(batch)
-                    in_flight.append(
-                        asyncio.ensure_future(self._relay_batch(store, linked, chains))
-                    )
-                    in_flight_ids.append([message.id for message in batch])
+                    task = asyncio.ensure_future(self._relay_batch(store, linked))
+                    in_flight.append(_Flight(task, linked, [message.id for message in batch]))
                     turn = (turn + 1) % len(self._lanes)
                     continue
                 await store.commit()
                 if in_flight:
-                    await self._drain(in_flight)  # then look again with nothing in flight
+                    await self._drain(in_flight, chains)  # then look again with nothing in flight
                     continue
                 await self._when_empty()
-            await self._drain(in_flight)  # stopping: finish what is in flight
+            await self._drain(in_flight, chains)  # stopping: finish what is in flight
         finally:
-            for task in in_flight:
-                task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            for flight in in_flight:
+                flight.task.cancel()
+            await asyncio.gather(*(f.task for f in in_flight), return_exceptions=True)
+            for flight in in_flight:
+                chains.forget(flight.linked)
 
     @staticmethod
-    async def _drain(in_flight: deque[asyncio.Task[bool]]) -> None:
+    async def _land(flight: _Flight, chains: AggregateChains) -> bool:
+        """Collect a batch in flight once it has settled; True when all of it was confirmed.
+
+        Its links are dropped only now, not when it settled: the other lane's claim may have
+        started before that settle committed, and then links behind it in id order."""
+        try:
+            return await flight.task
+        finally:
+            chains.forget(flight.linked)
+
+    @classmethod
+    async def _drain(cls, in_flight: deque[_Flight], chains: AggregateChains) -> None:
         while in_flight:
-            await in_flight.popleft()
+            await cls._land(in_flight.popleft(), chains)
 
     async def _when_empty(self) -> None:
         """Nothing to claim: ask producers to ring, then wait for them or the poll interval."""
@@ -285,9 +303,7 @@ class Relay:
         if not woke and not self._stop.is_set():
             await self._store.start_listening(self._listening_ttl)
 
-    async def _relay_batch(
-        self, store: OutboxStore, batch: LinkedBatch, chains: AggregateChains
-    ) -> bool:
+    async def _relay_batch(self, store: OutboxStore, batch: LinkedBatch) -> bool:
         """Publish and settle one claimed batch; True when the broker confirmed all of it."""
         started = time.perf_counter()
         try:
@@ -305,7 +321,7 @@ class Relay:
             settled_at = time.perf_counter()
             dead = await store.settle(sent, failures)
         finally:
-            chains.release(batch)
+            batch.close()
         if self._hooks is not None:
             self._hooks.after_settle(sent, failures, dead, time.perf_counter() - settled_at)
         for message, result in results:
@@ -369,8 +385,7 @@ class Relay:
 
     async def _relay_one(self, batch: Sequence[OutboxMessage]) -> bool:
         """Publish and settle a batch on the first lane with nothing else in flight."""
-        chains = AggregateChains()
-        return await self._relay_batch(self._store, chains.link(batch), chains)
+        return await self._relay_batch(self._store, AggregateChains().link(batch))
 
     def _tick(self) -> None:
         """A sign of life for /livez, and a lost broker noticed even while idle, so the relay

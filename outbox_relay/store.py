@@ -90,6 +90,11 @@ class OutboxStore:
         return self._queries
 
     @property
+    def application_name(self) -> str:
+        """What pg_stat_activity shows for this connection (``outbox-relay:<schema>[:<role>]``)."""
+        return self._application_name
+
+    @property
     def connected(self) -> bool:
         """Connected as far as the client knows (a dead server shows at the next query)."""
         return self._conn is not None and not self._conn.closed and not self._conn.broken

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import psycopg
 import pytest
 
+from outbox_relay.store import OutboxStore
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, relay_settings
 
@@ -133,3 +137,54 @@ def test_an_event_dead_at_once_lets_its_aggregate_go_on_in_order_across_overlapp
     assert len(dead) == 1
     assert dead[0][0] == "6"
     assert "exceeds" in dead[0][1]
+
+
+def test_a_claim_that_overlaps_a_failed_batchs_settle_still_holds_its_aggregate_back(
+    database_url: str,
+    broker_url: str,
+    exchange: str,
+    bind_queue: Callable[..., RabbitQueue],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given A0 (unroutable: it will back off), B0, then A1 and B1, claimed two per lane
+    queue = bind_queue("order.*")
+    with psycopg.connect(database_url) as conn:
+        for event_type, aggregate, seq in [
+            ("nobody.listens", "A", 0),
+            ("order.updated", "B", 0),
+            ("order.updated", "A", 1),
+            ("order.updated", "B", 1),
+        ]:
+            conn.execute(
+                "INSERT INTO outbox (event_type, aggregate_id, payload)"
+                " VALUES (%s, %s, jsonb_build_object('agg', %s::text, 'seq', %s::int))",
+                (event_type, aggregate, aggregate, seq),
+            )
+    # and a second lane whose claim reads its rows before the first batch settles but returns
+    # only after that (a slow claim query): the table it read did not show A0 failing yet
+    real_claim = OutboxStore.claim
+
+    async def slow_claim(self: OutboxStore, limit: int, *, in_flight: Sequence[int] = ()) -> Any:
+        rows = await real_claim(self, limit, in_flight=in_flight)
+        if rows and self.application_name.endswith(":lane2"):
+            await asyncio.sleep(0.5)
+        return rows
+
+    monkeypatch.setattr(OutboxStore, "claim", slow_claim)
+    settings = relay_settings(
+        database_url, broker_url, exchange, batch_size=4, retry_backoff=30.0, retry_backoff_max=30.0
+    )
+
+    # When the relay publishes them
+    with RelayThread(settings):
+        wait_until(lambda: queue.count() >= 2, timeout=30)
+        time.sleep(1.0)  # A1 would have followed by now if it were not held back
+        got = [(json.loads(b)["agg"], json.loads(b)["seq"]) for _m, _p, b in queue.drain()]
+
+    # Then B flowed and A1 waits behind A0, which is backing off
+    assert sorted(got) == [("B", 0), ("B", 1)]
+    with psycopg.connect(database_url) as conn:
+        pending = conn.execute(
+            "SELECT aggregate_id, payload->>'seq', attempts FROM outbox ORDER BY id"
+        ).fetchall()
+    assert pending == [("A", "0", 1), ("A", "1", 0)]

@@ -168,19 +168,41 @@ def test_a_lost_broker_ends_the_batch_and_what_waited_on_it_is_held_back() -> No
     run(scenario)
 
 
-def test_a_settled_batch_no_longer_holds_its_aggregates() -> None:
+def test_a_settled_batch_holds_its_aggregates_until_it_is_forgotten() -> None:
+    async def scenario() -> None:
+        chains = AggregateChains()
+        first = chains.link([message(1, "a"), message(2, "b")])
+        first.links[1].resolve(True)
+        first.close()  # settled: a1 was not confirmed
+
+        # A claim that started before that settle committed is linked only now: a2 must still
+        # find a1's outcome, as the table did not show it the failure yet.
+        second = chains.link([message(3, "a"), message(4, "b")])
+        assert second.links[0].may_go() is False
+        assert second.links[1].may_go() is True
+
+        chains.forget(first)
+        chains.forget(second)
+        assert len(chains) == 0
+        third = chains.link([message(5, "a")])  # later claims see the table: nothing to wait for
+        assert third.links[0].after is None
+
+    run(scenario)
+
+
+def test_forgetting_a_batch_keeps_the_links_of_later_batches() -> None:
     async def scenario() -> None:
         chains = AggregateChains()
         first = chains.link([message(1, "a"), message(2, "b")])
         second = chains.link([message(3, "b")])
-        chains.release(first)
+        chains.forget(first)
 
         # b is still chained behind the second batch; a is free.
         assert len(chains) == 1
         third = chains.link([message(4, "a"), message(5, "b")])
         assert third.links[0].after is None
         assert third.links[1].after is second.links[0].outcome
-        # A released batch's unsent events count as failed for whatever follows them.
+        # A forgotten batch's unsent events count as failed for whatever follows them.
         assert first.links[0].outcome.result() is False
 
     run(scenario)
