@@ -80,7 +80,8 @@ HOUSEKEEPING_EVERY = 60.0
 # the WAL is about to deliver and slow the stream down.
 SAFETY_SWEEP_EVERY = 30.0
 
-Publish = Callable[[Sequence[OutboxMessage]], Awaitable[None]]
+# Publishes and settles a batch; False when some of it was not confirmed (failed or held back).
+Publish = Callable[[Sequence[OutboxMessage]], Awaitable[bool]]
 DrainTable = Callable[[], Awaitable[None]]
 
 
@@ -435,7 +436,11 @@ class CdcSource:
             batch = select_publishable(chunk, claimed, earliest)
             held = held or len(batch) < len(claimed)
             if batch:
-                await publish(batch)  # settles (deletes/marks, records failures) and commits
+                # Settles (deletes/marks, records failures) and commits. An event held back
+                # behind a failed one of its aggregate stays pending with nothing to retry it
+                # but the table path: let it look.
+                if not await publish(batch):
+                    held = True
             else:
                 await self._store.commit()
         return held

@@ -368,9 +368,10 @@ class Relay:
 
     # -- CDC mode: the same publish-and-settle path, fed by outbox_relay.cdc ----------------
 
-    async def _publish_cdc(self, batch: Sequence[OutboxMessage]) -> None:
-        """Publish rows the CDC source claimed on the first lane, and settle them."""
-        await self._relay_one(batch)
+    async def _publish_cdc(self, batch: Sequence[OutboxMessage]) -> bool:
+        """Publish rows the CDC source claimed on the first lane, and settle them; True when
+        the broker confirmed all of them."""
+        return await self._relay_one(batch)
 
     async def _drain_table(self) -> None:
         """The table path in CDC mode: retries, held-back events, rows committed while no slot

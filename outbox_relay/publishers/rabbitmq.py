@@ -135,7 +135,14 @@ class RabbitMQPublisher:
             self._channel = channel
             channel.add_on_close_callback(self._on_channel_closed)
             channel.add_on_return_callback(self._on_return)
-            channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_confirming)
+
+            def on_confirm(frame: Any) -> None:
+                # Delivery tags restart on every channel: a late ack from a channel given up on
+                # must not settle this one's messages.
+                if channel is self._channel:
+                    self._on_confirm(frame)
+
+            channel.confirm_delivery(ack_nack_callback=on_confirm, callback=on_confirming)
 
         def on_confirming(_frame: Any) -> None:
             assert self._channel is not None
@@ -277,6 +284,8 @@ class RabbitMQPublisher:
 
     def _forget(self, batch: _Batch) -> None:
         self._batches.discard(batch)
+        if batch.done.done() and not batch.done.cancelled():
+            batch.done.exception()  # raised already in another form; not worth a log line
         for tag in batch.tags:
             self._unconfirmed.pop(tag, None)
         for message in batch.messages:
@@ -304,9 +313,9 @@ class RabbitMQPublisher:
             batch.maybe_done()
 
     def _on_return(
-        self, _channel: Channel, method: Basic.Return, properties: BasicProperties, _body: bytes
+        self, channel: Channel, method: Basic.Return, properties: BasicProperties, _body: bytes
     ) -> None:
-        if properties.message_id is None:
+        if channel is not self._channel or properties.message_id is None:
             return
         entry = self._by_message_id.get(properties.message_id)
         if entry is not None:
@@ -334,16 +343,19 @@ class RabbitMQPublisher:
             )
         return BrokerUnavailableError(f"lost the RabbitMQ connection: {exc!r}")
 
-    def _on_channel_closed(self, _channel: Channel, exc: BaseException) -> None:
+    def _on_channel_closed(self, channel: Channel, exc: BaseException) -> None:
+        if channel is not self._channel:
+            return  # one given up on, or closed on purpose
         self._channel = None
         self._fail(exc)
         connection = self._connection
         if connection is not None and connection.is_open:
             connection.close()
 
-    def _on_connection_closed(self, _connection: AsyncioConnection, exc: BaseException) -> None:
-        self._channel = None
-        self._fail(exc)
+    def _on_connection_closed(self, connection: AsyncioConnection, exc: BaseException) -> None:
+        if connection is self._connection:  # not one given up on, nor closed on purpose
+            self._channel = None
+            self._fail(exc)
         closing = self._closing
         if closing is not None and not closing.done():
             closing.set_result(None)

@@ -5,14 +5,19 @@ MAXLEN trimming."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
+import logging
 from collections.abc import Iterator
 
 import nats
+import pika.exceptions
 import pytest
 
+from outbox_relay.errors import BrokerUnavailableError
 from outbox_relay.publishers import PublisherSettings
+from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
 from tests.brokers import NATS_URL, REDIS_URL, redis_cleanup, redis_client, unique
 from tests.contract.adapters import NatsUnderTest, WebhookUnderTest
 from tests.contract.http_sink import HttpSink, Request
@@ -121,6 +126,37 @@ def test_webhook_without_a_secret_sends_no_signature() -> None:
         assert "x-outbox-signature" not in request.headers
     finally:
         sink.stop()
+
+
+def test_rabbitmq_connection_lost_mid_batch_fails_the_call_and_leaves_nothing_behind(
+    broker_url: str, exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> RabbitMQPublisher:
+        publisher = RabbitMQPublisher(PublisherSettings(url=broker_url, exchange=exchange))
+        await publisher.connect()
+        connection = publisher._connection
+        # What pika calls when the socket dies, here between two chunks of the batch.
+        asyncio.get_running_loop().call_soon(
+            publisher._on_connection_closed,
+            connection,
+            pika.exceptions.StreamLostError("simulated"),
+        )
+        try:
+            with pytest.raises(BrokerUnavailableError, match="lost the RabbitMQ connection"):
+                await publisher.publish_batch(make_messages(1000))
+        finally:
+            assert connection is not None
+            connection.close()
+            await asyncio.sleep(0.2)
+        return publisher
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        publisher = asyncio.run(run())
+        gc.collect()
+
+    assert not publisher._unconfirmed  # no delivery tag left to confuse the next connection
+    assert not publisher._by_message_id
+    assert "never retrieved" not in caplog.text
 
 
 def test_nats_creates_the_stream_at_start_up_for_the_prefix() -> None:

@@ -206,6 +206,27 @@ def test_a_failed_event_is_recorded_and_holds_back_later_events_of_its_aggregate
     assert sorted((d.aggregate_id, d.json()["n"]) for d in got) == [("H-1", 2), ("OK", 1)]
 
 
+def test_an_event_held_back_behind_one_dead_at_once_goes_without_waiting_for_a_sweep(
+    database_url: str, bind_queue: Callable[..., RabbitQueue], cdc_relay: Callable[..., RelayThread]
+) -> None:
+    queue = bind_queue("order.*")
+    # No sweep during the test (NO_SWEEP): only the CDC path's own hand-off can publish P-1's
+    # second event, which the first one, too large and dead at once, held back.
+    cdc_relay(max_message_bytes=1000)
+
+    emit(
+        database_url,
+        ("order.created", "P-1", {"n": 1, "pad": "x" * 2000}),
+        ("order.paid", "P-1", {"n": 2}),
+    )
+    got = collect(queue, 1, timeout=10)
+
+    assert [(d.aggregate_id, d.json()["n"]) for d in got] == [("P-1", 2)]
+    assert rows(database_url, "SELECT event_type, dead_at IS NOT NULL FROM outbox") == [
+        ("order.created", True)
+    ]
+
+
 def test_a_relay_waits_as_standby_while_another_process_holds_the_slot(
     database_url: str,
     slot: str,
