@@ -5,8 +5,9 @@
 For each broker: a fresh migrated database holding a backlog of N events (200 aggregates, about
 300-byte payloads), a fresh destination (exchange + queue bound '#', JetStream stream, Redis
 stream, MQTT topic with a subscriber, a local HTTP endpoint), then ``outbox-relay serve`` as a
-subprocess. The clock runs from the relay's "leading" log line to the moment the outbox holds no
-pending row (every event confirmed by the broker and marked sent). Prints a table and writes
+subprocess. The clock runs from the first settled batch (so interpreter start-up and connecting are
+left out; the rate counts the events pending then) to the moment the outbox holds no pending row
+(every event confirmed by the broker and marked sent). Prints a table and writes
 bench/results/brokers-latest.json. Everything it creates is removed afterwards.
 """
 
