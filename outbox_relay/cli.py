@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from outbox_relay import __version__, deadletters, migrations, producer, slots
+from outbox_relay import grants as grants_module
 from outbox_relay import logs as logconfig
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError, ExitCode, OutboxRelayError
 from outbox_relay.publishers import create_publisher
@@ -453,10 +454,43 @@ def migrate(
     ] = False,
     slot_name: SlotName = None,
     publication: Publication = None,
+    grants: Annotated[
+        bool,
+        typer.Option(
+            "--grants",
+            help="Also create (if missing) the least-privilege roles and give them exactly "
+            "their rights: --app-role may only insert events, --relay-role has what the relay "
+            "needs (with --cdc: also REPLICATION). Re-run after every upgrade.",
+        ),
+    ] = False,
+    app_role: Annotated[
+        str,
+        typer.Option(
+            "--app-role",
+            envvar=f"{ENV}APP_ROLE",
+            help="With --grants: the application role (NOLOGIN when created; grant it to your "
+            "service's login role).",
+        ),
+    ] = grants_module.DEFAULT_APP_ROLE,
+    relay_role: Annotated[
+        str,
+        typer.Option(
+            "--relay-role",
+            envvar=f"{ENV}RELAY_ROLE",
+            help="With --grants: the role the relay logs in as (LOGIN when created, no password).",
+        ),
+    ] = grants_module.DEFAULT_RELAY_ROLE,
 ) -> None:
     """Create or upgrade the outbox tables, functions and triggers (safe to re-run)."""
     with _connect(database_url, autocommit=True) as conn:
-        applied = migrations.migrate(conn, schema)
+        try:
+            applied = migrations.migrate(conn, schema)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"cannot migrate schema {schema!r}: {exc.diag.message_primary}; run "
+                "`outbox-relay migrate` as the database owner (or a role that may create the "
+                "schema and its tables), not as the relay or application role"
+            ) from None
         version = migrations.check_schema(conn, schema)
         if applied:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
@@ -475,6 +509,27 @@ def migrate(
             typer.echo(f"publication {pub!r}: {'created' if made else 'already there'}")
             made = slots.ensure_slot(conn, schema, slot)
             typer.echo(f"replication slot {slot!r}: {'created' if made else 'already there'}")
+        if grants:
+            report = grants_module.apply_grants(
+                conn, schema, app_role=app_role, relay_role=relay_role, cdc=cdc
+            )
+            for role, kind in ((app_role, "NOLOGIN"), (relay_role, "LOGIN")):
+                if role in report.created:
+                    typer.echo(f"role {role!r}: created ({kind})")
+            replication = ", REPLICATION" if report.replication else ""
+            typer.echo(
+                f"grants on schema {schema!r}: {app_role!r} may insert events; "
+                f"{relay_role!r} may relay them{replication}"
+            )
+            if relay_role in report.created:
+                typer.echo(
+                    f"  the relay logs in as {relay_role!r}: give it a password with "
+                    f"ALTER ROLE {relay_role} PASSWORD '...' unless your pg_hba.conf uses another method"
+                )
+            if app_role in report.created:
+                typer.echo(
+                    f"  applications get the insert right with GRANT {app_role} TO <their login role>"
+                )
 
 
 @app.command()
@@ -745,6 +800,9 @@ def main() -> None:
         app()
     except OutboxRelayError as exc:
         _fail(exc)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # A role without a right the command needs: one line, never a stack trace.
+        _fail(ConfigError(f"PostgreSQL refused: {exc.diag.message_primary or exc}"))
 
 
 from outbox_relay import consumer_cli  # noqa: E402  (registers consume, topology, dlq, consumer-status)

@@ -40,8 +40,7 @@ def read_status(
     conn: psycopg.Connection[Any], schema: str, slot_name: str | None = None
 ) -> OutboxStatus:
     """``slot_name`` defaults to the CDC mode's default slot name for the schema."""
-    version = migrations.applied_version(conn, schema)
-    problem = migrations.version_problem(schema, version)
+    problem = migrations.version_problem(schema, migrations.schema_state(conn, schema))
     if problem:
         raise SchemaError(problem)
     queries = Queries(schema)

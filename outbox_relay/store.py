@@ -117,13 +117,12 @@ class OutboxStore:
                     (f"{self._settings.schema}.outbox_schema_version",),
                 )
                 exists = await cur.fetchone()
-                version: int | None = None
+                state: migrations.SchemaState | None = None
                 if exists and exists[0]:
                     await cur.execute(self._queries["schema_version"])
-                    row = await cur.fetchone()
-                    version = int(row[0]) if row and row[0] is not None else 0
+                    state = migrations.state_from_row(await cur.fetchone())
             await self._conn.commit()
-        problem = migrations.version_problem(self._settings.schema, version)
+        problem = migrations.version_problem(self._settings.schema, state)
         if problem:
             await self.close()
             raise SchemaError(problem)

@@ -2,7 +2,10 @@
 -- {{schema}} is the configured schema, %(name)s are psycopg parameters.
 
 -- name: schema_version
-SELECT max(version) FROM {{schema}}.outbox_schema_version;
+-- The highest migration applied and the oldest relay it allows (see migrations.py); works on
+-- a version table from before relay_compatible_from existed.
+SELECT max(version), max(coalesce((to_jsonb(v) ->> 'relay_compatible_from')::int, version))
+FROM {{schema}}.outbox_schema_version AS v;
 
 -- name: try_lead
 -- One relay per schema publishes at a time; the others wait as standbys. A session lock on the

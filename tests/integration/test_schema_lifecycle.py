@@ -62,6 +62,57 @@ def test_relay_refuses_a_schema_from_a_newer_release(
     assert "upgrade outbox-relay" in str(error)
 
 
+def test_relay_runs_on_a_newer_schema_whose_migrations_keep_it_compatible(
+    database_url: str, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
+) -> None:
+    """A rolling upgrade: the new release migrated first, an old relay still runs (or restarts)."""
+    queue = bind_queue("order.*")
+    newer = latest_version() + 1
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox_schema_version (version, name, relay_compatible_from)"
+            " VALUES (%s, 'additive', %s)",
+            (newer, latest_version()),
+        )
+        conn.execute("SELECT outbox_emit('order.created', 'a', '{\"seq\": 1}')")
+        assert read_status(conn, "public").schema_version == newer
+    with RelayThread(relay_settings(database_url, broker_url, exchange)):
+        deliveries = collect(queue, 1)
+    assert [d.json()["seq"] for d in deliveries] == [1]
+
+
+def test_relay_refuses_a_newer_schema_that_needs_a_newer_relay(
+    database_url: str, broker_url: str, exchange: str
+) -> None:
+    newer = latest_version() + 2
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox_schema_version (version, name, relay_compatible_from)"
+            " VALUES (%s, 'additive', %s), (%s, 'breaking', %s)",
+            (newer - 1, 1, newer, newer - 1),
+        )
+    error = run_relay_until_it_fails(relay_settings(database_url, broker_url, exchange))
+    assert f"needs a relay that knows version {newer - 1}" in str(error)
+    assert "upgrade outbox-relay" in str(error)
+
+
+def test_a_version_table_from_before_compatibility_markers_is_upgraded(
+    empty_database_url: str,
+) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        migrate(conn, "public")
+        conn.execute("ALTER TABLE outbox_schema_version DROP COLUMN relay_compatible_from")
+        # Readable as it is (an older relay's table) ...
+        assert read_status(conn, "public").schema_version == latest_version()
+        # ... and the next migrate adds the column back without touching the recorded versions.
+        assert migrate(conn, "public") == []
+        rows = conn.execute(
+            "SELECT version, relay_compatible_from FROM outbox_schema_version ORDER BY version"
+        ).fetchall()
+    assert [version for version, _ in rows] == list(range(1, latest_version() + 1))
+    assert all(compatible is None for _, compatible in rows)
+
+
 def test_relay_refuses_a_schema_that_is_behind(
     database_url: str, broker_url: str, exchange: str
 ) -> None:

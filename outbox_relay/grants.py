@@ -1,0 +1,171 @@
+"""Least-privilege roles for one outbox schema (``outbox-relay migrate --grants``).
+
+The application role may only add events; the relay role gets exactly what the relay needs,
+and the REPLICATION attribute only for ``--mode cdc``. The SQL lives in ``schema/grants/``.
+Each run first revokes whatever the two roles held on the outbox objects, so re-running after an
+upgrade (or switching between notify and cdc) leaves exactly the listed rights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from outbox_relay.errors import ConfigError
+from outbox_relay.migrations import MIGRATION_LOCK, check_schema, schema_dir
+from outbox_relay.queries import render
+
+log = logging.getLogger(__name__)
+
+DEFAULT_APP_ROLE = "outbox_app"
+DEFAULT_RELAY_ROLE = "outbox_relay"
+
+_TABLES = ("outbox", "outbox_schema_version", "outbox_relay_wakeup", "outbox_relay_stats")
+_EMIT = "outbox_emit(text, text, jsonb, text, jsonb, uuid)"
+
+
+@dataclass(frozen=True, slots=True)
+class GrantReport:
+    created: list[str] = field(default_factory=list)  # roles that did not exist before
+    replication: bool = False  # the relay role's REPLICATION attribute afterwards
+
+
+def _script(name: str, schema: str, app_role: str, relay_role: str) -> sql.Composed:
+    text = render(schema_dir("grants").joinpath(name).read_text("utf-8"), schema)
+    return sql.SQL(text).format(app=sql.Identifier(app_role), relay=sql.Identifier(relay_role))
+
+
+def check_role_name(option: str, role: str) -> str:
+    if not role or len(role.encode()) > 63 or role.startswith("pg_"):
+        raise ConfigError(
+            f"{option}: {role!r} is not a usable role name (1-63 bytes, not starting with pg_)"
+        )
+    return role
+
+
+def apply_grants(
+    conn: psycopg.Connection[Any], schema: str, *, app_role: str, relay_role: str, cdc: bool
+) -> GrantReport:
+    """Create the roles if missing and give them exactly their rights on ``schema``'s outbox.
+
+    ``conn`` must be in autocommit mode and connected as the outbox's owner (or a superuser),
+    with CREATEROLE when a role is missing; the schema must be migrated.
+    """
+    check_role_name("--app-role", app_role)
+    check_role_name("--relay-role", relay_role)
+    if app_role == relay_role:
+        raise ConfigError("--app-role and --relay-role must be different roles")
+    check_schema(conn, schema)
+    try:
+        return _apply(conn, schema, app_role=app_role, relay_role=relay_role, cdc=cdc)
+    except pg_errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"cannot grant rights on {schema}.outbox: {exc.diag.message_primary}; run "
+            "`outbox-relay migrate --grants` as the owner of the outbox tables (the role that "
+            "ran `outbox-relay migrate`) or a superuser"
+        ) from exc
+
+
+def _apply(
+    conn: psycopg.Connection[Any], schema: str, *, app_role: str, relay_role: str, cdc: bool
+) -> GrantReport:
+    report = GrantReport()
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        for role, login in ((app_role, False), (relay_role, True)):
+            if _create_role_if_missing(conn, role, login=login):
+                report.created.append(role)
+        _refuse_powerful_roles(conn, schema, (app_role, relay_role))
+        roles = sql.SQL(", ").join([sql.Identifier(app_role), sql.Identifier(relay_role)])
+        database = conn.execute("SELECT current_database()").fetchone()
+        assert database is not None
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database[0]), roles)
+        )
+        tables = sql.SQL(", ").join(sql.Identifier(schema, table) for table in _TABLES)
+        conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(tables, roles))
+        conn.execute(
+            sql.SQL("REVOKE ALL ON SEQUENCE {} FROM {}").format(
+                sql.Identifier(schema, "outbox_id_seq"), roles
+            )
+        )
+        conn.execute(
+            sql.SQL("REVOKE ALL ON FUNCTION {}.{} FROM {}").format(
+                sql.Identifier(schema),
+                sql.SQL(_EMIT),
+                roles,
+            )
+        )
+        conn.execute(
+            sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(sql.Identifier(schema), roles)
+        )
+        for script in ("app.sql", "relay.sql", *(("relay_cdc.sql",) if cdc else ())):
+            conn.execute(_script(script, schema, app_role, relay_role))
+        replication = _set_replication(conn, relay_role, cdc)
+    log.info(
+        "applied grants",
+        extra={"schema": schema, "app_role": app_role, "relay_role": relay_role, "cdc": cdc},
+    )
+    return GrantReport(created=report.created, replication=replication)
+
+
+def _create_role_if_missing(conn: psycopg.Connection[Any], role: str, *, login: bool) -> bool:
+    if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+        return False
+    create = sql.SQL("CREATE ROLE {} " + ("LOGIN" if login else "NOLOGIN")).format(
+        sql.Identifier(role)
+    )
+    try:
+        with conn.transaction():
+            conn.execute(create)
+    except pg_errors.DuplicateObject:  # made by a migrate on another database a moment ago
+        return False
+    except pg_errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"cannot create role {role!r}: {exc.diag.message_primary}; run `outbox-relay "
+            "migrate --grants` as a role with CREATEROLE, or create the role first "
+            f"(CREATE ROLE {role} {'LOGIN' if login else 'NOLOGIN'})"
+        ) from exc
+    return True
+
+
+def _refuse_powerful_roles(
+    conn: psycopg.Connection[Any], schema: str, roles: tuple[str, ...]
+) -> None:
+    """Revoking rights from the table's owner or a superuser would be wrong or pointless."""
+    rows = conn.execute(
+        "SELECT r.rolname, r.rolsuper, pg_has_role(r.oid, c.relowner, 'USAGE')"
+        " FROM pg_roles AS r, pg_class AS c"
+        " WHERE r.rolname = ANY(%s) AND c.oid = to_regclass(%s)",
+        (list(roles), f"{schema}.outbox"),
+    ).fetchall()
+    for name, superuser, owns in rows:
+        if superuser or owns:
+            what = "a superuser" if superuser else f"the owner of {schema}.outbox (or a member)"
+            raise ConfigError(
+                f"role {name!r} is {what}: least-privilege roles must be separate, ordinary "
+                "roles (pick others with --app-role / --relay-role)"
+            )
+
+
+def _set_replication(conn: psycopg.Connection[Any], role: str, wanted: bool) -> bool:
+    row = conn.execute("SELECT rolreplication FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    if row is not None and bool(row[0]) == wanted:
+        return wanted
+    attribute = "REPLICATION" if wanted else "NOREPLICATION"
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("ALTER ROLE {} " + attribute).format(sql.Identifier(role)))
+    except pg_errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"cannot make role {role!r} {attribute}: {exc.diag.message_primary}; run "
+            "`outbox-relay migrate --grants` as a superuser, or set it yourself (on Amazon RDS: "
+            f"GRANT rds_replication TO {role}; on Cloud SQL: ALTER ROLE {role} REPLICATION "
+            "as cloudsqlsuperuser)"
+        ) from exc
+    return wanted

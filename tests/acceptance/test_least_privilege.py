@@ -1,0 +1,283 @@
+"""``outbox-relay migrate --grants``: an application role that may only add events and a relay
+role with exactly what the relay needs, used as a user would (the CLI, plain SQL, the relay
+running as that role in notify and cdc modes).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from psycopg import conninfo, errors, sql
+
+from tests.acceptance.conftest import RelayProcess, cli_env, run_cli
+from tests.cdc_support import drop_slot_eventually, unique_slot_name
+from tests.conftest import RabbitQueue, wait_until
+
+pytestmark = pytest.mark.acceptance
+
+
+@dataclass(frozen=True)
+class Roles:
+    app: str
+    relay: str
+    login: str  # an application's login role, member of ``app``
+
+    def url(self, database_url: str, role: str) -> str:
+        return conninfo.make_conninfo(database_url, user=role)
+
+
+def _drop_roles(database_url: str, names: list[str]) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        existing = [
+            row[0]
+            for row in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,)
+            ).fetchall()
+        ]
+        if existing:
+            idents = sql.SQL(", ").join(sql.Identifier(name) for name in existing)
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(idents))
+            conn.execute(sql.SQL("DROP ROLE {}").format(idents))
+
+
+@pytest.fixture
+def roles(database_url: str) -> Iterator[Roles]:
+    """Unique role names (roles are cluster-wide); dropped with everything granted to them."""
+    suffix = uuid.uuid4().hex[:8]
+    made = Roles(app=f"t_app_{suffix}", relay=f"t_relay_{suffix}", login=f"t_login_{suffix}")
+    yield made
+    _drop_roles(database_url, [made.login, made.app, made.relay])
+
+
+def grant(database_url: str, roles: Roles, *extra: str) -> str:
+    done = run_cli(
+        "migrate",
+        "--grants",
+        "--app-role",
+        roles.app,
+        "--relay-role",
+        roles.relay,
+        *extra,
+        env=cli_env(database_url=database_url),
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def add_login(database_url: str, roles: Roles) -> str:
+    """An application's own login role, given the insert right the way the docs say."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(roles.login), sql.Identifier(roles.app)
+            )
+        )
+    return roles.url(database_url, roles.login)
+
+
+def refused(url: str, statement: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            conn.execute(statement.encode())
+        except errors.InsufficientPrivilege:
+            return True
+    return False
+
+
+def test_the_app_role_may_only_insert_events(database_url: str, roles: Roles) -> None:
+    output = grant(database_url, roles)
+    assert f"role {roles.app!r}: created (NOLOGIN)" in output
+    assert f"role {roles.relay!r}: created (LOGIN)" in output
+    app_url = add_login(database_url, roles)
+
+    event_id = uuid.uuid4()
+    with psycopg.connect(app_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox (event_type, aggregate_type, aggregate_id, payload)"
+            " VALUES ('order.created', 'order', '1', '{\"order_id\": 1}')"
+        )
+        row = conn.execute(
+            "SELECT outbox_emit('order.paid', '1', '{}', 'order', '{}', %s)", (event_id,)
+        ).fetchone()
+        assert row == (event_id,)
+
+    for statement in (
+        "SELECT event_id FROM outbox",
+        "UPDATE outbox SET attempts = 0",
+        "DELETE FROM outbox",
+        "TRUNCATE outbox",
+        "SELECT * FROM outbox_relay_stats",
+        "INSERT INTO outbox_relay_wakeup VALUES (true, now())",
+        "CREATE TABLE outbox_shadow (id int)",
+    ):
+        assert refused(app_url, statement), statement
+    with psycopg.connect(database_url) as conn:
+        types = conn.execute("SELECT event_type FROM outbox ORDER BY id").fetchall()
+    assert types == [("order.created",), ("order.paid",)]
+
+
+def test_the_relay_runs_as_the_relay_role(
+    database_url: str,
+    roles: Roles,
+    broker_url: str,
+    exchange: str,
+    bind_queue: Callable[..., RabbitQueue],
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    grant(database_url, roles)
+    app_url = add_login(database_url, roles)
+    relay_url = roles.url(database_url, roles.relay)
+    queue = bind_queue("order.*")
+    env = cli_env(database_url=relay_url, broker_url=broker_url, exchange=exchange)
+    relay = relay_factory(env, "--poll-interval", "0.2").start()
+    relay.wait_for_log("leading")
+
+    with psycopg.connect(app_url) as conn:
+        for number in range(20):
+            conn.execute(
+                "SELECT outbox_emit('order.created', %s, %s)",
+                (str(number % 3), json.dumps({"n": number})),
+            )
+            conn.commit()
+    got: list[bytes] = []
+    wait_until(lambda: got.extend(body for *_, body in queue.drain()) or len(got) >= 20)
+    assert [json.loads(body)["n"] for body in got] == list(range(20))
+    wait_until(lambda: json.loads(run_cli("status", "--json", env=env).stdout)["pending"] == 0)
+    assert relay.terminate() == 0
+    assert "permission denied" not in relay.log()
+
+    # What the relay may not do: write events, change the schema, stream the WAL.
+    assert refused(relay_url, "INSERT INTO outbox (event_type, payload) VALUES ('a.b', '{}')")
+    assert refused(relay_url, "TRUNCATE outbox")
+    assert refused(relay_url, "CREATE TABLE relay_shadow (id int)")
+    assert refused(relay_url, "DROP TABLE outbox")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT rolreplication, rolsuper, rolcreaterole, rolcreatedb FROM pg_roles"
+            " WHERE rolname = %s",
+            (roles.relay,),
+        ).fetchone()
+    assert row == (False, False, False, False)
+
+
+def test_the_cdc_relay_runs_as_the_relay_role_with_replication(
+    database_url: str,
+    roles: Roles,
+    broker_url: str,
+    exchange: str,
+    bind_queue: Callable[..., RabbitQueue],
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    slot = unique_slot_name()
+    try:
+        output = grant(database_url, roles, "--cdc", "--slot-name", slot, "--publication", slot)
+        assert "REPLICATION" in output
+        app_url = add_login(database_url, roles)
+        queue = bind_queue("order.*")
+        env = cli_env(
+            database_url=roles.url(database_url, roles.relay),
+            broker_url=broker_url,
+            exchange=exchange,
+            mode="cdc",
+            slot_name=slot,
+            publication=slot,
+            heartbeat_interval=1,
+        )
+        relay = relay_factory(env).start()
+        relay.wait_for_log("streaming replication slot")
+        with psycopg.connect(app_url) as conn:
+            for number in range(10):
+                conn.execute(
+                    "SELECT outbox_emit('order.created', 'a', %s)", (json.dumps({"n": number}),)
+                )
+                conn.commit()
+        got: list[bytes] = []
+        wait_until(lambda: got.extend(body for *_, body in queue.drain()) or len(got) >= 10)
+        assert [json.loads(body)["n"] for body in got] == list(range(10))
+        assert relay.terminate() == 0
+    finally:
+        drop_slot_eventually(database_url, slot)
+
+
+def test_grants_are_exact_on_every_run(database_url: str, roles: Roles) -> None:
+    slot = unique_slot_name()
+    grant(database_url, roles, "--cdc", "--slot-name", slot, "--publication", slot)
+    drop_slot_eventually(database_url, slot)
+    relay_url = roles.url(database_url, roles.relay)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # Rights someone added by hand, outside the listed ones.
+        conn.execute(sql.SQL("GRANT TRUNCATE ON outbox TO {}").format(sql.Identifier(roles.relay)))
+    second = grant(database_url, roles)
+    assert "created" not in second  # the roles exist: nothing is created twice
+
+    with psycopg.connect(database_url) as conn:
+        rights = conn.execute(
+            "SELECT privilege_type FROM information_schema.role_table_grants"
+            " WHERE grantee = %s AND table_name = 'outbox' ORDER BY 1",
+            (roles.relay,),
+        ).fetchall()
+        replication = conn.execute(
+            "SELECT rolreplication FROM pg_roles WHERE rolname = %s", (roles.relay,)
+        ).fetchone()
+    assert rights == [("DELETE",), ("SELECT",), ("UPDATE",)]
+    assert replication == (False,)  # REPLICATION only while the grants are for --cdc
+    assert refused(relay_url, "TRUNCATE outbox")
+
+
+def test_grants_refuse_a_superuser_role(database_url: str) -> None:
+    done = run_cli(
+        "migrate", "--grants", "--relay-role", "postgres", env=cli_env(database_url=database_url)
+    )
+    assert done.returncode == 3
+    assert "'postgres' is a superuser" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_migrate_as_the_relay_role_says_who_may(database_url: str, roles: Roles) -> None:
+    grant(database_url, roles)
+    done = run_cli(
+        "migrate",
+        "--schema",
+        "elsewhere",
+        env=cli_env(database_url=roles.url(database_url, roles.relay)),
+    )
+    assert done.returncode == 3
+    assert "as the database owner" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_grants_without_createrole_say_how_to_make_the_roles(
+    database_url: str, roles: Roles
+) -> None:
+    """An owner that may create tables but not roles: the roles must be made by someone else."""
+    owner = roles.login  # reused as the outbox owner here; dropped by the fixture
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
+        database = conn.info.dbname
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(database), sql.Identifier(owner)
+            )
+        )
+    env = cli_env(database_url=roles.url(database_url, owner))
+    assert run_cli("migrate", "--schema", "owned", env=env).returncode == 0
+    done = run_cli(
+        "migrate",
+        "--schema",
+        "owned",
+        "--grants",
+        "--app-role",
+        roles.app,
+        "--relay-role",
+        roles.relay,
+        env=env,
+    )
+    assert done.returncode == 3
+    assert "CREATEROLE" in done.stderr
+    assert f"CREATE ROLE {roles.app} NOLOGIN" in done.stderr
+    assert "Traceback" not in done.stderr
