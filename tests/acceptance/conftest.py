@@ -26,6 +26,7 @@ import pika
 import pika.exceptions
 import psycopg
 import pytest
+from psycopg import conninfo, sql
 from psycopg.types.json import Jsonb
 
 from tests.conftest import wait_until
@@ -582,3 +583,39 @@ def postgres_ensure_running() -> None:
     )
     if status.returncode != 0:
         run_admin("pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start")
+
+
+# -- least-privilege roles (outbox-relay migrate --grants) ------------------------------------
+
+
+@dataclass(frozen=True)
+class Roles:
+    app: str
+    relay: str
+    login: str  # an application's login role, member of ``app``
+
+    def url(self, database_url: str, role: str) -> str:
+        return conninfo.make_conninfo(database_url, user=role)
+
+
+def _drop_roles(database_url: str, names: list[str]) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        existing = [
+            row[0]
+            for row in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,)
+            ).fetchall()
+        ]
+        if existing:
+            idents = sql.SQL(", ").join(sql.Identifier(name) for name in existing)
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(idents))
+            conn.execute(sql.SQL("DROP ROLE {}").format(idents))
+
+
+@pytest.fixture
+def roles(database_url: str) -> Iterator[Roles]:
+    """Unique role names (roles are cluster-wide); dropped with everything granted to them."""
+    suffix = uuid.uuid4().hex[:8]
+    made = Roles(app=f"t_app_{suffix}", relay=f"t_relay_{suffix}", login=f"t_login_{suffix}")
+    yield made
+    _drop_roles(database_url, [made.login, made.app, made.relay])

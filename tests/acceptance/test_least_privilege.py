@@ -7,51 +7,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import psycopg
 import pytest
-from psycopg import conninfo, errors, sql
+from psycopg import errors, sql
 
-from tests.acceptance.conftest import RelayProcess, cli_env, run_cli
+from tests.acceptance.conftest import RelayProcess, Roles, cli_env, run_cli
 from tests.cdc_support import drop_slot_eventually, unique_slot_name
 from tests.conftest import RabbitQueue, wait_until
 
 pytestmark = pytest.mark.acceptance
-
-
-@dataclass(frozen=True)
-class Roles:
-    app: str
-    relay: str
-    login: str  # an application's login role, member of ``app``
-
-    def url(self, database_url: str, role: str) -> str:
-        return conninfo.make_conninfo(database_url, user=role)
-
-
-def _drop_roles(database_url: str, names: list[str]) -> None:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        existing = [
-            row[0]
-            for row in conn.execute(
-                "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,)
-            ).fetchall()
-        ]
-        if existing:
-            idents = sql.SQL(", ").join(sql.Identifier(name) for name in existing)
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(idents))
-            conn.execute(sql.SQL("DROP ROLE {}").format(idents))
-
-
-@pytest.fixture
-def roles(database_url: str) -> Iterator[Roles]:
-    """Unique role names (roles are cluster-wide); dropped with everything granted to them."""
-    suffix = uuid.uuid4().hex[:8]
-    made = Roles(app=f"t_app_{suffix}", relay=f"t_relay_{suffix}", login=f"t_login_{suffix}")
-    yield made
-    _drop_roles(database_url, [made.login, made.app, made.relay])
 
 
 def grant(database_url: str, roles: Roles, *extra: str) -> str:
