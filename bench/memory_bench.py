@@ -2,7 +2,7 @@
 size idle and its peak while draining a backlog, per ``--batch-size`` and payload size. The
 figures behind the sizing advice in docs/deploy.md (memory requests and limits).
 
-    .venv/bin/python bench/memory_bench.py            # 4 runs, ~2 minutes
+    .venv/bin/python bench/memory_bench.py            # 4 runs, about a minute
     .venv/bin/python bench/memory_bench.py --events 20000 --batch-sizes 1000 4000 --payloads 300 4096
 
 RSS is read from /proc/<pid>/status every 50 ms (VmRSS) plus the kernel's own peak (VmHWM), so
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--payloads", type=int, nargs="+", default=[300, 4096])
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     runs = []
     for payload in args.payloads:
@@ -115,8 +116,8 @@ def main() -> None:
                 f" ({run.seconds:.1f} s from the first insert)",
                 flush=True,
             )
-    RESULTS.write_text(json.dumps([asdict(run) for run in runs], indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.output.write_text(json.dumps([asdict(run) for run in runs], indent=2) + "\n")
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,33 @@ def test_bench_quick_mode_reports_every_figure(services: Services, tmp_path: Pat
     # The worst-case scenario really made every producer transaction NOTIFY.
     assert results["producer"]["outbox_notify_every_tx"]["notifying_share"] > 0.8
     assert "measurement" in done.stdout  # the table was printed
+
+
+@pytest.mark.integration
+def test_memory_bench_reports_idle_and_peak_rss(services: Services, tmp_path: Path) -> None:
+    output = tmp_path / "memory.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.with_name("memory_bench.py")),
+            "--events=500",
+            "--batch-sizes",
+            "100",
+            "--payloads",
+            "300",
+            f"--admin-url={services.postgres_admin_url}",
+            f"--broker-url={services.rabbitmq_url}",
+            f"--output={output}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads(output.read_text())
+    assert run["batch_size"] == 100
+    assert run["events"] == 500
+    # A Python process with psycopg, pika and the relay loaded is tens of MiB.
+    assert 10 < run["idle_rss_mib"] <= run["peak_rss_mib"] < 1024
+    assert run["seconds"] > 0
