@@ -521,6 +521,8 @@ def migrate(
                 f"grants on schema {schema!r}: {app_role!r} may insert events; "
                 f"{relay_role!r} may relay them{replication}"
             )
+            for warning in report.warnings:
+                typer.echo(f"  warning: {warning}", err=True)
             if relay_role in report.created:
                 typer.echo(
                     f"  the relay logs in as {relay_role!r}: give it a password with "

@@ -32,7 +32,12 @@ _EMIT = "outbox_emit(text, text, jsonb, text, jsonb, uuid)"
 @dataclass(frozen=True, slots=True)
 class GrantReport:
     created: list[str] = field(default_factory=list)  # roles that did not exist before
-    replication: bool = False  # the relay role's REPLICATION attribute afterwards
+    replication: bool = False  # the relay role may stream a replication slot afterwards
+    warnings: list[str] = field(default_factory=list)  # done, but not everything was possible
+
+
+# Names PostgreSQL reserves or treats specially in GRANT / CREATE ROLE.
+_RESERVED_ROLES = {"public", "none", "current_user", "current_role", "session_user"}
 
 
 def _script(name: str, schema: str, app_role: str, relay_role: str) -> sql.Composed:
@@ -41,9 +46,15 @@ def _script(name: str, schema: str, app_role: str, relay_role: str) -> sql.Compo
 
 
 def check_role_name(option: str, role: str) -> str:
-    if not role or len(role.encode()) > 63 or role.startswith("pg_"):
+    if (
+        not role
+        or len(role.encode()) > 63
+        or role.startswith("pg_")
+        or role.lower() in _RESERVED_ROLES
+    ):
         raise ConfigError(
-            f"{option}: {role!r} is not a usable role name (1-63 bytes, not starting with pg_)"
+            f"{option}: {role!r} is not a usable role name (1-63 bytes, not starting with pg_, "
+            "not a reserved name such as public)"
         )
     return role
 
@@ -62,13 +73,24 @@ def apply_grants(
         raise ConfigError("--app-role and --relay-role must be different roles")
     check_schema(conn, schema)
     try:
-        return _apply(conn, schema, app_role=app_role, relay_role=relay_role, cdc=cdc)
+        report = _apply(conn, schema, app_role=app_role, relay_role=relay_role, cdc=cdc)
     except pg_errors.InsufficientPrivilege as exc:
         raise ConfigError(
             f"cannot grant rights on {schema}.outbox: {exc.diag.message_primary}; run "
             "`outbox-relay migrate --grants` as the owner of the outbox tables (the role that "
             "ran `outbox-relay migrate`) or a superuser"
         ) from exc
+    # The role attribute last, on its own: the rights above stay granted if it cannot be set.
+    replication, warning = _set_replication(conn, relay_role, cdc)
+    if warning and cdc:
+        raise ConfigError(warning)
+    log.info(
+        "applied grants",
+        extra={"schema": schema, "app_role": app_role, "relay_role": relay_role, "cdc": cdc},
+    )
+    return GrantReport(
+        created=report.created, replication=replication, warnings=[warning] if warning else []
+    )
 
 
 def _apply(
@@ -87,6 +109,7 @@ def _apply(
         conn.execute(
             sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database[0]), roles)
         )
+        _check_connect(conn, database[0], (app_role, relay_role))
         tables = sql.SQL(", ").join(sql.Identifier(schema, table) for table in _TABLES)
         conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(tables, roles))
         conn.execute(
@@ -106,12 +129,7 @@ def _apply(
         )
         for script in ("app.sql", "relay.sql", *(("relay_cdc.sql",) if cdc else ())):
             conn.execute(_script(script, schema, app_role, relay_role))
-        replication = _set_replication(conn, relay_role, cdc)
-    log.info(
-        "applied grants",
-        extra={"schema": schema, "app_role": app_role, "relay_role": relay_role, "cdc": cdc},
-    )
-    return GrantReport(created=report.created, replication=replication)
+    return report
 
 
 def _create_role_if_missing(conn: psycopg.Connection[Any], role: str, *, login: bool) -> bool:
@@ -123,8 +141,8 @@ def _create_role_if_missing(conn: psycopg.Connection[Any], role: str, *, login: 
     try:
         with conn.transaction():
             conn.execute(create)
-    except pg_errors.DuplicateObject:  # made by a migrate on another database a moment ago
-        return False
+    except (pg_errors.DuplicateObject, pg_errors.UniqueViolation):
+        return False  # made by a migrate on another database a moment ago
     except pg_errors.InsufficientPrivilege as exc:
         raise ConfigError(
             f"cannot create role {role!r}: {exc.diag.message_primary}; run `outbox-relay "
@@ -151,21 +169,66 @@ def _refuse_powerful_roles(
                 f"role {name!r} is {what}: least-privilege roles must be separate, ordinary "
                 "roles (pick others with --app-role / --relay-role)"
             )
+    app, relay = roles
+    row = conn.execute(
+        "SELECT pg_has_role(%s, %s, 'MEMBER') OR pg_has_role(%s, %s, 'MEMBER')",
+        (relay, app, app, relay),
+    ).fetchone()
+    if row and row[0]:
+        raise ConfigError(
+            f"roles {app!r} and {relay!r} are members of one another: the relay would get the "
+            "application's rights or the reverse; use two unrelated roles"
+        )
 
 
-def _set_replication(conn: psycopg.Connection[Any], role: str, wanted: bool) -> bool:
-    row = conn.execute("SELECT rolreplication FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-    if row is not None and bool(row[0]) == wanted:
-        return wanted
+def _check_connect(conn: psycopg.Connection[Any], database: str, roles: tuple[str, ...]) -> None:
+    """GRANT CONNECT by anyone but the database's owner only warns; make the gap an error."""
+    for role in roles:
+        row = conn.execute(
+            "SELECT has_database_privilege(%s, current_database(), 'CONNECT')", (role,)
+        ).fetchone()
+        if not (row and row[0]):
+            raise ConfigError(
+                f"role {role!r} may not connect to database {database!r} and this role cannot "
+                f'grant it: have the database owner run GRANT CONNECT ON DATABASE "{database}" '
+                f'TO "{role}"'
+            )
+
+
+def _may_replicate(conn: psycopg.Connection[Any], role: str) -> bool:
+    """The REPLICATION attribute, or Amazon RDS's stand-in, membership of rds_replication."""
+    row = conn.execute(
+        "SELECT r.rolreplication OR coalesce(pg_has_role(r.oid, rds.oid, 'MEMBER'), false)"
+        " FROM pg_roles AS r LEFT JOIN pg_roles AS rds ON rds.rolname = 'rds_replication'"
+        " WHERE r.rolname = %s",
+        (role,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _set_replication(
+    conn: psycopg.Connection[Any], role: str, wanted: bool
+) -> tuple[bool, str | None]:
+    """Give (``wanted``) or take away the relay role's REPLICATION attribute.
+
+    Only a superuser may change it on PostgreSQL 15 and older, and managed services have none:
+    returns (may replicate afterwards, what could not be done and how to do it by hand).
+    """
+    if _may_replicate(conn, role) == wanted:
+        return wanted, None
     attribute = "REPLICATION" if wanted else "NOREPLICATION"
     try:
-        with conn.transaction():
-            conn.execute(sql.SQL("ALTER ROLE {} " + attribute).format(sql.Identifier(role)))
+        conn.execute(sql.SQL("ALTER ROLE {} " + attribute).format(sql.Identifier(role)))
     except pg_errors.InsufficientPrivilege as exc:
-        raise ConfigError(
-            f"cannot make role {role!r} {attribute}: {exc.diag.message_primary}; run "
-            "`outbox-relay migrate --grants` as a superuser, or set it yourself (on Amazon RDS: "
-            f"GRANT rds_replication TO {role}; on Cloud SQL: ALTER ROLE {role} REPLICATION "
-            "as cloudsqlsuperuser)"
-        ) from exc
-    return wanted
+        if wanted:
+            return False, (
+                f"granted the outbox rights, but cannot make role {role!r} REPLICATION "
+                f"(--cdc): {exc.diag.message_primary}; have a superuser run ALTER ROLE "
+                f'"{role}" REPLICATION (Amazon RDS / Aurora: GRANT rds_replication TO "{role}"; '
+                "Cloud SQL: ALTER ROLE as cloudsqlsuperuser), then run this again"
+            )
+        return True, (
+            f"role {role!r} keeps REPLICATION (only a superuser can remove it: ALTER ROLE "
+            f'"{role}" NOREPLICATION); notify and poll modes do not need it'
+        )
+    return wanted, None

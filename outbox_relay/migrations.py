@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg import sql
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from outbox_relay.errors import SchemaError
 from outbox_relay.queries import Queries, check_schema_name, render
@@ -127,44 +129,90 @@ def check_schema(conn: psycopg.Connection[Any], schema: str) -> int:
     return state.version
 
 
+# A migration that alters the outbox waits for its lock behind the relay's open batch and, while
+# it waits, blocks every producer's INSERT queued behind it. Wait briefly, then let go and retry.
+LOCK_TIMEOUT = "5s"
+LOCK_ATTEMPTS = 12
+
+
 def migrate(conn: psycopg.Connection[Any], schema: str) -> list[Migration]:
     """Apply every migration not yet recorded, each in its own transaction; return those applied.
 
-    Safe to re-run and to run concurrently (an advisory lock serializes migrators).
+    Safe to re-run and to run concurrently (an advisory lock serializes migrators). ``conn``
+    must be in autocommit mode. Needs CREATE on the database only while the schema is missing.
     """
     check_schema_name(schema)
-    applied: list[Migration] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {0}.outbox_schema_version ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now());"
-                " ALTER TABLE {0}.outbox_schema_version"
-                " ADD COLUMN IF NOT EXISTS relay_compatible_from integer"
-            ).format(sql.Identifier(schema))
-        )
-    for migration in available_migrations():
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            done = conn.execute(
-                sql.SQL("SELECT 1 FROM {}.outbox_schema_version WHERE version = %s").format(
-                    sql.Identifier(schema)
-                ),
-                (migration.version,),
-            ).fetchone()
-            if done:
-                continue
-            conn.execute(render(migration.text, schema).encode())
+        # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the
+        # schema exists, which an owner on a managed service often lacks.
+        found = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
+        if not (found and found[0]):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        if schema_state(conn, schema) is None:
             conn.execute(
                 sql.SQL(
-                    "INSERT INTO {}.outbox_schema_version"
-                    " (version, name, relay_compatible_from) VALUES (%s, %s, %s)"
-                ).format(sql.Identifier(schema)),
-                (migration.version, migration.name, migration.relay_compatible_from),
+                    "CREATE TABLE {}.outbox_schema_version ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now(),"
+                    " relay_compatible_from integer)"
+                ).format(sql.Identifier(schema))
             )
-            log.info("applied migration", extra={"version": migration.version, "schema": schema})
-            applied.append(migration)
+        elif not _has_compatibility_column(conn, schema):
+            conn.execute(
+                sql.SQL(
+                    "ALTER TABLE {}.outbox_schema_version ADD COLUMN relay_compatible_from integer"
+                ).format(sql.Identifier(schema))
+            )
+    applied: list[Migration] = []
+    for migration in available_migrations():
+        retrying = Retrying(
+            retry=retry_if_exception_type(pg_errors.LockNotAvailable),
+            stop=stop_after_attempt(LOCK_ATTEMPTS),
+            wait=wait_random(1, 3),
+            before_sleep=lambda state: log.warning(
+                "migration waits for a lock held by a relay or an application; retrying",
+                extra={"attempt": state.attempt_number, "schema": schema},
+            ),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                if _apply(conn, schema, migration):
+                    applied.append(migration)
     return applied
+
+
+def _has_compatibility_column(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Version tables made before relay_compatible_from existed lack it."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+        " AND attname = 'relay_compatible_from' AND NOT attisdropped)",
+        (f"{schema}.outbox_schema_version",),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _apply(conn: psycopg.Connection[Any], schema: str, migration: Migration) -> bool:
+    """Apply one migration unless it is recorded already; True if it was applied now."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        done = conn.execute(
+            sql.SQL("SELECT 1 FROM {}.outbox_schema_version WHERE version = %s").format(
+                sql.Identifier(schema)
+            ),
+            (migration.version,),
+        ).fetchone()
+        if done:
+            return False
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        conn.execute(render(migration.text, schema).encode())
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.outbox_schema_version"
+                " (version, name, relay_compatible_from) VALUES (%s, %s, %s)"
+            ).format(sql.Identifier(schema)),
+            (migration.version, migration.name, migration.relay_compatible_from),
+        )
+    log.info("applied migration", extra={"version": migration.version, "schema": schema})
+    return True

@@ -76,6 +76,14 @@ def _message(row: tuple[Any, ...]) -> OutboxMessage:
     )
 
 
+# Server-side TCP keepalives for the relay's sessions: a vanished relay's session (and its
+# leadership lock) ends within about a minute (30 s idle + 3 probes 10 s apart). Ignored on
+# Unix-socket connections.
+KEEPALIVES = (
+    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"
+)
+
+
 class OutboxStore:
     def __init__(self, settings: RelaySettings, role: str = "") -> None:
         self._settings = settings
@@ -112,6 +120,10 @@ class OutboxStore:
                 connect_timeout=10,
             )
             async with self._conn.cursor() as cur:
+                # The leader's session advisory lock lives as long as the server thinks the
+                # session does. After a node failure or a partition nothing closes the socket,
+                # and with the kernel's defaults the server notices only after hours: probe it.
+                await cur.execute(KEEPALIVES)
                 await cur.execute(
                     "SELECT to_regclass(%s) IS NOT NULL",
                     (f"{self._settings.schema}.outbox_schema_version",),

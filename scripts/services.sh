@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the local services the demo and the tests use are running, and that PostgreSQL has
 # wal_level=logical (CDC mode needs it). Starts whatever is down with this machine's own commands;
-# elsewhere (e.g. `docker compose up -d`), it only checks.
+# elsewhere (e.g. `docker compose up -d postgres rabbitmq nats redis mosquitto`), it only checks.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

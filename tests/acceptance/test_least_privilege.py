@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -247,3 +248,115 @@ def test_grants_without_createrole_say_how_to_make_the_roles(
     assert "CREATEROLE" in done.stderr
     assert f"CREATE ROLE {roles.app} NOLOGIN" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _owner_env(database_url: str, roles: Roles, *attributes: str) -> dict[str, str]:
+    """An ordinary role (no superuser) that owns a schema ``owned``, as on managed PostgreSQL."""
+    owner = roles.login  # dropped by the roles fixture
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN " + " ".join(attributes)).format(sql.Identifier(owner))
+        )
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(conn.info.dbname), sql.Identifier(owner)
+            )
+        )
+    env = cli_env(database_url=roles.url(database_url, owner), schema="owned")
+    assert run_cli("migrate", env=env).returncode == 0
+    return env
+
+
+def _grants(env: dict[str, str], roles: Roles, *extra: str) -> Any:
+    return run_cli(
+        "migrate", "--grants", "--app-role", roles.app, "--relay-role", roles.relay, *extra, env=env
+    )
+
+
+def _may_replicate(database_url: str, role: str) -> bool:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT rolreplication FROM pg_roles WHERE rolname = %s", (role,))
+        return bool(row.fetchone()[0])  # type: ignore[index]
+
+
+def test_cdc_grants_without_a_superuser_keep_the_rights_and_say_who_sets_replication(
+    database_url: str, roles: Roles
+) -> None:
+    env = _owner_env(database_url, roles, "CREATEROLE")
+    done = _grants(env, roles)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(roles.relay)))
+    # Plain --grants may not remove the attribute either: it says so and succeeds.
+    done = _grants(env, roles)
+    assert done.returncode == 0, done.stderr
+    assert "keeps REPLICATION" in done.stderr
+    assert _may_replicate(database_url, roles.relay)
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOREPLICATION").format(sql.Identifier(roles.relay)))
+    grants_only = _apply_cdc_grants_without_slot(database_url, env, roles)
+    assert grants_only.returncode == 3
+    assert f'have a superuser run ALTER ROLE "{roles.relay}" REPLICATION' in grants_only.stderr
+    assert "rds_replication" in grants_only.stderr
+    assert "Traceback" not in grants_only.stderr
+    # The outbox rights were granted all the same: the relay role can claim rows.
+    relay_url = roles.url(database_url, roles.relay)
+    with psycopg.connect(relay_url) as conn:
+        conn.execute("SELECT id FROM owned.outbox FOR UPDATE").fetchall()
+        conn.execute("INSERT INTO owned.outbox (event_type, payload) VALUES ('a.b', '{}')")
+
+
+def test_rds_replication_membership_counts_as_replication(database_url: str, roles: Roles) -> None:
+    env = _owner_env(database_url, roles, "CREATEROLE")
+    assert _grants(env, roles).returncode == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        made = conn.execute("SELECT FROM pg_roles WHERE rolname = 'rds_replication'").fetchone()
+        if made is None:
+            conn.execute("CREATE ROLE rds_replication NOLOGIN")
+        conn.execute(sql.SQL("GRANT rds_replication TO {}").format(sql.Identifier(roles.relay)))
+    try:
+        done = _apply_cdc_grants_without_slot(database_url, env, roles)
+        assert done.returncode == 0, done.stderr
+        assert "may relay them, REPLICATION" in done.stdout
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("REVOKE rds_replication FROM {}").format(sql.Identifier(roles.relay))
+            )
+            if made is None:
+                conn.execute("DROP ROLE rds_replication")
+
+
+def _apply_cdc_grants_without_slot(database_url: str, env: dict[str, str], roles: Roles) -> Any:
+    """``--grants --cdc`` as the owner, the publication and slot made first by a superuser (as
+    a DBA would on a managed service, where the owner may not create slots)."""
+    slot = unique_slot_name()
+    try:
+        admin = cli_env(database_url=database_url, schema="owned")
+        made = run_cli("migrate", "--cdc", "--slot-name", slot, "--publication", slot, env=admin)
+        assert made.returncode == 0, made.stderr
+        return _grants(env, roles, "--cdc", "--slot-name", slot, "--publication", slot)
+    finally:
+        drop_slot_eventually(database_url, slot)
+
+
+def test_grants_refuse_roles_that_are_members_of_one_another(
+    database_url: str, roles: Roles
+) -> None:
+    grant(database_url, roles)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("GRANT {} TO {}").format(sql.Identifier(roles.app), sql.Identifier(roles.relay))
+        )
+    done = run_cli(
+        "migrate",
+        "--grants",
+        "--app-role",
+        roles.app,
+        "--relay-role",
+        roles.relay,
+        env=cli_env(database_url=database_url),
+    )
+    assert done.returncode == 3
+    assert "members of one another" in done.stderr

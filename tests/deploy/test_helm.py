@@ -430,6 +430,9 @@ def test_grace_period_is_derived_from_the_shutdown_timeout(
         ({"database": {"url": "postgresql://a@b/c", "existingSecret": "db"}}, "database"),
         ({"database": {"url": "postgresql://a@b/c"}}, "broker.url"),
         ({"broker": {"secretKey": "database-url"}}, "secretKey"),
+        ({"healthPort": 9464, "metricsPort": 9464}, "metricsPort must differ"),
+        ({"config": {"schema": "s" * 41}}, "schema"),
+        ({"config": {"retryBackoff": 0}}, "retryBackoff"),
     ],
 )
 def test_values_the_chart_cannot_honour_are_refused(values: dict[str, Any], complaint: str) -> None:

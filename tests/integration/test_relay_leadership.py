@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import pytest
 
 import outbox_relay
 from outbox_relay.status import OutboxStatus, read_status
+from outbox_relay.store import OutboxStore
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     Delivery,
@@ -183,3 +185,26 @@ def test_a_killed_leader_is_replaced_and_nothing_is_lost(
     assert len(first) == events
     assert len(arrived) - events <= 2 * 50
     assert per_aggregate(first) == expected_order(events)
+
+
+def test_relay_sessions_probe_their_tcp_connection_so_a_vanished_leader_is_noticed(
+    database_url: str, broker_url: str, exchange: str
+) -> None:
+    """After a node failure nothing closes the leader's socket: the server must find out by
+    itself (TCP keepalives) to free the leadership lock for a standby within about a minute."""
+
+    async def settings_seen_by_the_server() -> list[str]:
+        store = OutboxStore(relay_settings(database_url, broker_url, exchange))
+        await store.connect()
+        try:
+            conn = store._connection()
+            names = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+            return [
+                str((await (await conn.execute(f"SHOW {name}")).fetchone() or [None])[0])
+                for name in names
+            ]
+        finally:
+            await store.close()
+
+    # Over TCP (on a Unix socket the server reports 0 for all three).
+    assert asyncio.run(settings_seen_by_the_server()) == ["30", "10", "3"]

@@ -4,14 +4,24 @@ are idempotent; a custom schema works end to end."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import uuid
 from collections.abc import Callable
 
 import psycopg
 import pytest
+from psycopg import conninfo, sql
 
 import outbox_relay
+from outbox_relay import migrations
 from outbox_relay.errors import SchemaError
-from outbox_relay.migrations import applied_version, latest_version, migrate
+from outbox_relay.migrations import (
+    Migration,
+    applied_version,
+    available_migrations,
+    latest_version,
+    migrate,
+)
 from outbox_relay.publishers import create_publisher
 from outbox_relay.relay import Relay
 from outbox_relay.settings import RelaySettings
@@ -20,6 +30,8 @@ from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, collect, relay_settings, scalar
 
 pytestmark = pytest.mark.integration
+
+REAL_MIGRATIONS = available_migrations()
 
 
 def run_relay_until_it_fails(settings: RelaySettings) -> BaseException:
@@ -200,3 +212,45 @@ def test_relays_of_two_schemas_in_one_database_both_lead_each_on_its_own_outbox(
             assert other_relay.leading
             assert public.leading
     assert [d.json() for d in deliveries] == [{"in": "public"}, {"in": "other"}]
+
+
+def test_a_migration_waiting_for_a_lock_lets_go_and_retries(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay's open batch holds a lock on the outbox: the migration must not queue behind it
+    for long (producers' inserts would queue behind the migration), but retry until it is free."""
+    extra = Migration(
+        latest_version() + 1, "add_column", "ALTER TABLE {{schema}}.outbox ADD COLUMN x int;"
+    )
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [*REAL_MIGRATIONS, extra])
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "100ms")
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT id FROM outbox FOR UPDATE")  # what a relay's claim holds
+        release = threading.Timer(2.0, holder.rollback)
+        release.start()
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                applied = migrate(conn, "public")
+        finally:
+            release.join()
+    assert [m.name for m in applied] == ["add_column"]
+    assert "migration waits for a lock" in caplog.text
+
+
+def test_migrate_needs_no_create_right_once_the_schema_exists(database_url: str) -> None:
+    """An owner on a managed service: owns its schema, may not create schemas in the database."""
+    role = f"t_owner_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("CREATE SCHEMA owned AUTHORIZATION {}").format(sql.Identifier(role)))
+    try:
+        owner_url = conninfo.make_conninfo(database_url, user=role)
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            first = migrate(conn, "owned")
+            again = migrate(conn, "owned")
+        assert [m.version for m in first] == list(range(1, latest_version() + 1))
+        assert again == []
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -101,6 +101,9 @@ makes the Secret <fullname>, every URL read from it must be given; and the two k
 {{- fail (printf "%s: set url or existingSecret, not both" $field) }}
 {{- end }}
 {{- end }}
+{{- if eq (int .Values.healthPort) (int .Values.metricsPort) }}
+{{- fail "healthPort and metricsPort must differ: the relay serves probes and metrics on separate ports" }}
+{{- end }}
 {{- end }}
 
 {{/*
