@@ -21,17 +21,15 @@ from tests.conftest import RabbitQueue, wait_until
 pytestmark = pytest.mark.acceptance
 
 
-def grant(database_url: str, roles: Roles, *extra: str) -> str:
-    done = run_cli(
-        "migrate",
-        "--grants",
-        "--app-role",
-        roles.app,
-        "--relay-role",
-        roles.relay,
-        *extra,
-        env=cli_env(database_url=database_url),
+def run_grants(env: dict[str, str], roles: Roles, *extra: str) -> Any:
+    """``outbox-relay migrate --grants`` for this test's roles, as whoever ``env`` logs in as."""
+    return run_cli(
+        "migrate", "--grants", "--app-role", roles.app, "--relay-role", roles.relay, *extra, env=env
     )
+
+
+def grant(database_url: str, roles: Roles, *extra: str) -> str:
+    done = run_grants(cli_env(database_url=database_url), roles, *extra)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -222,28 +220,7 @@ def test_grants_without_createrole_say_how_to_make_the_roles(
     database_url: str, roles: Roles
 ) -> None:
     """An owner that may create tables but not roles: the roles must be made by someone else."""
-    owner = roles.login  # reused as the outbox owner here; dropped by the fixture
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
-        database = conn.info.dbname
-        conn.execute(
-            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
-                sql.Identifier(database), sql.Identifier(owner)
-            )
-        )
-    env = cli_env(database_url=roles.url(database_url, owner))
-    assert run_cli("migrate", "--schema", "owned", env=env).returncode == 0
-    done = run_cli(
-        "migrate",
-        "--schema",
-        "owned",
-        "--grants",
-        "--app-role",
-        roles.app,
-        "--relay-role",
-        roles.relay,
-        env=env,
-    )
+    done = run_grants(_owner_env(database_url, roles), roles)
     assert done.returncode == 3
     assert "CREATEROLE" in done.stderr
     assert f"CREATE ROLE {roles.app} NOLOGIN" in done.stderr
@@ -267,28 +244,24 @@ def _owner_env(database_url: str, roles: Roles, *attributes: str) -> dict[str, s
     return env
 
 
-def _grants(env: dict[str, str], roles: Roles, *extra: str) -> Any:
-    return run_cli(
-        "migrate", "--grants", "--app-role", roles.app, "--relay-role", roles.relay, *extra, env=env
-    )
-
-
 def _may_replicate(database_url: str, role: str) -> bool:
     with psycopg.connect(database_url) as conn:
-        row = conn.execute("SELECT rolreplication FROM pg_roles WHERE rolname = %s", (role,))
-        return bool(row.fetchone()[0])  # type: ignore[index]
+        row = conn.execute(
+            "SELECT rolreplication FROM pg_roles WHERE rolname = %s", (role,)
+        ).fetchone()
+    return bool(row and row[0])
 
 
 def test_cdc_grants_without_a_superuser_keep_the_rights_and_say_who_sets_replication(
     database_url: str, roles: Roles
 ) -> None:
     env = _owner_env(database_url, roles, "CREATEROLE")
-    done = _grants(env, roles)
+    done = run_grants(env, roles)
     assert done.returncode == 0, done.stderr
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(roles.relay)))
     # Plain --grants may not remove the attribute either: it says so and succeeds.
-    done = _grants(env, roles)
+    done = run_grants(env, roles)
     assert done.returncode == 0, done.stderr
     assert "keeps REPLICATION" in done.stderr
     assert _may_replicate(database_url, roles.relay)
@@ -309,7 +282,7 @@ def test_cdc_grants_without_a_superuser_keep_the_rights_and_say_who_sets_replica
 
 def test_rds_replication_membership_counts_as_replication(database_url: str, roles: Roles) -> None:
     env = _owner_env(database_url, roles, "CREATEROLE")
-    assert _grants(env, roles).returncode == 0
+    assert run_grants(env, roles).returncode == 0
     with psycopg.connect(database_url, autocommit=True) as conn:
         made = conn.execute("SELECT FROM pg_roles WHERE rolname = 'rds_replication'").fetchone()
         if made is None:
@@ -336,7 +309,7 @@ def _apply_cdc_grants_without_slot(database_url: str, env: dict[str, str], roles
         admin = cli_env(database_url=database_url, schema="owned")
         made = run_cli("migrate", "--cdc", "--slot-name", slot, "--publication", slot, env=admin)
         assert made.returncode == 0, made.stderr
-        return _grants(env, roles, "--cdc", "--slot-name", slot, "--publication", slot)
+        return run_grants(env, roles, "--cdc", "--slot-name", slot, "--publication", slot)
     finally:
         drop_slot_eventually(database_url, slot)
 
@@ -349,14 +322,6 @@ def test_grants_refuse_roles_that_are_members_of_one_another(
         conn.execute(
             sql.SQL("GRANT {} TO {}").format(sql.Identifier(roles.app), sql.Identifier(roles.relay))
         )
-    done = run_cli(
-        "migrate",
-        "--grants",
-        "--app-role",
-        roles.app,
-        "--relay-role",
-        roles.relay,
-        env=cli_env(database_url=database_url),
-    )
+    done = run_grants(cli_env(database_url=database_url), roles)
     assert done.returncode == 3
     assert "members of one another" in done.stderr
