@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox_relay import __version__
 from tests.acceptance.conftest import Roles
 from tests.conftest import RabbitQueue, wait_until
 
@@ -79,7 +80,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def test_the_wheel_carries_the_sql_license_and_metadata(dist: Path) -> None:
     (wheel,) = dist.glob("*.whl")
-    assert wheel.name == f"outbox_relay-{_version()}-py3-none-any.whl"
+    assert wheel.name == f"outbox_relay-{__version__}-py3-none-any.whl"
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = email.message_from_bytes(
@@ -112,7 +113,7 @@ def test_the_sdist_carries_what_a_rebuild_needs(dist: Path) -> None:
 
 def test_the_installed_cli_reports_its_version(venv: Path, tmp_path: Path) -> None:
     out = _run(venv / "bin" / "outbox-relay", "--version", cwd=tmp_path, env=clean_env())
-    assert out.strip() == f"outbox-relay {_version()}"
+    assert out.strip() == f"outbox-relay {__version__}"
     located = _run(
         venv / "bin" / "python",
         "-c",
@@ -192,11 +193,3 @@ def test_the_installed_relay_migrates_and_relays_as_the_least_privilege_role(
 def archive_text(wheel: Path, suffix: str) -> str:
     with zipfile.ZipFile(wheel) as archive:
         return archive.read(next(n for n in archive.namelist() if n.endswith(suffix))).decode()
-
-
-def _version() -> str:
-    """The version hatch reads from outbox_relay/__init__.py (pyproject marks it dynamic)."""
-    for line in (ROOT / "outbox_relay" / "__init__.py").read_text().splitlines():
-        if line.startswith("__version__"):
-            return line.split("=", 1)[1].strip().strip("\"'")
-    raise AssertionError("outbox_relay/__init__.py has no __version__")
