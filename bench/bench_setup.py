@@ -19,7 +19,7 @@ import pika.exceptions
 import psycopg
 from psycopg import sql
 
-from outbox_relay.migrations import migrate
+from outbox_relay.db.migrations import migrate
 
 EVENT_TYPE = "bench.created"
 AGGREGATE_TYPE = "bench"

@@ -38,8 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from outbox_relay.migrations import migrate
-from outbox_relay.settings import DEFAULT_BATCH_SIZE
+from outbox_relay.db.migrations import migrate
+from outbox_relay.relay.settings import DEFAULT_BATCH_SIZE
 
 ADMIN_URL = os.environ.get(
     "OUTBOX_RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

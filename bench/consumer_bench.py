@@ -27,8 +27,8 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
-from outbox_relay import topology as topo
 from outbox_relay.consumer import Consumer, ConsumerSettings, Event
+from outbox_relay.consumer import topology as topo
 
 ADMIN_URL = os.environ.get(
     "OUTBOX_RELAY_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

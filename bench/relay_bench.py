@@ -38,8 +38,8 @@ from producers import PacedProducers, PublishedCounter, insert_backlog, pending
 from raw_publisher import run_in_child as raw_publisher_child
 from relay_process import RelayProcess
 
-from outbox_relay.queries import Queries
-from outbox_relay.settings import DEFAULT_BATCH_SIZE
+from outbox_relay.db.queries import Queries
+from outbox_relay.relay.settings import DEFAULT_BATCH_SIZE
 
 # A shared service restarting mid-phase (other engineers' disruptive tests) surfaces as one of
 # these; the phase is then run again.

@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from outbox_relay.db.store import OutboxStore
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.publishers import create_publisher
 from outbox_relay.publishers.base import Publisher
-from outbox_relay.relay import Relay
-from outbox_relay.settings import Mode, RelaySettings
-from outbox_relay.store import OutboxStore
+from outbox_relay.relay.loop import Relay
+from outbox_relay.relay.settings import Mode, RelaySettings
 
 
 class ConfirmClock:

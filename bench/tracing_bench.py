@@ -5,7 +5,7 @@ traced ``emit()`` writes them), then times a real ``Relay`` publishing all of it
 confirms, in a child process of its own:
 
 * ``off``: no hooks, exactly what ``outbox-relay serve`` runs with no OTEL_* variables;
-* ``on``: :class:`~outbox_relay.tracing.RelayTracing` on an SDK ``TracerProvider`` with a
+* ``on``: :class:`~outbox_relay.observability.tracing.RelayTracing` on an SDK ``TracerProvider`` with a
   ``BatchSpanProcessor`` and an exporter that drops the spans (what exporting costs the relay is
   the batch processor's queue; the network work happens on its own thread);
 * ``on-10%``: the same relay, but only 10% of the producers' traces are sampled (producers with
@@ -37,8 +37,8 @@ import psycopg
 from bench_setup import EVENT_TYPE, PAYLOAD_SQL, BenchEnv, bench_env
 
 from outbox_relay.publishers import create_publisher
-from outbox_relay.relay import Relay
-from outbox_relay.settings import DEFAULT_BATCH_SIZE, Mode, RelaySettings
+from outbox_relay.relay.loop import Relay
+from outbox_relay.relay.settings import DEFAULT_BATCH_SIZE, Mode, RelaySettings
 
 MODES = ("off", "on", "on-10%")
 # Diagnostics, not run by default: the SDK loaded and a provider running, but no hooks.
@@ -98,7 +98,7 @@ async def _relay_until_empty(mode: str, settings_kwargs: dict[str, Any]) -> dict
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        from outbox_relay.tracing import INSTRUMENTATION, RelayTracing
+        from outbox_relay.observability.tracing import INSTRUMENTATION, RelayTracing
 
         exporter = DroppingExporter()
         provider = TracerProvider()  # the default sampler: parentbased_always_on

@@ -4,7 +4,7 @@
 #
 #   sh deploy/install.sh VENV SOURCE_DIR [EXTRAS]
 #
-# SOURCE_DIR holds pyproject.toml, README.md, outbox_relay/ and schema/. EXTRAS defaults to the
+# SOURCE_DIR holds pyproject.toml, README.md and outbox_relay/ (its SQL included). EXTRAS defaults to the
 # runtime extras (OpenTelemetry and every broker client), never `dev`. PYTHON picks the
 # interpreter that creates the venv (default: python3).
 set -eu
@@ -19,7 +19,7 @@ extras=${3:-otel,nats,redis,mqtt,webhook}
 
 "${PYTHON:-python3}" -m venv "$venv"
 "$venv/bin/python" -m pip install --upgrade pip
-# A path install builds the wheel (schema/ goes inside the package) and installs the wheel, not
+# A path install builds the wheel (the SQL is package data) and installs the wheel, not
 # the source tree: the venv holds exactly what `pip install 'outbox-relay[...]'` would.
 "$venv/bin/python" -m pip install "$src[$extras]"
 

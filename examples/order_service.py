@@ -45,7 +45,7 @@ import psycopg
 from opentelemetry import trace
 
 from outbox_relay import emit
-from outbox_relay.tracing import configure_tracing
+from outbox_relay.observability.tracing import configure_tracing
 
 #: Every variable this script reads besides the standard OTEL_* ones (compose.yaml is checked
 #: against it).

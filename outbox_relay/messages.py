@@ -69,5 +69,14 @@ class PublishResult:
 CONFIRMED = PublishResult(confirmed=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A row whose publish failed, as the relay records it: ``id`` is the outbox row id."""
+
+    id: int
+    reason: str
+    permanent: bool
+
+
 def failed(reason: str, *, permanent: bool = False) -> PublishResult:
     return PublishResult(confirmed=False, reason=reason, permanent=permanent)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from outbox_relay.db.queries import check_schema_name
 from outbox_relay.errors import InvalidEventError
 from outbox_relay.messages import event_type_problem
-from outbox_relay.queries import check_schema_name
-from outbox_relay.tracing import emit_context
+from outbox_relay.observability.tracing import emit_context
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection as SAConnection

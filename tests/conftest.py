@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbox_relay.migrations import migrate
+from outbox_relay.db.migrations import migrate
 from tests.services import Services, provide_services
 
 
@@ -133,7 +133,7 @@ def exchange(broker_url: str) -> Iterator[str]:
     conn.channel().exchange_declare(name, "topic", durable=True)
     conn.close()
     yield name
-    _rabbit_cleanup(broker_url, lambda ch: ch.exchange_delete(name))
+    rabbit_cleanup(broker_url, lambda ch: ch.exchange_delete(name))
 
 
 @pytest.fixture
@@ -154,10 +154,10 @@ def bind_queue(broker_url: str, exchange: str) -> Iterator[Callable[..., RabbitQ
 
     yield make
     for name in made:
-        _rabbit_cleanup(broker_url, lambda ch, n=name: ch.queue_delete(n))
+        rabbit_cleanup(broker_url, lambda ch, n=name: ch.queue_delete(n))
 
 
-def _rabbit_cleanup(url: str, action: Callable[[Any], Any]) -> None:
+def rabbit_cleanup(url: str, action: Callable[[Any], Any]) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -27,9 +27,8 @@ from tests.conftest import RabbitQueue, wait_until
 pytestmark = pytest.mark.acceptance
 
 ROOT = Path(__file__).resolve().parents[2]
-SQL_FILES = sorted(
-    str(path.relative_to(ROOT / "schema")) for path in (ROOT / "schema").rglob("*.sql")
-)
+SQL_DIR = ROOT / "outbox_relay" / "db" / "sql"
+SQL_FILES = sorted(str(path.relative_to(ROOT)) for path in SQL_DIR.rglob("*.sql"))
 
 
 def _run(
@@ -86,8 +85,8 @@ def test_the_wheel_carries_the_sql_license_and_metadata(dist: Path) -> None:
         metadata = email.message_from_bytes(
             archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
         )
-    assert {f"outbox_relay/schema/{name}" for name in SQL_FILES} <= names
-    assert "outbox_relay/sql/queries.sql" in names
+    assert set(SQL_FILES) <= names
+    assert "outbox_relay/db/sql/queries.sql" in names
     assert "outbox_relay/py.typed" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     assert not any(name.startswith(("tests/", "bench/", "examples/")) for name in names)
@@ -107,7 +106,7 @@ def test_the_sdist_carries_what_a_rebuild_needs(dist: Path) -> None:
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md"} <= names
-    assert {f"schema/{name}" for name in SQL_FILES} <= names
+    assert set(SQL_FILES) <= names
     assert not any(name.startswith((".venv/", ".git/")) or "__pycache__" in name for name in names)
 
 
@@ -182,7 +181,7 @@ def test_the_installed_relay_migrates_and_relays_as_the_least_privilege_role(
         wait_until(lambda: got.extend(body for *_, body in queue.drain()) or len(got) >= 5)
         assert [json.loads(body)["n"] for body in got] == list(range(5))
         status = json.loads(_run(cli, "status", "--json", cwd=tmp_path, env=relay_env))
-        assert status["schema_version"] == len(list((ROOT / "schema/migrations").glob("*.sql")))
+        assert status["schema_version"] == len(list((SQL_DIR / "outbox").glob("*.sql")))
     finally:
         relay.terminate()
         code = relay.wait(timeout=30)

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay import topology as topo
+from outbox_relay.consumer import topology as topo
 from tests.acceptance.conftest import (
     RelayProcess,
     cli_env,

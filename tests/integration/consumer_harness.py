@@ -17,9 +17,9 @@ from typing import Any
 import pika
 import psycopg
 
-from outbox_relay import topology as topo
 from outbox_relay.consumer import Consumer, ConsumerHooks, ConsumerSettings, Event, Worker
-from tests.conftest import _rabbit_cleanup, wait_until
+from outbox_relay.consumer import topology as topo
+from tests.conftest import rabbit_cleanup, wait_until
 
 EFFECTS_TABLE = """
 CREATE TABLE IF NOT EXISTS effects (
@@ -162,7 +162,7 @@ class ConsumerEnv:
                     channel.queue_delete(name)  # deleting a missing queue is not an error
                 channel.exchange_delete(topology.dead_letter_exchange)
 
-        _rabbit_cleanup(self.broker_url, delete)
+        rabbit_cleanup(self.broker_url, delete)
 
 
 def consumer_env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:

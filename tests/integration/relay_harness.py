@@ -21,10 +21,10 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay.hooks import RelayHooks
 from outbox_relay.publishers import create_publisher
-from outbox_relay.relay import Relay
-from outbox_relay.settings import Mode, RelaySettings
+from outbox_relay.relay.hooks import RelayHooks
+from outbox_relay.relay.loop import Relay
+from outbox_relay.relay.settings import Mode, RelaySettings
 from tests.conftest import RabbitQueue, wait_until
 
 

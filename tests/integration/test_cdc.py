@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay.replication import ReplicationStream
-from outbox_relay.settings import Mode, OnSent
+from outbox_relay.cdc.stream import ReplicationStream
+from outbox_relay.relay.settings import Mode, OnSent
 from tests.cdc_support import current_wal_lsn, drop_slot_eventually, slot_row, unique_slot_name
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (

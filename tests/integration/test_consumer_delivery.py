@@ -13,7 +13,6 @@ import pika
 import psycopg
 import pytest
 
-from outbox_relay import dlq
 from outbox_relay.consumer import (
     ATTEMPTS_HEADER,
     FAILURE_REASON_HEADER,
@@ -21,6 +20,7 @@ from outbox_relay.consumer import (
     Event,
     NoHooks,
     PermanentError,
+    dlq,
 )
 from tests.conftest import wait_until
 from tests.integration.consumer_harness import (

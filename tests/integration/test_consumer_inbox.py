@@ -12,8 +12,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox_relay.consumer import Consumer, Event, NoHooks
+from outbox_relay.consumer.inbox import Delivery, PsycopgInbox, SQLAlchemyInbox, migrate_inbox
 from outbox_relay.errors import SchemaError
-from outbox_relay.inbox import Delivery, PsycopgInbox, SQLAlchemyInbox, migrate_inbox
 from tests.conftest import wait_until
 from tests.integration.consumer_harness import ConsumerEnv, WorkerThread, consumer_env
 

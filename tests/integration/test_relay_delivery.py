@@ -14,7 +14,7 @@ import sqlalchemy
 from sqlalchemy.orm import Session
 
 import outbox_relay
-from outbox_relay.settings import OnSent
+from outbox_relay.relay.settings import OnSent
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, collect, relay_settings, scalar
 

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 import outbox_relay
-from outbox_relay.status import OutboxStatus, read_status
-from outbox_relay.store import OutboxStore
+from outbox_relay.db.status import OutboxStatus, read_status
+from outbox_relay.db.store import OutboxStore
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     Delivery,

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay.store import OutboxStore
+from outbox_relay.db.store import OutboxStore
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, relay_settings
 

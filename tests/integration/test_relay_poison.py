@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 import outbox_relay
-from outbox_relay.deadletters import list_dead, retry_dead
-from outbox_relay.logs import JsonFormatter
+from outbox_relay.db.dead_events import list_dead, retry_dead
+from outbox_relay.observability.logs import JsonFormatter
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     RelayThread,

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 import outbox_relay
-from outbox_relay.settings import Mode
+from outbox_relay.relay.settings import Mode
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     RelayThread,

@@ -25,14 +25,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from outbox_relay.errors import (
-    ReplicationError,
-    ReplicationPrivilegeError,
-    SlotInUseError,
-    SlotNotFoundError,
-    WalLevelError,
-)
-from outbox_relay.pgoutput import (
+from outbox_relay.cdc.pgoutput import (
     PG_EPOCH,
     Begin,
     Commit,
@@ -49,7 +42,14 @@ from outbox_relay.pgoutput import (
     insert_to_dict,
     parse_lsn,
 )
-from outbox_relay.replication import ReplicationStream, translate_error
+from outbox_relay.cdc.stream import ReplicationStream, translate_error
+from outbox_relay.errors import (
+    ReplicationError,
+    ReplicationPrivilegeError,
+    SlotInUseError,
+    SlotNotFoundError,
+    WalLevelError,
+)
 from tests.services import DEFAULT_POSTGRES
 
 pytestmark = pytest.mark.integration

@@ -13,19 +13,19 @@ import pytest
 from psycopg import conninfo, sql
 
 import outbox_relay
-from outbox_relay import migrations
-from outbox_relay.errors import SchemaError
-from outbox_relay.migrations import (
+from outbox_relay.db import migrations
+from outbox_relay.db.migrations import (
     Migration,
     applied_version,
     available_migrations,
     latest_version,
     migrate,
 )
+from outbox_relay.db.status import read_status
+from outbox_relay.errors import SchemaError
 from outbox_relay.publishers import create_publisher
-from outbox_relay.relay import Relay
-from outbox_relay.settings import RelaySettings
-from outbox_relay.status import read_status
+from outbox_relay.relay.loop import Relay
+from outbox_relay.relay.settings import RelaySettings
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, collect, relay_settings, scalar
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from outbox_relay.migrations import latest_version
-from outbox_relay.status import OutboxStatus, read_status
+from outbox_relay.db.migrations import latest_version
+from outbox_relay.db.status import OutboxStatus, read_status
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, collect, relay_settings, scalar
 

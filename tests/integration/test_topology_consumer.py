@@ -9,8 +9,8 @@ import pika
 import psycopg
 import pytest
 
-from outbox_relay import topology as topo
 from outbox_relay.consumer import Consumer, Event
+from outbox_relay.consumer import topology as topo
 from outbox_relay.errors import ConfigError
 from tests.conftest import wait_until
 from tests.integration.consumer_harness import (

@@ -20,11 +20,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from outbox_relay.consumer import Consumer, Event
-from outbox_relay.hooks import NoRelayHooks
 from outbox_relay.messages import OutboxMessage
+from outbox_relay.observability.tracing import INSTRUMENTATION, ConsumerTracing, RelayTracing
 from outbox_relay.producer import emit
-from outbox_relay.settings import Mode
-from outbox_relay.tracing import INSTRUMENTATION, ConsumerTracing, RelayTracing
+from outbox_relay.relay.hooks import NoRelayHooks
+from outbox_relay.relay.settings import Mode
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.consumer_harness import ConsumerEnv, WorkerThread, consumer_env
 from tests.integration.relay_harness import RelayThread, collect, relay_settings

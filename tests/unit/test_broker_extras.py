@@ -12,7 +12,7 @@ from outbox_relay.publishers.mqtt import MqttPublisher, mqtt_topic
 from outbox_relay.publishers.nats import NatsPublisher
 from outbox_relay.publishers.redis_streams import RedisStreamsPublisher
 from outbox_relay.publishers.webhook import WebhookPublisher, sign, verdict
-from outbox_relay.settings import RelaySettings
+from outbox_relay.relay.settings import RelaySettings
 
 SCHEMES = {
     "nats://127.0.0.1:4222": NatsPublisher,

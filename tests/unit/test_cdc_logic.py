@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from outbox_relay.cdc import TransactionTracker, WalTransaction, select_publishable
-from outbox_relay.messages import OutboxMessage
-from outbox_relay.pgoutput import (
+from outbox_relay.cdc.pgoutput import (
     Begin,
     Commit,
     Insert,
@@ -19,7 +17,9 @@ from outbox_relay.pgoutput import (
     ValueKind,
     XLogData,
 )
-from outbox_relay.wal_events import WalEvent
+from outbox_relay.cdc.source import TransactionTracker, WalTransaction, select_publishable
+from outbox_relay.cdc.wal_events import WalEvent
+from outbox_relay.messages import OutboxMessage
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 OUTBOX, OTHER = 16384, 16400

@@ -10,9 +10,9 @@ from outbox_relay.consumer import (
     ATTEMPTS_HEADER,
     FAILED_AT_HEADER,
     FAILURE_REASON_HEADER,
-    copy_properties,
 )
-from outbox_relay.dlq import _dead_message
+from outbox_relay.consumer.dlq import dead_message
+from outbox_relay.consumer.worker import copy_properties
 
 
 def test_dead_message_reads_the_consumers_failure_headers() -> None:
@@ -26,7 +26,7 @@ def test_dead_message_reads_the_consumers_failure_headers() -> None:
             "aggregate_id": "o-1",
         },
     )
-    dead = _dead_message(properties, b"{}")
+    dead = dead_message(properties, b"{}")
     assert (dead.event_id, dead.event_type, dead.attempts) == ("e-1", "order.created", 3)
     assert dead.reason == "gave up after 3 attempt(s): boom"
     assert dead.failed_at == "2026-01-01T00:00:00.000+00:00"
@@ -47,7 +47,7 @@ def test_dead_message_explains_broker_dead_lettering() -> None:
             ],
         }
     )
-    dead = _dead_message(properties, b"{}")
+    dead = dead_message(properties, b"{}")
     assert dead.event_id == "e-2"
     assert dead.reason == "dead-lettered by RabbitMQ: rejected"
     assert dead.attempts is None

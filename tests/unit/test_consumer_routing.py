@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from outbox_relay import topology as topo
+from outbox_relay.cli.consumer import load_consumer
 from outbox_relay.consumer import (
     Consumer,
     ConsumerSettings,
@@ -15,7 +15,7 @@ from outbox_relay.consumer import (
     Reject,
     topic_matches,
 )
-from outbox_relay.consumer_cli import load_consumer
+from outbox_relay.consumer import topology as topo
 from outbox_relay.errors import ConfigError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from outbox_relay.cli import parse_duration
+from outbox_relay.cli.common import parse_duration
 from outbox_relay.errors import ConfigError
 
 

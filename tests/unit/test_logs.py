@@ -9,13 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from outbox_relay.logs import JsonFormatter, TextFormatter, configure
+from outbox_relay.observability.logs import JsonFormatter, TextFormatter, configure
 
 
 def record(
     msg: str = "publish failed: %s", args: tuple[object, ...] = ("unroutable",), **extra: object
 ) -> logging.LogRecord:
-    logger = logging.getLogger("outbox_relay.relay")
+    logger = logging.getLogger("outbox_relay.relay.loop")
     return logger.makeRecord(
         logger.name, logging.WARNING, __file__, 1, msg, args, None, extra=extra
     )
@@ -29,7 +29,7 @@ def test_json_line_has_the_message_and_every_extra() -> None:
     entry = json.loads(line)
     assert entry["message"] == "publish failed: unroutable"
     assert entry["level"] == "warning"
-    assert entry["logger"] == "outbox_relay.relay"
+    assert entry["logger"] == "outbox_relay.relay.loop"
     assert entry["ts"].endswith("+00:00")
     assert entry["event_id"] == "e-1"
     assert entry["event_type"] == "order.created"

@@ -17,12 +17,16 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from outbox_relay.consumer import Event
-from outbox_relay.health import HealthServer, HealthThread
-from outbox_relay.hooks import CompositeHooks, NoRelayHooks
-from outbox_relay.messages import CONFIRMED, OutboxMessage, failed
-from outbox_relay.metrics import Backlog, ConsumerMetrics, RelayMetrics, failure_reason
-from outbox_relay.observability import CompositeConsumerHooks
-from outbox_relay.store import Failure
+from outbox_relay.messages import CONFIRMED, Failure, OutboxMessage, failed
+from outbox_relay.observability.health import HealthServer, HealthThread
+from outbox_relay.observability.metrics import (
+    Backlog,
+    ConsumerMetrics,
+    RelayMetrics,
+    failure_reason,
+)
+from outbox_relay.observability.wiring import CompositeConsumerHooks
+from outbox_relay.relay.hooks import CompositeHooks, NoRelayHooks
 
 
 def message(n: int, age: float = 2.0) -> OutboxMessage:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from outbox_relay.migrations import Migration, SchemaState, available_migrations, version_problem
+from outbox_relay.db.migrations import Migration, SchemaState, available_migrations, version_problem
 
 
 def test_migrations_are_numbered_without_gaps() -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.ordering import AggregateChains, publish_in_order
+from outbox_relay.relay.ordering import AggregateChains, publish_in_order
 
 
 def message(id_: int, aggregate_id: str | None) -> OutboxMessage:

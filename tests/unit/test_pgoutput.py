@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from outbox_relay.pgoutput import (
+from outbox_relay.cdc.pgoutput import (
     PG_EPOCH,
     Begin,
     Commit,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import outbox_relay
+from outbox_relay.db.queries import Queries, check_schema_name, raw_queries, render
 from outbox_relay.errors import ConfigError
-from outbox_relay.queries import Queries, _raw_queries, check_schema_name, render
 
 PACKAGE = Path(outbox_relay.__file__).parent
 # Every way the package names a query: store._fetch("x"), queries["x"], Queries(schema)["x"],
@@ -41,12 +41,12 @@ def test_every_query_the_package_runs_is_defined() -> None:
 
 
 def test_query_names_are_unique() -> None:
-    text = resources.files("outbox_relay").joinpath("sql/queries.sql").read_text("utf-8")
+    text = resources.files("outbox_relay.db").joinpath("sql/queries.sql").read_text("utf-8")
     names = re.findall(r"^-- name: (\w+)\s*$", text, re.MULTILINE)
-    assert len(names) == len(set(names)) == len(_raw_queries())
+    assert len(names) == len(set(names)) == len(raw_queries())
 
 
-@pytest.mark.parametrize("name", sorted(_raw_queries()))
+@pytest.mark.parametrize("name", sorted(raw_queries()))
 def test_every_named_query_renders_for_a_custom_schema(name: str) -> None:
     queries = Queries("outbox_custom")
     text = queries[name].as_string()
@@ -54,7 +54,7 @@ def test_every_named_query_renders_for_a_custom_schema(name: str) -> None:
     assert "{{" not in text
     assert not text.rstrip().endswith(";"), "psycopg runs one statement; the loader strips ';'"
     assert "-- name:" not in text, "a query swallowed the next one"
-    if "outbox" in _raw_queries()[name]:
+    if "outbox" in raw_queries()[name]:
         assert "outbox_custom." in text
         assert "public." not in text
     # Placeholders are psycopg named parameters only; a stray % would break execution.

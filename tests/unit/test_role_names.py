@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from outbox_relay.db.grants import check_role_name
 from outbox_relay.errors import ConfigError
-from outbox_relay.grants import check_role_name
 
 
 @pytest.mark.parametrize("name", ["outbox_relay", "Orders-Relay", "svc.orders", "x" * 63])

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from outbox_relay.errors import ConfigError
-from outbox_relay.settings import Mode, OnSent, RelaySettings
+from outbox_relay.relay.settings import Mode, OnSent, RelaySettings
 
 
 def settings(**changes: Any) -> RelaySettings:

@@ -16,13 +16,13 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from outbox_relay.messages import CONFIRMED, OutboxMessage, failed
-from outbox_relay.tracing import (
+from outbox_relay.observability.tracing import (
     RelayTracing,
-    _with_headers,
     emit_context,
     format_traceparent,
     parse_traceparent,
     traces_exporter_names,
+    with_headers,
 )
 from tests.otel_helpers import global_memory_tracing
 
@@ -159,9 +159,9 @@ def test_nothing_configured_means_no_exporter(
 
 def test_copying_a_message_keeps_every_field() -> None:
     original = message(7, {"a": 1})
-    copy = _with_headers(original, {"b": 2})
+    copy = with_headers(original, {"b": 2})
     assert copy == dataclasses.replace(original, headers={"b": 2})
-    # A new OutboxMessage field must be added to _with_headers too.
+    # A new OutboxMessage field must be added to with_headers too.
     assert len(dataclasses.fields(OutboxMessage)) == 9
 
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from outbox_relay.cdc.wal_events import WalEvent, default_prefix, parse_wal_event
 from outbox_relay.errors import InvalidEventError
-from outbox_relay.wal_events import WalEvent, default_prefix, parse_wal_event
 
 AT = datetime(2025, 5, 6, 7, 8, 9, tzinfo=UTC)
 PREFIX = default_prefix("public")

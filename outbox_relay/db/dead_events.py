@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay.queries import Queries
+from outbox_relay.db.queries import Queries
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Least-privilege roles for one outbox schema (``outbox-relay migrate --grants``).
 
 The application role may only add events; the relay role gets exactly what the relay needs,
-and the REPLICATION attribute only for ``--mode cdc``. The SQL lives in ``schema/grants/``.
+and the REPLICATION attribute only for ``--mode cdc``. The SQL lives in ``db/sql/grants/``.
 Each run first revokes whatever the two roles held on the outbox objects, so re-running after an
 upgrade (or switching between notify and cdc) leaves exactly the listed rights.
 """
@@ -16,9 +16,9 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
+from outbox_relay.db.migrations import MIGRATION_LOCK, check_schema, sql_dir
+from outbox_relay.db.queries import render
 from outbox_relay.errors import ConfigError
-from outbox_relay.migrations import MIGRATION_LOCK, check_schema, schema_dir
-from outbox_relay.queries import render
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _RESERVED_ROLES = {"public", "none", "current_user", "current_role", "session_us
 
 
 def _script(name: str, schema: str, app_role: str, relay_role: str) -> sql.Composed:
-    text = render(schema_dir("grants").joinpath(name).read_text("utf-8"), schema)
+    text = render(sql_dir("grants").joinpath(name).read_text("utf-8"), schema)
     return sql.SQL(text).format(app=sql.Identifier(app_role), relay=sql.Identifier(relay_role))
 
 

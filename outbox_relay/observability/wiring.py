@@ -13,18 +13,28 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack
 from typing import TYPE_CHECKING, Any
 
-from outbox_relay.health import HealthServer, HealthThread
-from outbox_relay.hooks import CompositeHooks, RelayHooks
-from outbox_relay.metrics import Backlog, BacklogSampler, ConsumerMetrics, RelayMetrics
-from outbox_relay.metrics import configure_metrics as _configure_metrics
-from outbox_relay.tracing import INSTRUMENTATION, ConsumerTracing, RelayTracing, configure_tracing
+from outbox_relay.observability.health import HealthServer, HealthThread
+from outbox_relay.observability.metrics import (
+    Backlog,
+    BacklogSampler,
+    ConsumerMetrics,
+    RelayMetrics,
+)
+from outbox_relay.observability.metrics import configure_metrics as _configure_metrics
+from outbox_relay.observability.tracing import (
+    INSTRUMENTATION,
+    ConsumerTracing,
+    RelayTracing,
+    configure_tracing,
+)
+from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
 
 if TYPE_CHECKING:
     from pika.spec import Basic, BasicProperties
 
-    from outbox_relay.consumer import ConsumerHooks, Event, Worker
-    from outbox_relay.relay import Relay
-    from outbox_relay.settings import RelaySettings
+    from outbox_relay.consumer.worker import ConsumerHooks, Event, Worker
+    from outbox_relay.relay.loop import Relay
+    from outbox_relay.relay.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 

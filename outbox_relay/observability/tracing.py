@@ -2,7 +2,7 @@
 
 * Producer: :func:`emit_context` stores the W3C context (``traceparent``, ``tracestate``,
   ``baggage``) in the outbox row's ``headers`` and records an ``outbox emit <type>`` span.
-* Relay: :class:`RelayTracing` (a :class:`~outbox_relay.hooks.RelayHooks`) records one PRODUCER
+* Relay: :class:`RelayTracing` (a :class:`~outbox_relay.relay.hooks.RelayHooks`) records one PRODUCER
   span per message, child of the producer's context read from the row, and writes its own context
   into the outgoing message's headers; claim and settle get one span per batch.
 * Consumer: :class:`ConsumerTracing` (a consumer hook) runs the handler in a CONSUMER span, child
@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from pika.spec import Basic, BasicProperties
 
-    from outbox_relay.consumer import Event
-    from outbox_relay.store import Failure
+    from outbox_relay.consumer.worker import Event
+    from outbox_relay.messages import Failure
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class RelayTracing:
                 headers[TRACESTATE] = publish.context.trace_state.to_header()
             else:
                 headers.pop(TRACESTATE, None)
-            sent.append(_with_headers(message, headers))
+            sent.append(with_headers(message, headers))
         if sent:
             self._in_flight[id(sent[0])] = (start, len(messages), publishes)
         return sent
@@ -514,7 +514,7 @@ def _follows_remote_parent(sampler: Any) -> bool:
     )
 
 
-def _with_headers(message: OutboxMessage, headers: dict[str, Any]) -> OutboxMessage:
+def with_headers(message: OutboxMessage, headers: dict[str, Any]) -> OutboxMessage:
     # dataclasses.replace() inspects the fields on every call: several times slower than this.
     return OutboxMessage(
         message.id,

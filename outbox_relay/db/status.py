@@ -7,10 +7,11 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay import migrations, slots
+from outbox_relay.cdc import slots
+from outbox_relay.db import migrations
+from outbox_relay.db.queries import Queries
 from outbox_relay.errors import SchemaError
-from outbox_relay.queries import Queries
-from outbox_relay.settings import default_replication_name
+from outbox_relay.relay.settings import default_replication_name
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from outbox_relay.messages import OutboxMessage, PublishResult
-from outbox_relay.store import Failure
+from outbox_relay.messages import Failure, OutboxMessage, PublishResult
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from outbox_relay.db.queries import check_schema_name
 from outbox_relay.errors import ConfigError
 from outbox_relay.publishers.base import PublisherSettings
-from outbox_relay.queries import check_schema_name
 from outbox_relay.redact import redact_url
 
 DEFAULT_DATABASE_URL = "postgresql://localhost/postgres"

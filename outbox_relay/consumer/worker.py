@@ -11,7 +11,7 @@
     consumer.run(ConsumerSettings(broker_url=..., database_url=..., queue="order.events",
                                   bindings=("order.*",)))
 
-Delivery is at least once; the inbox (``outbox_relay.inbox``) makes the effect exactly once: the
+Delivery is at least once; the inbox (``outbox_relay.consumer.inbox``) makes the effect exactly once: the
 handler's database work and the inbox row commit in one transaction, and the message is acked
 only after that commit. A handler error is retried through per-delay TTL queues (``topology``)
 with exponential backoff up to ``max_attempts``; a ``PermanentError``, an undecodable body or a
@@ -39,9 +39,9 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from outbox_relay import topology as topo
+from outbox_relay.consumer import topology as topo
+from outbox_relay.consumer.inbox import Delivery, Inbox, PsycopgInbox
 from outbox_relay.errors import BrokerUnavailableError, ConfigError, DatabaseUnavailableError
-from outbox_relay.inbox import Delivery, Inbox, PsycopgInbox
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from outbox_relay import dlq
-from outbox_relay import topology as topo
-from outbox_relay.consumer import Consumer, ConsumerSettings
+from outbox_relay.cli.common import parse_duration, setup_logging
+from outbox_relay.consumer import Consumer, ConsumerSettings, dlq
+from outbox_relay.consumer import topology as topo
+from outbox_relay.consumer.inbox import InboxStats, inbox_stats
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError
-from outbox_relay.inbox import InboxStats, inbox_stats
 from outbox_relay.redact import redact_url
-from outbox_relay.settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, check_database_url
+from outbox_relay.relay.settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, check_database_url
 
 ENV = "OUTBOX_RELAY_"
 
@@ -245,9 +245,7 @@ def consume(
     ] = None,
 ) -> None:
     """Run a worker: handle events from QUEUE exactly once (inbox), retry, dead-letter; stop on SIGTERM."""
-    from outbox_relay.cli import _setup_logging, parse_duration
-
-    _setup_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     if not queue:
         raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
     consumer = load_consumer(handler)
@@ -268,7 +266,7 @@ def consume(
         cleanup_interval=parse_duration("--cleanup-interval", cleanup_interval),
         declare_topology=declare,
     )
-    from outbox_relay.observability import ConsumerObservability
+    from outbox_relay.observability.wiring import ConsumerObservability
 
     # Tracing (OTEL_* variables) and metrics; the handler runs in a span continuing the relay's.
     observability = ConsumerObservability(queue, metrics_port=metrics_port)

@@ -1,4 +1,4 @@
-"""Forward-only, numbered SQL migrations from ``schema/migrations``, recorded per schema.
+"""Forward-only, numbered SQL migrations from ``db/sql/outbox``, recorded per schema.
 
 Rolling upgrades run two relay versions side by side, so a relay accepts a schema newer than it
 knows when every migration it lacks says older relays still work: a migration file declares
@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,8 +21,8 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
+from outbox_relay.db.queries import Queries, check_schema_name, render
 from outbox_relay.errors import SchemaError
-from outbox_relay.queries import Queries, check_schema_name, render
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +50,14 @@ class SchemaState:
     relay_compatible_from: int  # relays must know at least this version
 
 
-def schema_dir(name: str) -> Traversable:
-    """``schema/<name>``: inside the installed package, or at the top of a source checkout."""
-    installed = resources.files("outbox_relay").joinpath("schema", name)
-    if installed.is_dir():
-        return installed
-    # Editable installs and source checkouts keep schema/ at the repository's top level.
-    return Path(__file__).resolve().parent.parent / "schema" / name
+def sql_dir(name: str) -> Traversable:
+    """``outbox_relay/db/sql/<name>``: migrations (``outbox``, ``inbox``) and ``grants``."""
+    return resources.files("outbox_relay.db").joinpath("sql", name)
 
 
 def available_migrations() -> list[Migration]:
     found = []
-    for entry in schema_dir("migrations").iterdir():
+    for entry in sql_dir("outbox").iterdir():
         match = _MIGRATION_FILE.fullmatch(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))

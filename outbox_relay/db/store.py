@@ -11,28 +11,20 @@ import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 
-from outbox_relay import migrations
+from outbox_relay.cdc.wal_events import WalEvent
+from outbox_relay.db import migrations
+from outbox_relay.db.queries import Queries
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError
-from outbox_relay.messages import OutboxMessage
-from outbox_relay.queries import Queries
+from outbox_relay.messages import Failure, OutboxMessage
 from outbox_relay.redact import redact_url
-from outbox_relay.settings import OnSent, RelaySettings
-from outbox_relay.wal_events import WalEvent
+from outbox_relay.relay.settings import OnSent, RelaySettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    id: int
-    reason: str
-    permanent: bool
 
 
 # Connection failures no retry can fix: the URL, the role or the server's configuration must

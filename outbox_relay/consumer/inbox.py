@@ -22,18 +22,16 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
-from importlib.abc import Traversable
-from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
+from outbox_relay.db.migrations import sql_dir
+from outbox_relay.db.queries import check_schema_name, render
 from outbox_relay.errors import DatabaseUnavailableError, SchemaError
-from outbox_relay.queries import check_schema_name, render
 from outbox_relay.redact import redact_url
-from outbox_relay.settings import check_database_url
+from outbox_relay.relay.settings import check_database_url
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +65,6 @@ _STATS = (
 )
 
 
-def _migrations_dir() -> Traversable:
-    installed = resources.files("outbox_relay").joinpath("schema/consumer")
-    if installed.is_dir():
-        return installed
-    # Editable installs and source checkouts keep schema/ at the repository's top level.
-    return Path(__file__).resolve().parent.parent / "schema" / "consumer"
-
-
 def migrate_inbox(conn: psycopg.Connection[Any], schema: str = "public") -> list[str]:
     """Create or upgrade the inbox table in ``schema``; return the migrations applied.
 
@@ -85,7 +75,7 @@ def migrate_inbox(conn: psycopg.Connection[Any], schema: str = "public") -> list
     ident = sql.Identifier(schema)
     migrations = sorted(
         (int(m[1]), m[2], entry.read_text("utf-8"))
-        for entry in _migrations_dir().iterdir()
+        for entry in sql_dir("inbox").iterdir()
         if (m := _MIGRATION_FILE.fullmatch(entry.name))
     )
     applied = []
@@ -209,7 +199,7 @@ class PsycopgInbox:
             conn.close()
             raise SchemaError(
                 f"no inbox table {self._schema}.processed_events: run `outbox-relay consume` "
-                "(it migrates) or outbox_relay.inbox.migrate_inbox()"
+                "(it migrates) or outbox_relay.consumer.inbox.migrate_inbox()"
             )
         conn.autocommit = False
         self._conn = conn
@@ -296,7 +286,7 @@ class SQLAlchemyInbox:
         if not found:
             raise SchemaError(
                 f"no inbox table {self._schema}.processed_events: run "
-                "outbox_relay.inbox.migrate_inbox() first"
+                "outbox_relay.consumer.inbox.migrate_inbox() first"
             )
 
     def close(self) -> None:

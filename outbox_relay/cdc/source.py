@@ -34,17 +34,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from outbox_relay import slots
-from outbox_relay.errors import (
-    DatabaseUnavailableError,
-    InvalidEventError,
-    ReplicationError,
-    ReplicationPrivilegeError,
-    SlotInUseError,
-    SlotNotFoundError,
-)
-from outbox_relay.messages import OutboxMessage
-from outbox_relay.pgoutput import (
+from outbox_relay.cdc import slots
+from outbox_relay.cdc.pgoutput import (
     Begin,
     Commit,
     Insert,
@@ -57,11 +48,20 @@ from outbox_relay.pgoutput import (
     XLogData,
     decode_message,
 )
+from outbox_relay.cdc.stream import ReplicationStream
+from outbox_relay.cdc.wal_events import WalEvent, default_prefix, parse_wal_event
+from outbox_relay.db.store import OutboxStore
+from outbox_relay.errors import (
+    DatabaseUnavailableError,
+    InvalidEventError,
+    ReplicationError,
+    ReplicationPrivilegeError,
+    SlotInUseError,
+    SlotNotFoundError,
+)
+from outbox_relay.messages import OutboxMessage
 from outbox_relay.redact import redact_url
-from outbox_relay.replication import ReplicationStream
-from outbox_relay.settings import RelaySettings
-from outbox_relay.store import OutboxStore
-from outbox_relay.wal_events import WalEvent, default_prefix, parse_wal_event
+from outbox_relay.relay.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 

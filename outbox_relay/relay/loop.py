@@ -21,15 +21,15 @@ from tenacity import (
     wait_exponential,
 )
 
-from outbox_relay.cdc import CdcSource
+from outbox_relay.cdc.source import CdcSource
+from outbox_relay.db.store import OutboxStore
 from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
-from outbox_relay.hooks import CompositeHooks, RelayHooks
-from outbox_relay.messages import OutboxMessage, PublishResult
-from outbox_relay.ordering import AggregateChains, LinkedBatch, publish_in_order
+from outbox_relay.messages import Failure, OutboxMessage, PublishResult
 from outbox_relay.publishers.base import Publisher
-from outbox_relay.settings import Mode, RelaySettings
-from outbox_relay.store import Failure, OutboxStore
-from outbox_relay.wakeup import Waker
+from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
+from outbox_relay.relay.ordering import AggregateChains, LinkedBatch, publish_in_order
+from outbox_relay.relay.settings import Mode, RelaySettings
+from outbox_relay.relay.wakeup import Waker
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Relay:
 
         Batch k+1 is claimed on the other lane (passing over batch k's row ids) while batch k is
         published, and goes on the wire at once, behind k: an event waits only for the previous
-        event of its aggregate still in flight (see outbox_relay.ordering), so the broker always
+        event of its aggregate still in flight (see outbox_relay.relay.ordering), so the broker always
         has work. A lane claims again once its previous batch has settled. If a batch was not all
         confirmed, everything in flight settles before the next claim, which then sees the failed
         events backing off in the table and holds their aggregates back.
@@ -366,7 +366,7 @@ class Relay:
         hooks.after_publish(wave, outcomes, time.perf_counter() - started)
         return outcomes
 
-    # -- CDC mode: the same publish-and-settle path, fed by outbox_relay.cdc ----------------
+    # -- CDC mode: the same publish-and-settle path, fed by outbox_relay.cdc.source ----------------
 
     async def _publish_cdc(self, batch: Sequence[OutboxMessage]) -> bool:
         """Publish rows the CDC source claimed on the first lane, and settle them; True when

@@ -8,9 +8,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from outbox_relay.db.store import translate_errors
 from outbox_relay.errors import DatabaseUnavailableError
 from outbox_relay.redact import redact_url
-from outbox_relay.store import translate_errors
 
 
 class Waker:

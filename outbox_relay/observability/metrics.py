@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from opentelemetry import metrics
 
+from outbox_relay.db.queries import Queries
 from outbox_relay.errors import ConfigError, MissingExtraError
 from outbox_relay.messages import OutboxMessage, PublishResult
-from outbox_relay.queries import Queries
-from outbox_relay.tracing import otlp_protocol
+from outbox_relay.observability.tracing import otlp_protocol
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
 
-    from outbox_relay.consumer import Event
-    from outbox_relay.store import Failure
+    from outbox_relay.consumer.worker import Event
+    from outbox_relay.messages import Failure
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import re
 import signal
 import sys
 import uuid
@@ -19,13 +18,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from outbox_relay import __version__, deadletters, migrations, producer, slots
-from outbox_relay import grants as grants_module
-from outbox_relay import logs as logconfig
+from outbox_relay import __version__, producer
+from outbox_relay.cdc import slots
+from outbox_relay.cli.common import parse_duration, setup_logging
+from outbox_relay.db import dead_events as deadletters
+from outbox_relay.db import grants as grants_module
+from outbox_relay.db import migrations
+from outbox_relay.db.status import read_status
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError, ExitCode, OutboxRelayError
 from outbox_relay.publishers import create_publisher
 from outbox_relay.redact import redact_url
-from outbox_relay.settings import (
+from outbox_relay.relay.settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BROKER_URL,
     DEFAULT_DATABASE_URL,
@@ -36,7 +39,6 @@ from outbox_relay.settings import (
     check_replication_name,
     default_replication_name,
 )
-from outbox_relay.status import read_status
 
 log = logging.getLogger("outbox_relay")
 ENV = "OUTBOX_RELAY_"
@@ -107,25 +109,6 @@ Publication = Annotated[
         help="CDC: publication on <schema>.outbox [default: outbox_relay_<schema>].",
     ),
 ]
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(option: str, text: str) -> float:
-    """'90' / '90s' / '15m' / '24h' / '7d' -> seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        raise ConfigError(f"{option}: {text!r} is not a duration (e.g. 30s, 15m, 24h, 7d)")
-    return float(match[1]) * _UNIT_SECONDS[match[2]]
-
-
-def _setup_logging(level: str, fmt: str) -> None:
-    if level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(f"--log-level: {level!r} is not one of debug, info, warning, error")
-    if fmt not in {"text", "json"}:
-        raise ConfigError(f"--log-format: {fmt!r} is not one of text, json")
-    logconfig.configure(level, fmt)
 
 
 @contextmanager
@@ -368,7 +351,7 @@ def serve(
     OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, ...); see
     docs/observability.md.
     """
-    _setup_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     settings = RelaySettings(
         database_url=database_url,
         broker_url=broker_url,
@@ -404,8 +387,8 @@ def serve(
 async def _serve(
     settings: RelaySettings, *, metrics_port: int | None = None, health_port: int | None = None
 ) -> None:
-    from outbox_relay.observability import RelayObservability
-    from outbox_relay.relay import Relay
+    from outbox_relay.observability.wiring import RelayObservability
+    from outbox_relay.relay.loop import Relay
 
     publisher = create_publisher(settings.publisher_settings())
     observability = RelayObservability(
@@ -635,7 +618,7 @@ def emit(
         if not sep or not key:
             raise ConfigError(f"--header: {item!r} is not KEY=VALUE")
         headers[key] = value
-    from outbox_relay.tracing import configure_tracing
+    from outbox_relay.observability.tracing import configure_tracing
 
     # A traced emit from the command line starts its own trace (OTEL_TRACES_EXPORTER=console...).
     tracer_provider = configure_tracing("outbox-relay-emit")
@@ -805,8 +788,3 @@ def main() -> None:
     except psycopg.errors.InsufficientPrivilege as exc:
         # A role without a right the command needs: one line, never a stack trace.
         _fail(ConfigError(f"PostgreSQL refused: {exc.diag.message_primary or exc}"))
-
-
-from outbox_relay import consumer_cli  # noqa: E402  (registers consume, topology, dlq, consumer-status)
-
-consumer_cli.register(app)

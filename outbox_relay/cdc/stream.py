@@ -34,20 +34,20 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
 
-from outbox_relay.errors import (
-    ReplicationError,
-    ReplicationPrivilegeError,
-    SlotInUseError,
-    SlotNotFoundError,
-    WalLevelError,
-)
-from outbox_relay.pgoutput import (
+from outbox_relay.cdc.pgoutput import (
     PgOutputDecodeError,
     ReplicationFrame,
     decode_copy_data,
     encode_standby_status_update,
     format_lsn,
     parse_lsn,
+)
+from outbox_relay.errors import (
+    ReplicationError,
+    ReplicationPrivilegeError,
+    SlotInUseError,
+    SlotNotFoundError,
+    WalLevelError,
 )
 
 __all__ = ["ReplicationStream", "SystemIdentity", "translate_error"]

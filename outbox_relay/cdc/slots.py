@@ -15,6 +15,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
+from outbox_relay.db.queries import Queries
 from outbox_relay.errors import (
     ConfigError,
     ReplicationPrivilegeError,
@@ -22,7 +23,6 @@ from outbox_relay.errors import (
     SlotNotFoundError,
     WalLevelError,
 )
-from outbox_relay.queries import Queries
 
 WAL_LEVEL_FIX = (
     "logical replication needs wal_level = logical (the server runs with {level!r}): run "

@@ -29,8 +29,8 @@ def render(text: str, schema: str) -> str:
 
 
 @cache
-def _raw_queries() -> dict[str, str]:
-    text = resources.files("outbox_relay").joinpath("sql/queries.sql").read_text("utf-8")
+def raw_queries() -> dict[str, str]:
+    text = resources.files("outbox_relay.db").joinpath("sql/queries.sql").read_text("utf-8")
     parts = _NAME_MARKER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     return {
@@ -43,7 +43,7 @@ class Queries:
 
     def __init__(self, schema: str) -> None:
         self.schema = check_schema_name(schema)
-        self._rendered = {name: render(body, schema) for name, body in _raw_queries().items()}
+        self._rendered = {name: render(body, schema) for name, body in raw_queries().items()}
 
     def __getitem__(self, name: str) -> sql.SQL:
         return sql.SQL(self._rendered[name])

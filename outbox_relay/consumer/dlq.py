@@ -15,8 +15,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from outbox_relay import topology as topo
-from outbox_relay.consumer import (
+from outbox_relay.consumer import topology as topo
+from outbox_relay.consumer.worker import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     FAILED_AT_HEADER,
@@ -55,7 +55,7 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def _dead_message(properties: pika.BasicProperties, body: bytes) -> DeadMessage:
+def dead_message(properties: pika.BasicProperties, body: bytes) -> DeadMessage:
     headers = dict(properties.headers or {})
     attempts = headers.get(ATTEMPTS_HEADER)
     reason = headers.get(FAILURE_REASON_HEADER)
@@ -98,7 +98,7 @@ def list_dead(broker_url: str, queue: str, limit: int = 100) -> tuple[int, list[
             method, properties, body = channel.basic_get(topology.dead_letter_queue)
             if method is None:
                 break
-            found.append(_dead_message(properties, body))
+            found.append(dead_message(properties, body))
         # Closing returns every message we peeked at to the queue, in its place.
         return total, found
     except pika.exceptions.AMQPError as exc:
@@ -135,7 +135,7 @@ def replay(
             method, properties, body = channel.basic_get(topology.dead_letter_queue)
             if method is None:
                 break
-            dead = _dead_message(properties, body)
+            dead = dead_message(properties, body)
             if wanted and dead.event_id not in wanted:
                 continue  # left unacked: back in the DLQ when the connection closes
             headers = {
