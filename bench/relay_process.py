@@ -143,9 +143,7 @@ async def _serve(settings_kwargs: dict[str, Any], clock: bool, pipe: Connection)
     settings = RelaySettings(**values)
     stopwatch = Stopwatch()
     stopwatch.install()
-    timing = ConfirmClock(
-        create_publisher(settings.publisher_settings()), stopwatch, note_events=clock
-    )
+    timing = ConfirmClock(create_publisher(settings.publisher), stopwatch, note_events=clock)
     relay = Relay(settings, timing)
     loop = asyncio.get_running_loop()
     pipe.send(("ready", None))

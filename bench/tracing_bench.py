@@ -107,9 +107,9 @@ async def _relay_until_empty(mode: str, settings_kwargs: dict[str, Any]) -> dict
             hooks = RelayTracing(
                 provider.get_tracer(INSTRUMENTATION),
                 system="rabbitmq",
-                destination=settings.exchange,
+                destination=settings.publisher.exchange,
             )
-    relay = Relay(settings, create_publisher(settings.publisher_settings()), hooks)
+    relay = Relay(settings, create_publisher(settings.publisher), hooks)
     async with await psycopg.AsyncConnection.connect(
         settings.database_url, autocommit=True
     ) as conn:

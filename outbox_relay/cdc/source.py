@@ -50,6 +50,7 @@ from outbox_relay.cdc.pgoutput import (
 )
 from outbox_relay.cdc.stream import ReplicationStream
 from outbox_relay.cdc.wal_events import WalEvent, default_prefix, parse_wal_event
+from outbox_relay.db.connect import connection
 from outbox_relay.db.store import OutboxStore
 from outbox_relay.errors import (
     DatabaseUnavailableError,
@@ -259,14 +260,14 @@ class CdcSource:
         """Check the server, create what is missing and start streaming; True if the slot was
         (re)created, meaning rows committed before it exist only in the table."""
         settings = self._settings
-        with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10) as conn:
-            slots.check_wal_level(conn, settings.schema)
-            slots.ensure_publication(conn, settings.schema, self._publication)
+        with connection(settings.database_url, application_name="outbox-relay-cdc setup") as conn:
+            slots.check_wal_level(conn, settings.schema_name)
+            slots.ensure_publication(conn, settings.schema_name, self._publication)
         conninfo = psycopg.conninfo.make_conninfo(
             settings.database_url,
             # The walsender renders timestamps in its own TimeZone; pin it (see replication.py).
             options="-c TimeZone=UTC",
-            application_name=f"outbox-relay-cdc:{settings.schema}",
+            application_name=f"outbox-relay-cdc:{settings.schema_name}",
         )
         self._close_stream()
         stream = self._stream = ReplicationStream(conninfo)
@@ -354,7 +355,7 @@ class CdcSource:
             return
         # Rows committed while no slot streamed (or before it was created) and due retries.
         await drain_table()
-        tracker = TransactionTracker(self._settings.schema, self._settings.wal_message_prefix)
+        tracker = TransactionTracker(self._settings.schema_name, self._settings.wal_message_prefix)
         self._confirmed = 0
         now = time.monotonic()
         last_status = last_activity = last_heartbeat = now

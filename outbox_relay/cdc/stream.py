@@ -42,6 +42,7 @@ from outbox_relay.cdc.pgoutput import (
     format_lsn,
     parse_lsn,
 )
+from outbox_relay.db.connect import CLIENT_KEEPALIVES
 from outbox_relay.errors import (
     ReplicationError,
     ReplicationPrivilegeError,
@@ -125,6 +126,8 @@ class ReplicationStream:
                 replication="database",
                 autocommit=True,
                 connect_timeout=max(1, round(self._connect_timeout)),
+                # A vanished server is noticed like on every other connection (db.connect).
+                **CLIENT_KEEPALIVES,
             )
         except psycopg.Error as exc:
             raise translate_error(exc, "cannot open replication connection") from exc

@@ -1,10 +1,9 @@
-"""The ``outbox-relay`` command line."""
+"""The ``outbox-relay`` command line: one module per command group (``serve``, ``migrate``,
+``status``, ``emit``, ``dead``, ``slot``, ``consumer``), options generated from the settings
+declarations (``options``)."""
 
 from __future__ import annotations
 
-from outbox_relay.cli import consumer
 from outbox_relay.cli.app import app, main
-
-consumer.register(app)
 
 __all__ = ["app", "main"]

@@ -1,6 +1,5 @@
 """Consumer-side commands: ``consume``, ``topology apply``, ``dlq list|replay|purge``,
-``consumer-status``. Registered on the main app by ``outbox_relay.cli``.
-"""
+``consumer-status``."""
 
 from __future__ import annotations
 
@@ -15,95 +14,35 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
-import psycopg
 import typer
+from pydantic import AfterValidator, Field
 from rich.console import Console
 from rich.table import Table
 
-from outbox_relay.cli.common import parse_duration, setup_logging
-from outbox_relay.consumer import Consumer, ConsumerSettings, dlq
+from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.options import Values, pick, settings_command
+from outbox_relay.consumer import dlq
 from outbox_relay.consumer import topology as topo
 from outbox_relay.consumer.inbox import InboxStats, inbox_stats
-from outbox_relay.errors import ConfigError, DatabaseUnavailableError
-from outbox_relay.redact import redact_url
-from outbox_relay.relay.settings import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, check_database_url
-
-ENV = "OUTBOX_RELAY_"
-
-# -- options shared by these commands --------------------------------------------------------
-
-BrokerUrl = Annotated[
-    str, typer.Option("--broker-url", envvar=f"{ENV}BROKER_URL", help="AMQP URL of RabbitMQ.")
-]
-DatabaseUrl = Annotated[
-    str,
-    typer.Option(
-        "--database-url",
-        envvar=f"{ENV}DATABASE_URL",
-        help="PostgreSQL URL of the consumer's own database (holds the inbox).",
-    ),
-]
-Queue = Annotated[
-    str,
-    typer.Option("--queue", envvar=f"{ENV}QUEUE", help="The consumer's queue, e.g. order.events."),
-]
-Bindings = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--binding",
-        envvar=f"{ENV}BINDING",
-        help="Routing pattern bound to the queue, e.g. 'order.*' (repeatable).",
-    ),
-]
-Exchange = Annotated[
-    str,
-    typer.Option(
-        "--exchange", envvar=f"{ENV}EXCHANGE", help="Topic exchange the relay publishes to."
-    ),
-]
-QueueTypeOption = Annotated[
-    topo.QueueType,
-    typer.Option(
-        "--queue-type",
-        envvar=f"{ENV}QUEUE_TYPE",
-        help="classic, or quorum (replicated: the durable choice for clusters).",
-        case_sensitive=False,
-    ),
-]
-MaxAttempts = Annotated[
-    int,
-    typer.Option(
-        "--max-attempts",
-        envvar=f"{ENV}MAX_ATTEMPTS",
-        help="Deliveries of a failing event before it is dead-lettered.",
-    ),
-]
-RetryDelay = Annotated[
-    float,
-    typer.Option(
-        "--retry-delay",
-        envvar=f"{ENV}RETRY_DELAY",
-        help="First retry delay in seconds; doubles per attempt.",
-    ),
-]
-RetryDelayMax = Annotated[
-    float,
-    typer.Option(
-        "--retry-delay-max", envvar=f"{ENV}RETRY_DELAY_MAX", help="Longest retry delay in seconds."
-    ),
-]
-Schema = Annotated[
-    str, typer.Option("--schema", envvar=f"{ENV}SCHEMA", help="Schema holding the inbox table.")
-]
-ConsumerName = Annotated[
-    str | None,
-    typer.Option(
-        "--consumer-name",
-        envvar=f"{ENV}CONSUMER_NAME",
-        help="Inbox key of this consumer (default: the queue name).",
-    ),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+from outbox_relay.consumer.routing import Consumer
+from outbox_relay.consumer.settings import (
+    ConsumerName,
+    ConsumerSettings,
+    QueueName,
+    RetrySettings,
+    TopologySettings,
+)
+from outbox_relay.db.connect import connection
+from outbox_relay.errors import ConfigError
+from outbox_relay.observability.settings import ObservabilitySettings
+from outbox_relay.settings import (
+    DEFAULT_BROKER_URL,
+    BrokerUrl,
+    Flag,
+    Schema,
+    Settings,
+    check_database_url,
+)
 
 topology_app = typer.Typer(
     help="Declare consumer queues, retry path and dead-letter queue.", no_args_is_help=True
@@ -147,161 +86,57 @@ def load_consumer(spec: str) -> Consumer:
     raise ConfigError(f"--handler: {spec!r} is neither a Consumer nor a function")
 
 
-def _topology(
-    queue: str,
-    bindings: list[str] | None,
-    exchange: str,
-    queue_type: topo.QueueType,
-    max_attempts: int,
-    retry_delay: float,
-    retry_delay_max: float,
-) -> topo.Topology:
-    return topo.Topology(
-        queue=queue,
-        bindings=tuple(bindings or ()),
-        exchange=exchange,
-        queue_type=queue_type,
-        delays=topo.retry_delays(max_attempts, retry_delay, retry_delay_max),
-    )
-
-
 # -- consume -------------------------------------------------------------------------------------
 
 
-def consume(
+class ConsumeOptions(Settings):
     handler: Annotated[
         str,
-        typer.Option(
-            "--handler",
-            envvar=f"{ENV}HANDLER",
-            help="module:object: a Consumer (handlers per routing pattern) or one function.",
+        Field(
+            description="module:object: a Consumer (handlers per routing pattern) or one function."
         ),
-    ],
-    queue: Queue = "",
-    binding: Bindings = None,
-    exchange: Exchange = "events",
-    queue_type: QueueTypeOption = topo.QueueType.CLASSIC,
-    prefetch: Annotated[
-        int,
-        typer.Option(
-            "--prefetch", envvar=f"{ENV}PREFETCH", help="Unacked messages buffered per worker."
-        ),
-    ] = 100,
-    max_attempts: MaxAttempts = 5,
-    retry_delay: RetryDelay = 1.0,
-    retry_delay_max: RetryDelayMax = 300.0,
-    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL,
-    schema: Schema = "public",
-    consumer_name: ConsumerName = None,
-    inbox_retention: Annotated[
-        str,
-        typer.Option(
-            "--inbox-retention",
-            envvar=f"{ENV}INBOX_RETENTION",
-            help="How long processed event ids are remembered (longer than any redelivery).",
-        ),
-    ] = "7d",
-    cleanup_interval: Annotated[
-        str,
-        typer.Option(
-            "--cleanup-interval",
-            envvar=f"{ENV}CLEANUP_INTERVAL",
-            help="How often old inbox rows are deleted.",
-        ),
-    ] = "1h",
-    declare: Annotated[
-        bool,
-        typer.Option(
-            "--declare/--no-declare",
-            envvar=f"{ENV}DECLARE",
-            help="Declare the topology on start (turn off when operators own it).",
-        ),
-    ] = True,
-    log_level: Annotated[
-        str,
-        typer.Option(
-            "--log-level", envvar=f"{ENV}LOG_LEVEL", help="debug, info, warning or error."
-        ),
-    ] = "info",
-    log_format: Annotated[
-        str, typer.Option("--log-format", envvar=f"{ENV}LOG_FORMAT", help="text or json.")
-    ] = "text",
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            "--metrics-port",
-            envvar=f"{ENV}METRICS_PORT",
-            help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics.",
-        ),
-    ] = None,
-    health_port: Annotated[
-        int | None,
-        typer.Option(
-            "--health-port",
-            envvar=f"{ENV}HEALTH_PORT",
-            help="Serve /livez and /readyz (consuming from the broker) on this port.",
-        ),
-    ] = None,
-) -> None:
+        Flag(metavar="MODULE:OBJECT"),
+    ]
+
+
+@settings_command(ConsumeOptions, ConsumerSettings, ObservabilitySettings)
+def consume(values: Values) -> None:
     """Run a worker: handle events from QUEUE exactly once (inbox), retry, dead-letter; stop on SIGTERM."""
-    setup_logging(log_level, log_format)
-    if not queue:
-        raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
+    observability = ObservabilitySettings.from_mapping(pick(values, ObservabilitySettings))
+    consumer_values = pick(values, ConsumerSettings)
+    handler = ConsumeOptions.from_mapping(pick(values, ConsumeOptions)).handler
+    setup_logging(observability.log_level, observability.log_format)
     consumer = load_consumer(handler)
-    settings = ConsumerSettings(
-        broker_url=broker_url,
-        database_url=check_database_url(database_url),
-        queue=queue,
-        bindings=tuple(binding or consumer.patterns),
-        exchange=exchange,
-        queue_type=queue_type,
-        prefetch=prefetch,
-        max_attempts=max_attempts,
-        retry_delay=retry_delay,
-        retry_delay_max=retry_delay_max,
-        schema=schema,
-        consumer_name=consumer_name,
-        inbox_retention=parse_duration("--inbox-retention", inbox_retention),
-        cleanup_interval=parse_duration("--cleanup-interval", cleanup_interval),
-        declare_topology=declare,
-    )
+    if "binding" not in consumer_values:
+        consumer_values["binding"] = consumer.patterns
+    settings = ConsumerSettings.from_mapping(consumer_values)
+    setup_logging(observability.log_level, observability.log_format, settings.secrets())
     from outbox_relay.observability.wiring import ConsumerObservability
 
     # Tracing (OTEL_* variables) and metrics; the handler runs in a span continuing the relay's.
-    observability = ConsumerObservability(queue, metrics_port=metrics_port)
+    wiring = ConsumerObservability(settings.queue, observability)
     try:
-        worker = consumer.worker(settings, hooks=observability.hooks)
-        observability.serve_health(worker, health_port)
+        worker = consumer.worker(settings, hooks=wiring.hooks)
+        wiring.serve_health(worker)
         with worker.stop_on_signals():
             worker.run()
     finally:
-        observability.close()
+        wiring.close()
 
 
 # -- topology ------------------------------------------------------------------------------------
 
 
 @topology_app.command("apply")
-def topology_apply(
-    queue: Queue = "",
-    binding: Bindings = None,
-    exchange: Exchange = "events",
-    queue_type: QueueTypeOption = topo.QueueType.CLASSIC,
-    max_attempts: MaxAttempts = 5,
-    retry_delay: RetryDelay = 1.0,
-    retry_delay_max: RetryDelayMax = 300.0,
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL,
-) -> None:
+@settings_command(TopologySettings)
+def topology_apply(values: Values) -> None:
     """Declare the exchange, QUEUE with its bindings, retry queues and QUEUE.dlq (idempotent)."""
-    if not queue:
-        raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
-    topology = _topology(
-        queue, binding, exchange, queue_type, max_attempts, retry_delay, retry_delay_max
-    )
-    topo.apply(broker_url, topology)
+    settings = TopologySettings.from_mapping(values)
+    setup_logging(secrets=settings.secrets())
+    topology = settings.topology()
+    topo.apply(settings.broker_url, topology)
     typer.echo(
-        f"declared {queue!r} ({queue_type}) on {exchange!r} bound to "
+        f"declared {topology.queue!r} ({topology.queue_type}) on {topology.exchange!r} bound to "
         f"{', '.join(topology.bindings) or 'nothing'}; retry queues: "
         f"{', '.join(topology.retry_queues) or 'none'}; dead letters: {topology.dead_letter_queue!r}"
     )
@@ -310,20 +145,46 @@ def topology_apply(
 # -- dlq -------------------------------------------------------------------------------------------
 
 
-@dlq_app.command("list")
-def dlq_list(
-    queue: Queue = "",
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL,
+class DlqOptions(Settings):
+    queue: QueueName
+    broker_url: BrokerUrl = DEFAULT_BROKER_URL
+
+
+class DlqListOptions(DlqOptions):
     limit: Annotated[
-        int, typer.Option("--limit", help="Show at most this many, oldest first.")
-    ] = 100,
-    as_json: AsJson = False,
-) -> None:
+        int,
+        Field(gt=0, le=1_000_000, description="Show at most this many, oldest first."),
+        Flag(env=False),
+    ] = 100
+    as_json: Annotated[
+        bool, Field(alias="json", description="Print JSON instead of a table."), Flag(env=False)
+    ] = False
+
+
+class DlqReplayOptions(DlqOptions):
+    event_ids: Annotated[
+        list[str],
+        Field(description="Replay only these event ids (default: all)."),
+        Flag(argument=True, metavar="[EVENT_ID]..."),
+    ] = Field(default_factory=list)
+    limit: Annotated[
+        int | None, Field(gt=0, description="Replay at most this many."), Flag(env=False)
+    ] = None
+
+
+class DlqPurgeOptions(DlqOptions):
+    yes: Annotated[bool, Field(description="Do not ask for confirmation."), Flag(env=False)] = False
+
+
+@dlq_app.command("list")
+@settings_command(DlqListOptions)
+def dlq_list(values: Values) -> None:
     """Show dead-lettered messages with their failure reason (they stay in the DLQ)."""
-    if not queue:
-        raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
-    total, dead = dlq.list_dead(broker_url, queue, limit)
-    if as_json:
+    options = DlqListOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    queue = options.queue
+    total, dead = dlq.list_dead(options.broker_url, queue, options.limit)
+    if options.as_json:
         typer.echo(
             json.dumps(
                 {
@@ -358,33 +219,27 @@ def dlq_list(
 
 
 @dlq_app.command("replay")
-def dlq_replay(
-    event_ids: Annotated[
-        list[str] | None, typer.Argument(help="Replay only these event ids (default: all).")
-    ] = None,
-    queue: Queue = "",
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL,
-    limit: Annotated[int | None, typer.Option("--limit", help="Replay at most this many.")] = None,
-) -> None:
+@settings_command(DlqReplayOptions)
+def dlq_replay(values: Values) -> None:
     """Send dead messages back to QUEUE (confirmed before removal: a crash loses nothing)."""
-    if not queue:
-        raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
-    moved = dlq.replay(broker_url, queue, event_ids=event_ids or (), limit=limit)
-    typer.echo(f"replayed {moved} message(s) to {queue!r}")
+    options = DlqReplayOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    moved = dlq.replay(
+        options.broker_url, options.queue, event_ids=options.event_ids, limit=options.limit
+    )
+    typer.echo(f"replayed {moved} message(s) to {options.queue!r}")
 
 
 @dlq_app.command("purge")
-def dlq_purge(
-    queue: Queue = "",
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-) -> None:
+@settings_command(DlqPurgeOptions)
+def dlq_purge(values: Values) -> None:
     """Delete every message in QUEUE.dlq."""
-    if not queue:
-        raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
-    if not yes:
+    options = DlqPurgeOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    queue = options.queue
+    if not options.yes:
         typer.confirm(f"delete every message in {queue}.dlq?", abort=True)
-    typer.echo(f"purged {dlq.purge(broker_url, queue)} message(s) from {queue}.dlq")
+    typer.echo(f"purged {dlq.purge(options.broker_url, queue)} message(s) from {queue}.dlq")
 
 
 # -- consumer-status -------------------------------------------------------------------------------
@@ -421,58 +276,63 @@ def management_stats(management_url: str, broker_url: str, queue: str) -> Manage
     )
 
 
-def consumer_status(
-    queue: Queue = "",
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL,
+def check_optional_database_url(url: str | None) -> str | None:
+    return None if url is None else check_database_url(url)
+
+
+class ConsumerStatusOptions(RetrySettings):
+    queue: QueueName
+    broker_url: BrokerUrl = DEFAULT_BROKER_URL
     database_url: Annotated[
         str | None,
-        typer.Option(
-            "--database-url",
-            envvar=f"{ENV}DATABASE_URL",
-            help="The consumer's database: adds applied events, redeliveries and handler latency.",
+        AfterValidator(check_optional_database_url),
+        Field(
+            description="The consumer's database: adds applied events, redeliveries and "
+            "handler latency."
         ),
-    ] = None,
-    schema: Schema = "public",
-    consumer_name: ConsumerName = None,
-    max_attempts: MaxAttempts = 5,
-    retry_delay: RetryDelay = 1.0,
-    retry_delay_max: RetryDelayMax = 300.0,
+        Flag(secret=True, metavar="URL"),
+    ] = None
+    schema_name: Schema = "public"
+    consumer_name: ConsumerName = None
     management_url: Annotated[
         str | None,
-        typer.Option(
-            "--management-url",
-            envvar=f"{ENV}MANAGEMENT_URL",
-            help="RabbitMQ management API (e.g. http://localhost:15672) for unacked and redelivery rate.",
+        Field(
+            description="RabbitMQ management API (e.g. http://localhost:15672) for unacked and "
+            "redelivery rate."
         ),
-    ] = None,
+        Flag(metavar="URL", secret=True),
+    ] = None
     window: Annotated[
-        float, typer.Option("--window", help="Seconds of inbox history for rates and latency.")
-    ] = 300.0,
-    as_json: AsJson = False,
-) -> None:
+        float,
+        Field(gt=0, le=30 * 86_400, description="Seconds of inbox history for rates and latency."),
+        Flag(env=False, metavar="SECONDS"),
+    ] = 300.0
+    as_json: Annotated[
+        bool, Field(alias="json", description="Print JSON instead of a table."), Flag(env=False)
+    ] = False
+
+
+@settings_command(ConsumerStatusOptions)
+def consumer_status(values: Values) -> None:
     """Queue depth, unacked, DLQ and retry depth, redelivery rate and handler latency of a consumer."""
-    if not queue:
-        raise ConfigError("--queue: required (or OUTBOX_RELAY_QUEUE)")
-    topology = topo.Topology(
-        queue, delays=topo.retry_delays(max_attempts, retry_delay, retry_delay_max)
-    )
+    options = ConsumerStatusOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    queue, broker_url, window = options.queue, options.broker_url, options.window
+    topology = topo.Topology(queue, delays=options.delays())
     main, dead, *retries = topo.queue_depths(
         broker_url, [queue, topology.dead_letter_queue, *topology.retry_queues]
     )
     if main.messages is None:
         raise ConfigError(f"queue {queue!r} does not exist: run `outbox-relay topology apply`")
     retry_depth = sum(r.messages or 0 for r in retries)
+    management_url = options.management_url
     management = management_stats(management_url, broker_url, queue) if management_url else None
     inbox: InboxStats | None = None
-    if database_url:
-        check_database_url(database_url)
-        try:
-            with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
-                inbox = inbox_stats(conn, consumer_name or queue, schema, window)
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailableError(
-                f"cannot connect to PostgreSQL at {redact_url(database_url)}: {exc}"
-            ) from exc
+    if options.database_url:
+        with connection(
+            options.database_url, application_name="outbox-relay consumer-status"
+        ) as conn:
+            inbox = inbox_stats(conn, options.consumer_name or queue, options.schema_name, window)
     report: dict[str, Any] = {
         "queue": queue,
         "ready": main.messages,
@@ -485,7 +345,7 @@ def consumer_status(
         "window_s": window,
         "inbox": asdict(inbox) if inbox else None,
     }
-    if as_json:
+    if options.as_json:
         typer.echo(json.dumps(report))
         return
     table = Table(title=f"consumer {queue!r}")

@@ -9,27 +9,30 @@
     @consumer.handler("order.created")
     def send_confirmation(event: Event, db: psycopg.Connection) -> None:
         db.execute("INSERT INTO emails (order_id) VALUES (%s)", (event.aggregate_id,))
+
+Modules: ``routing`` (Consumer: handlers by pattern), ``worker`` (one consuming connection),
+``inbox`` (exactly-once effects), ``topology`` (queues, retry queues, dead letters), ``dlq``
+(inspect and replay dead letters), ``events`` (the Event and the message headers), ``hooks``,
+``settings``.
 """
 
 from __future__ import annotations
 
-from outbox_relay.consumer.inbox import PsycopgInbox, SQLAlchemyInbox, migrate_inbox
-from outbox_relay.consumer.worker import (
+from outbox_relay.consumer.events import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     FAILED_AT_HEADER,
     FAILURE_REASON_HEADER,
     LAST_ERROR_HEADER,
-    Consumer,
-    ConsumerHooks,
-    ConsumerSettings,
     Event,
-    NoHooks,
     PermanentError,
     Reject,
-    Worker,
-    topic_matches,
 )
+from outbox_relay.consumer.hooks import ConsumerHooks, NoHooks
+from outbox_relay.consumer.inbox import PsycopgInbox, SQLAlchemyInbox, migrate_inbox
+from outbox_relay.consumer.routing import Consumer, topic_matches
+from outbox_relay.consumer.settings import ConsumerSettings
+from outbox_relay.consumer.worker import Worker
 
 __all__ = [
     "ATTEMPTS_HEADER",

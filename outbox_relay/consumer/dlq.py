@@ -16,7 +16,7 @@ import pika
 import pika.exceptions
 
 from outbox_relay.consumer import topology as topo
-from outbox_relay.consumer.worker import (
+from outbox_relay.consumer.events import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     FAILED_AT_HEADER,

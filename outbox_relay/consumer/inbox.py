@@ -27,11 +27,10 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from outbox_relay.db.connect import connect
 from outbox_relay.db.migrations import sql_dir
 from outbox_relay.db.queries import check_schema_name, render
 from outbox_relay.errors import DatabaseUnavailableError, SchemaError
-from outbox_relay.redact import redact_url
-from outbox_relay.relay.settings import check_database_url
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ class PsycopgInbox:
         migrate: bool = True,
         latency_sample: int = 10,
     ) -> None:
-        self._url = check_database_url(database_url)
+        self._url = database_url
         self._consumer = consumer
         self._schema = check_schema_name(schema)
         self._migrate = migrate
@@ -174,18 +173,8 @@ class PsycopgInbox:
 
     def open(self) -> None:
         self.close()
-        try:
-            conn = psycopg.connect(
-                self._url,
-                connect_timeout=10,
-                autocommit=True,
-                # Lets operators (and pg_stat_activity queries) tell consumer sessions apart.
-                application_name=f"outbox-relay-consumer:{self._consumer}"[:63],
-            )
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot connect to PostgreSQL at {redact_url(self._url)}: {exc}".strip()
-            ) from exc
+        # The application name lets operators (and pg_stat_activity) tell consumers apart.
+        conn = connect(self._url, application_name=f"outbox-relay-consumer:{self._consumer}")
         try:
             if self._migrate:
                 migrate_inbox(conn, self._schema)

@@ -27,8 +27,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from outbox_relay import amqp
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
-from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -154,20 +154,13 @@ def _declare_queue(channel: BlockingChannel, name: str, arguments: dict[str, Any
 
 def connect(broker_url: str, *, heartbeat: int | None = None) -> BlockingConnection:
     """A blocking connection to RabbitMQ, with driver errors translated."""
-    try:
-        parameters = pika.URLParameters(broker_url)
-    except Exception as exc:  # pika raises assorted errors for malformed URLs
-        raise ConfigError(
-            f"--broker-url: invalid AMQP URL {redact_url(broker_url)}: {exc}"
-        ) from exc
+    parameters = amqp.parameters(broker_url)
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
     try:
         return BlockingConnection(parameters)
     except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailableError(
-            f"cannot connect to RabbitMQ at {redact_url(broker_url)}: {exc!r}"
-        ) from exc
+        raise amqp.translate(exc, broker_url) from exc
 
 
 def apply(broker_url: str, topology: Topology) -> None:

@@ -45,17 +45,25 @@ def _script(name: str, schema: str, app_role: str, relay_role: str) -> sql.Compo
     return sql.SQL(text).format(app=sql.Identifier(app_role), relay=sql.Identifier(relay_role))
 
 
-def check_role_name(option: str, role: str) -> str:
+def role_name_problem(role: str) -> str | None:
+    """Why ``role`` cannot be one of the outbox roles, or None."""
     if (
         not role
         or len(role.encode()) > 63
         or role.startswith("pg_")
         or role.lower() in _RESERVED_ROLES
     ):
-        raise ConfigError(
-            f"{option}: {role!r} is not a usable role name (1-63 bytes, not starting with pg_, "
-            "not a reserved name such as public)"
+        return (
+            f"{role!r} is not a usable role name (1-63 bytes, not starting with pg_, not a "
+            "reserved name such as public)"
         )
+    return None
+
+
+def check_role_name(option: str, role: str) -> str:
+    problem = role_name_problem(role)
+    if problem:
+        raise ConfigError(f"{option}: {problem}")
     return role
 
 

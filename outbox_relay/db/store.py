@@ -8,47 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.db import migrations
+from outbox_relay.db.connect import connect_async, translate_errors_async
 from outbox_relay.db.queries import Queries
-from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError
+from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 from outbox_relay.messages import Failure, OutboxMessage
 from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import OnSent, RelaySettings
 
 log = logging.getLogger(__name__)
-
-
-# Connection failures no retry can fix: the URL, the role or the server's configuration must
-# change. libpq reports them only as text.
-_SETTINGS_REFUSED = re.compile(
-    r"invalid \S+ value|invalid connection option|password authentication failed|"
-    r"no password supplied|role \"[^\"]*\" does not exist|database \"[^\"]*\" does not exist|"
-    r"no pg_hba\.conf entry|server does not support SSL"
-)
-
-
-@asynccontextmanager
-async def translate_errors(where: str) -> AsyncIterator[None]:
-    """Turn psycopg errors into the project's: lost connections are retryable, a connection
-    refused for its settings is a configuration error, a missing table means the schema was
-    never migrated."""
-    try:
-        yield
-    except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction) as exc:
-        raise SchemaError(f"{exc.diag.message_primary}: run `outbox-relay migrate`") from exc
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        if _SETTINGS_REFUSED.search(str(exc)):
-            raise ConfigError(f"--database-url: PostgreSQL at {where}: {exc}".strip()) from exc
-        raise DatabaseUnavailableError(f"PostgreSQL at {where}: {exc}".strip()) from exc
 
 
 def _message(row: tuple[Any, ...]) -> OutboxMessage:
@@ -79,7 +54,7 @@ KEEPALIVES = (
 class OutboxStore:
     def __init__(self, settings: RelaySettings, role: str = "") -> None:
         self._settings = settings
-        self._queries = Queries(settings.schema)
+        self._queries = Queries(settings.schema_name)
         # status counts relays by the application name of their first connection only.
         self._application_name = self._queries.application_name + (f":{role}" if role else "")
         self._where = redact_url(settings.database_url)
@@ -105,11 +80,9 @@ class OutboxStore:
         return self._conn
 
     async def connect(self) -> None:
-        async with translate_errors(self._where):
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._settings.database_url,
-                application_name=self._application_name,
-                connect_timeout=10,
+        async with translate_errors_async(self._where):
+            self._conn = await connect_async(
+                self._settings.database_url, application_name=self._application_name
             )
             async with self._conn.cursor() as cur:
                 # The leader's session advisory lock lives as long as the server thinks the
@@ -118,7 +91,7 @@ class OutboxStore:
                 await cur.execute(KEEPALIVES)
                 await cur.execute(
                     "SELECT to_regclass(%s) IS NOT NULL",
-                    (f"{self._settings.schema}.outbox_schema_version",),
+                    (f"{self._settings.schema_name}.outbox_schema_version",),
                 )
                 exists = await cur.fetchone()
                 state: migrations.SchemaState | None = None
@@ -126,7 +99,7 @@ class OutboxStore:
                     await cur.execute(self._queries["schema_version"])
                     state = migrations.state_from_row(await cur.fetchone())
             await self._conn.commit()
-        problem = migrations.version_problem(self._settings.schema, state)
+        problem = migrations.version_problem(self._settings.schema_name, state)
         if problem:
             await self.close()
             raise SchemaError(problem)
@@ -141,12 +114,12 @@ class OutboxStore:
     async def _fetch(
         self, name: str, params: dict[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
-        async with translate_errors(self._where), self._connection().cursor() as cur:
+        async with translate_errors_async(self._where), self._connection().cursor() as cur:
             await cur.execute(self._queries[name], params)
             return await cur.fetchall() if cur.description else []
 
     async def commit(self) -> None:
-        async with translate_errors(self._where):
+        async with translate_errors_async(self._where):
             await self._connection().commit()
 
     async def rollback(self) -> None:
@@ -157,7 +130,7 @@ class OutboxStore:
                 await conn.rollback()
 
     async def try_lead(self) -> bool:
-        rows = await self._fetch("try_lead", {"schema": self._settings.schema})
+        rows = await self._fetch("try_lead", {"schema": self._settings.schema_name})
         await self.commit()
         return bool(rows[0][0])
 
@@ -199,7 +172,7 @@ class OutboxStore:
         pipeline mode instead of waiting for each statement."""
         query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
         conn = self._connection()
-        async with translate_errors(self._where), conn.pipeline():
+        async with translate_errors_async(self._where), conn.pipeline():
             if sent:
                 await conn.execute(self._queries[query], {"ids": list(sent)})
                 await conn.execute(

@@ -32,7 +32,7 @@ class HealthServer:
         ready: Callable[[], bool],
         heartbeat: Callable[[], float],
         stale_after: float,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
     ) -> None:
         self._host = host
         self._port = port

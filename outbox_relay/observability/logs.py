@@ -1,12 +1,19 @@
-"""Log formatting for the CLI: one line per event, key=value text or JSON."""
+"""Log formatting for the CLI: one line per event, key=value text or JSON, secrets masked.
+
+Every line goes through a :class:`~outbox_relay.redact.Scrubber` last, whichever logger wrote
+it (ours, pika's, httpx's, ...), so no configured password or token reaches the output.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
+
+from outbox_relay.redact import Scrubber
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is context.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -20,22 +27,36 @@ def _timestamp(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
 
-class JsonFormatter(logging.Formatter):
+class _ScrubbingFormatter(logging.Formatter):
+    def __init__(self, scrubber: Scrubber | None = None) -> None:
+        super().__init__()
+        self.scrubber = scrubber or Scrubber()
+
     def format(self, record: logging.LogRecord) -> str:
+        return self.scrubber(self.render(record))
+
+    def render(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(_ScrubbingFormatter):
+    def render(self, record: logging.LogRecord) -> str:
+        scrub = self.scrubber
         entry: dict[str, Any] = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
-            **_context(record),
+            "message": scrub(record.getMessage()),
+            # Masked before encoding: JSON escapes would hide a secret from the last pass.
+            **{k: scrub(v) if isinstance(v, str) else v for k, v in _context(record).items()},
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+            entry["exception"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(entry, default=lambda value: scrub(str(value)))
 
 
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+class TextFormatter(_ScrubbingFormatter):
+    def render(self, record: logging.LogRecord) -> str:
         context = " ".join(f"{k}={v}" for k, v in _context(record).items())
         # One entry, one line: drivers' messages often carry newlines and tabs.
         message = " ".join(record.getMessage().split())
@@ -47,11 +68,28 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
+# Third-party loggers that say, at INFO or DEBUG, what our own lines say once (and httpx's
+# request lines carry full URLs): quiet unless they warn.
+_CHATTY = {"pika": logging.CRITICAL, "httpx": logging.WARNING, "httpcore": logging.WARNING,
+           "nats": logging.WARNING, "asyncio": logging.WARNING}  # fmt: skip
+
+
+def configure(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = ()) -> None:
+    """One handler on stderr for every logger; ``secrets`` (URLs, shared secrets) are masked."""
+    scrubber = Scrubber(secrets)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(scrubber) if fmt == "json" else TextFormatter(scrubber))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pika logs every connection hiccup at ERROR with tracebacks; our own lines say it once.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    for name, quiet in _CHATTY.items():
+        logging.getLogger(name).setLevel(max(quiet, root.level))
+
+
+def scrub(text: str) -> str:
+    """``text`` with the configured secrets masked (for output that is not a log line)."""
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _ScrubbingFormatter):
+            return formatter.scrubber(text)
+    return Scrubber()(text)

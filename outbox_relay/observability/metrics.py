@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from opentelemetry import metrics
 
+from outbox_relay.db.connect import connect_async
 from outbox_relay.db.queries import Queries
-from outbox_relay.errors import ConfigError, MissingExtraError
+from outbox_relay.errors import ConfigError, MissingExtraError, OutboxRelayError
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.observability.tracing import otlp_protocol
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
 
-    from outbox_relay.consumer.worker import Event
+    from outbox_relay.consumer.events import Event
     from outbox_relay.messages import Failure
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def configure_metrics(
     default_service_name: str,
     *,
     prometheus_port: int | None = None,
-    prometheus_host: str = "0.0.0.0",
+    prometheus_host: str = "127.0.0.1",
     set_global: bool = True,
 ) -> MeterProvider | None:
     """A meter provider with the readers asked for: a Prometheus endpoint on ``prometheus_port``
@@ -274,10 +275,9 @@ class BacklogSampler:
             while True:
                 try:
                     if conn is None or conn.closed:
-                        conn = await psycopg.AsyncConnection.connect(
+                        conn = await connect_async(
                             self._database_url,
                             autocommit=True,
-                            connect_timeout=10,
                             application_name="outbox-relay metrics",
                         )
                     cur = await conn.execute(self._query)
@@ -285,7 +285,7 @@ class BacklogSampler:
                     if row is not None:
                         self._backlog.pending = int(row[0])
                         self._backlog.oldest_age = float(row[1] or 0.0)
-                except psycopg.Error as exc:
+                except (psycopg.Error, OutboxRelayError) as exc:
                     log.debug("backlog sample failed: %s", exc)
                     if conn is not None:
                         await conn.close()

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from pika.spec import Basic, BasicProperties
 
-    from outbox_relay.consumer.worker import Event
+    from outbox_relay.consumer.events import Event
     from outbox_relay.messages import Failure
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from outbox_relay.observability.metrics import (
     RelayMetrics,
 )
 from outbox_relay.observability.metrics import configure_metrics as _configure_metrics
+from outbox_relay.observability.settings import ObservabilitySettings
 from outbox_relay.observability.tracing import (
     INSTRUMENTATION,
     ConsumerTracing,
@@ -32,7 +33,9 @@ from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
 if TYPE_CHECKING:
     from pika.spec import Basic, BasicProperties
 
-    from outbox_relay.consumer.worker import ConsumerHooks, Event, Worker
+    from outbox_relay.consumer.events import Event
+    from outbox_relay.consumer.hooks import ConsumerHooks
+    from outbox_relay.consumer.worker import Worker
     from outbox_relay.relay.loop import Relay
     from outbox_relay.relay.settings import RelaySettings
 
@@ -46,7 +49,7 @@ CONSUMER_STALE_AFTER = 300.0
 def liveness_timeout(settings: RelaySettings) -> float:
     """How long the relay loop may show no progress before /livez fails: longer than anything
     it legitimately waits for (a confirm timeout, a connect attempt, a poll interval)."""
-    return max(60.0, 2 * settings.confirm_timeout + 3 * settings.poll_interval + 20)
+    return max(60.0, 2 * settings.publisher.confirm_timeout + 3 * settings.poll_interval + 20)
 
 
 class RelayObservability:
@@ -56,30 +59,37 @@ class RelayObservability:
         self,
         settings: RelaySettings,
         publisher_name: str,
-        *,
-        metrics_port: int | None = None,
-        health_port: int | None = None,
+        observability: ObservabilitySettings | None = None,
     ) -> None:
         self._settings = settings
-        self._health_port = health_port
+        self._observability = observability = observability or ObservabilitySettings()
         self.tracer_provider = configure_tracing(RELAY_SERVICE)
-        self.meter_provider = _configure_metrics(RELAY_SERVICE, prometheus_port=metrics_port)
+        self.meter_provider = _configure_metrics(
+            RELAY_SERVICE,
+            prometheus_port=observability.metrics_port,
+            prometheus_host=observability.metrics_host,
+        )
         hooks: list[RelayHooks] = []
         if self.tracer_provider is not None:
             tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
-            hooks.append(RelayTracing(tracer, system=publisher_name, destination=settings.exchange))
+            hooks.append(
+                RelayTracing(tracer, system=publisher_name, destination=settings.publisher.exchange)
+            )
         self._sampler: BacklogSampler | None = None
         if self.meter_provider is not None:
             backlog = Backlog()
             meter = self.meter_provider.get_meter(INSTRUMENTATION)
             hooks.append(
                 RelayMetrics(
-                    meter, system=publisher_name, destination=settings.exchange, backlog=backlog
+                    meter,
+                    system=publisher_name,
+                    destination=settings.publisher.exchange,
+                    backlog=backlog,
                 )
             )
             self._sampler = BacklogSampler(
                 settings.database_url,
-                settings.schema,
+                settings.schema_name,
                 backlog,
                 interval=max(1.0, min(15.0, settings.poll_interval * 5)),
             )
@@ -88,12 +98,14 @@ class RelayObservability:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, relay: Relay) -> None:
-        if self._health_port is not None:
+        port = self._observability.health_port
+        if port is not None:
             self.health = HealthServer(
-                self._health_port,
+                port,
                 ready=relay.is_ready,
                 heartbeat=lambda: relay.heartbeat,
                 stale_after=liveness_timeout(self._settings),
+                host=self._observability.health_host,
             )
             await self.health.start()
         if self._sampler is not None:
@@ -162,9 +174,14 @@ class CompositeConsumerHooks:
 class ConsumerObservability:
     """Tracing and metrics of one ``outbox-relay consume`` worker."""
 
-    def __init__(self, queue: str, *, metrics_port: int | None = None) -> None:
+    def __init__(self, queue: str, observability: ObservabilitySettings | None = None) -> None:
+        self._observability = observability = observability or ObservabilitySettings()
         self.tracer_provider = configure_tracing(CONSUMER_SERVICE)
-        self.meter_provider = _configure_metrics(CONSUMER_SERVICE, prometheus_port=metrics_port)
+        self.meter_provider = _configure_metrics(
+            CONSUMER_SERVICE,
+            prometheus_port=observability.metrics_port,
+            prometheus_host=observability.metrics_host,
+        )
         hooks: list[ConsumerHooks] = []
         if self.tracer_provider is not None:
             hooks.append(ConsumerTracing(self.tracer_provider.get_tracer(INSTRUMENTATION)))
@@ -175,9 +192,10 @@ class ConsumerObservability:
         self.hooks: ConsumerHooks | None = CompositeConsumerHooks(hooks) if hooks else None
         self._health: HealthThread | None = None
 
-    def serve_health(self, worker: Worker, port: int | None) -> None:
+    def serve_health(self, worker: Worker) -> None:
         """/readyz while the worker consumes; /livez until its loop stalls for 5 minutes (a
         handler may legitimately run that long)."""
+        port = self._observability.health_port
         if port is None:
             return
         self._health = HealthThread(
@@ -186,6 +204,7 @@ class ConsumerObservability:
                 ready=worker.ready.is_set,
                 heartbeat=lambda: worker.heartbeat,
                 stale_after=CONSUMER_STALE_AFTER,
+                host=self._observability.health_host,
             )
         )
         self._health.start()

@@ -1,55 +1,119 @@
-"""Publishers: one module per broker, chosen by the broker URL's scheme and imported lazily so
-``pip install outbox-relay`` pulls only the clients a deployment uses."""
+"""Publishers: one module per broker, chosen by the broker URL's scheme.
+
+Each module declares its own options (a ``BrokerOptions`` subclass named ``OPTIONS``) and guards
+its client's import, so ``pip install outbox-relay`` pulls only the clients a deployment uses
+while ``serve --help`` still lists every broker's options.
+"""
 
 from __future__ import annotations
 
 import importlib
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from types import ModuleType
 
 from outbox_relay.errors import ConfigError, MissingExtraError
-from outbox_relay.publishers.base import Publisher, PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, Publisher, PublisherSettings
+from outbox_relay.redact import redact_url
 
-# scheme -> (module, class, install extra or None when the client is a core dependency)
-_REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "amqp": ("outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None),
-    "amqps": ("outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None),
-    "nats": ("outbox_relay.publishers.nats", "NatsPublisher", "nats"),
-    "tls": ("outbox_relay.publishers.nats", "NatsPublisher", "nats"),
-    "redis": ("outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis"),
-    "rediss": ("outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis"),
-    "mqtt": ("outbox_relay.publishers.mqtt", "MqttPublisher", "mqtt"),
-    "mqtts": ("outbox_relay.publishers.mqtt", "MqttPublisher", "mqtt"),
-    "http": ("outbox_relay.publishers.webhook", "WebhookPublisher", "webhook"),
-    "https": ("outbox_relay.publishers.webhook", "WebhookPublisher", "webhook"),
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    module: str
+    publisher: str  # the class in that module
+    extra: str | None  # the install extra with its client; None when it is a core dependency
+
+
+_RABBITMQ = Broker("outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None)
+_NATS = Broker("outbox_relay.publishers.nats", "NatsPublisher", "nats")
+_REDIS = Broker("outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis")
+_MQTT = Broker("outbox_relay.publishers.mqtt", "MqttPublisher", "mqtt")
+_WEBHOOK = Broker("outbox_relay.publishers.webhook", "WebhookPublisher", "webhook")
+
+BROKERS: dict[str, Broker] = {
+    "amqp": _RABBITMQ,
+    "amqps": _RABBITMQ,
+    "nats": _NATS,
+    "tls": _NATS,
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "mqtt": _MQTT,
+    "mqtts": _MQTT,
+    "http": _WEBHOOK,
+    "https": _WEBHOOK,
 }
 
-__all__ = ["Publisher", "PublisherSettings", "create_publisher", "supported_schemes"]
+__all__ = [
+    "BROKERS",
+    "BrokerOptions",
+    "Publisher",
+    "PublisherSettings",
+    "broker_options",
+    "create_publisher",
+    "supported_schemes",
+]
 
 
 def supported_schemes() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BROKERS)
+
+
+def _module(broker: Broker) -> ModuleType:
+    return importlib.import_module(broker.module)
+
+
+def options_of(broker: Broker) -> type[BrokerOptions]:
+    options: type[BrokerOptions] = _module(broker).OPTIONS
+    return options
+
+
+def broker_options() -> list[tuple[list[str], type[BrokerOptions]]]:
+    """Every broker's options with the schemes it serves, for the CLI and config files."""
+    found: dict[str, tuple[list[str], type[BrokerOptions]]] = {}
+    for scheme, broker in BROKERS.items():
+        entry = found.setdefault(broker.module, ([], options_of(broker)))
+        entry[0].append(scheme)
+    return list(found.values())
+
+
+def broker_for(settings: PublisherSettings) -> Broker:
+    scheme = settings.scheme
+    try:
+        return BROKERS[scheme]
+    except KeyError:
+        raise ConfigError(
+            f"--broker-url: unsupported scheme {scheme!r} in {redact_url(settings.broker_url)!r}; "
+            "use one of " + ", ".join(f"{s}://" for s in supported_schemes())
+        ) from None
+
+
+def check_options(settings: PublisherSettings) -> BrokerOptions:
+    """Validate the broker's own options; an option of another broker is named as such."""
+    broker = broker_for(settings)
+    options = options_of(broker)
+    for key in settings.options:
+        if key in options.model_fields:
+            continue
+        owners = [schemes for schemes, other in broker_options() if key in other.model_fields]
+        flag = "--" + key.replace("_", "-")
+        if owners:
+            served = ", ".join(f"{s}://" for s in owners[0])
+            raise ConfigError(
+                f"{flag}: applies to {served} brokers only, not {settings.scheme}:// "
+                "(remove it or change --broker-url)"
+            )
+        raise ConfigError(f"{flag}: is not a setting")
+    return options.of(settings)
 
 
 def create_publisher(settings: PublisherSettings) -> Publisher:
-    try:
-        scheme = urlsplit(settings.url).scheme.lower()
-    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise ConfigError(f"--broker-url: not a URL ({exc})") from None
-    try:
-        module_name, class_name, extra = _REGISTRY[scheme]
-    except KeyError:
-        raise ConfigError(
-            f"--broker-url: unsupported scheme {scheme!r}; use one of "
-            + ", ".join(f"{s}://" for s in supported_schemes())
-        ) from None
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if extra is None:
-            raise
+    broker = broker_for(settings)
+    check_options(settings)
+    module = _module(broker)
+    missing: ModuleNotFoundError | None = getattr(module, "MISSING_CLIENT", None)
+    if missing is not None:
         raise MissingExtraError(
-            f"--broker-url {scheme}:// needs the {exc.name!r} client: "
-            f"pip install 'outbox-relay[{extra}]'"
-        ) from exc
-    publisher: Publisher = getattr(module, class_name)(settings)
+            f"--broker-url {settings.scheme}:// needs the {missing.name!r} client: "
+            f"pip install 'outbox-relay[{broker.extra}]'"
+        ) from missing
+    publisher: Publisher = getattr(module, broker.publisher)(settings)
     return publisher

@@ -2,32 +2,119 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Protocol, Self, runtime_checkable
+
+from pydantic import AfterValidator, Field, model_validator
 
 from outbox_relay.messages import OutboxMessage, PublishResult
+from outbox_relay.settings import (
+    DEFAULT_BROKER_URL,
+    BrokerUrl,
+    Count,
+    Exchange,
+    Flag,
+    Seconds,
+    Settings,
+    route,
+)
 
 
-@dataclass(frozen=True, slots=True)
-class PublisherSettings:
-    """Broker-independent publishing settings; each publisher reads the ones it understands."""
+def check_topic_prefix(prefix: str) -> str:
+    if not TOPIC_PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"{prefix!r} is not a usable prefix (letters, digits, '_', '-', separated by single "
+            "'.', at most 100 characters; no wildcards or spaces), e.g. 'events'"
+        )
+    return prefix
 
-    url: str
-    exchange: str = "events"
-    confirm_timeout: float = 30.0
-    max_message_bytes: int = 128 * 1024 * 1024
-    max_in_flight: int = 5000
-    # Prefix of the NATS subject (events.order.created), the Redis stream (events:order.created)
-    # and the MQTT topic (events/order/created).
-    topic_prefix: str = "events"
-    nats_stream: str = "EVENTS"
-    redis_stream_mode: str = "per-type"  # per-type: one stream per event type; single: one stream
-    redis_maxlen: int | None = None  # XADD MAXLEN ~ n when set
-    mqtt_qos: int = 1
-    webhook_secret: str | None = field(default=None, repr=False)
-    webhook_timeout: float = 10.0
-    webhook_batch: bool = False
+
+TOPIC_PREFIX = re.compile(r"(?=.{1,100}$)[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+# Larger messages are dead-lettered at once; RabbitMQ's own default limit (3.8 to 3.13).
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+
+# Broker options holding secrets (webhook_secret, ...): masked in reprs, scrubbed from logs.
+SECRET_OPTION = re.compile(r"secret|password|token|credential", re.IGNORECASE)
+
+# Brokers whose destination names start with --topic-prefix.
+PREFIXED_SCHEMES = frozenset({"nats", "tls", "redis", "rediss", "mqtt", "mqtts"})
+
+
+class PublisherSettings(Settings):
+    """What every publisher reads; options of one broker are in ``options`` (see BrokerOptions)."""
+
+    broker_url: BrokerUrl = DEFAULT_BROKER_URL
+    exchange: Exchange = "events"
+    confirm_timeout: Annotated[
+        Seconds,
+        Field(le=3600, description="Seconds to wait for broker confirms before reconnecting."),
+    ] = 30.0
+    max_message_bytes: Annotated[
+        Count,
+        Field(
+            description="Larger messages (payload and headers) are dead-lettered at once; keep "
+            "at or below the broker's own limit."
+        ),
+    ] = DEFAULT_MAX_MESSAGE_BYTES
+    topic_prefix: Annotated[
+        str,
+        AfterValidator(check_topic_prefix),
+        Field(
+            description="NATS subject / Redis stream / MQTT topic prefix: events.order.created, "
+            "events:order.created, events/order/created."
+        ),
+        Flag(metavar="PREFIX"),
+    ] = "events"
+    # Unacknowledged messages a client may hold (MQTT's in-flight window); not a CLI option.
+    max_in_flight: ClassVar[int] = 5000
+    # The broker's own options by key (e.g. {"nats_stream": "EVENTS"}), validated by its
+    # publisher module's BrokerOptions when the publisher is made.
+    options: Annotated[Mapping[str, Any], Flag(cli=False)] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_options_go_into_options(cls, values: Any) -> Any:
+        return route(values, cls, "options")
+
+    @model_validator(mode="after")
+    def _options_that_apply(self) -> PublisherSettings:
+        given, scheme = self.model_fields_set, self.scheme
+        if "topic_prefix" in given and scheme not in PREFIXED_SCHEMES:
+            raise ValueError(
+                f"--topic-prefix: applies to NATS, Redis and MQTT brokers, not {scheme}://"
+            )
+        if "exchange" in given and scheme not in ("amqp", "amqps"):
+            raise ValueError(f"--exchange: applies to RabbitMQ (amqp://) only, not {scheme}://")
+        return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name == "options" and isinstance(value, Mapping):
+                value = {k: "***" if SECRET_OPTION.search(k) else v for k, v in value.items()}
+            yield name, value
+
+    def secrets(self) -> Iterator[str]:
+        yield from super().secrets()
+        for key, value in self.options.items():
+            if SECRET_OPTION.search(key) and isinstance(value, str) and value:
+                yield value
+
+    @property
+    def scheme(self) -> str:
+        return self.broker_url.partition("://")[0].lower()
+
+
+class BrokerOptions(Settings):
+    """The options one broker's publisher adds; each publisher module declares a subclass whose
+    fields are named after the broker (``nats_stream``, ``redis_maxlen``, ...)."""
+
+    @classmethod
+    def of(cls, settings: PublisherSettings) -> Self:
+        """Validate this broker's options from ``settings.options``."""
+        return cls.from_mapping(settings.options)
 
 
 @runtime_checkable

@@ -23,25 +23,46 @@ import ssl
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import Field
+
+from outbox_relay.settings import Flag
+
+try:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+except ModuleNotFoundError as missing:  # the 'mqtt' extra; its options still show in --help
+    MISSING_CLIENT: ModuleNotFoundError | None = missing
+else:
+    MISSING_CLIENT = None
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 NO_MATCHING_SUBSCRIBERS = 0x10
 MAX_MQTT_PAYLOAD = 268_435_455 - 65_536  # the protocol's packet limit, less room for the header
-_VERSIONS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+class MqttOptions(BrokerOptions):
+    mqtt_qos: Annotated[
+        int,
+        Field(ge=1, le=2, description="1 (PUBACK) or 2 (PUBCOMP) confirms; QoS 0 has none."),
+        Flag(panel="MQTT", metavar="1|2"),
+    ] = 1
+
+
+OPTIONS = MqttOptions
+
+_VERSIONS = ("5", "3.1.1")
 
 
 def mqtt_topic(prefix: str, event_type: str) -> str:
@@ -67,7 +88,7 @@ class _Target:
         version = query.get("version", "5")
         if version not in _VERSIONS:
             raise ConfigError(f"--broker-url: MQTT version {version!r} is not one of 5, 3.1.1")
-        self.protocol = _VERSIONS[version]
+        self.mqtt5 = version == "5"
         self.tls = parts.scheme == "mqtts"
         self.host = parts.hostname or "localhost"
         try:
@@ -86,13 +107,8 @@ class MqttPublisher:
 
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
-        if settings.mqtt_qos not in (1, 2):
-            raise ConfigError(
-                f"--mqtt-qos: must be 1 or 2 (QoS 0 has no confirm), got {settings.mqtt_qos}"
-            )
-        if any(c in settings.topic_prefix for c in "+#"):
-            raise ConfigError(f"--topic-prefix: {settings.topic_prefix!r} has an MQTT wildcard")
-        self._target = _Target(settings.url)
+        self._options = MqttOptions.of(settings)
+        self._target = _Target(settings.broker_url)
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
@@ -104,7 +120,7 @@ class MqttPublisher:
 
     @property
     def mqtt5(self) -> bool:
-        return self._target.protocol == paho.MQTTv5
+        return self._target.mqtt5
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -113,9 +129,11 @@ class MqttPublisher:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         target = self._target
-        where = redact_url(self._settings.url)
+        where = redact_url(self._settings.broker_url)
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=target.client_id, protocol=target.protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=target.client_id,
+            protocol=paho.MQTTv5 if target.mqtt5 else paho.MQTTv311,
         )
         if target.username is not None:
             client.username_pw_set(target.username, target.password)
@@ -225,7 +243,7 @@ class MqttPublisher:
                     info = client.publish(
                         mqtt_topic(self._settings.topic_prefix, message.event_type),
                         message.payload,
-                        qos=self._settings.mqtt_qos,
+                        qos=self._options.mqtt_qos,
                         properties=properties,
                     )
                 except ValueError as exc:  # paho validates before anything is sent
@@ -355,7 +373,7 @@ class MqttPublisher:
         if not reason_code.is_failure:
             connack.set_result(None)
             return
-        where = redact_url(self._settings.url)
+        where = redact_url(self._settings.broker_url)
         error_class = (
             ConfigError if reason_code.value in (0x86, 0x87, 0x85) else BrokerUnavailableError
         )

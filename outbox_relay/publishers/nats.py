@@ -14,17 +14,27 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-import nats
-import nats.errors
-import nats.js.errors
-from nats.aio.client import Client
-from nats.js import JetStreamContext
+from pydantic import AfterValidator, Field
+
+from outbox_relay.settings import Flag
+
+try:
+    import nats
+    import nats.errors
+    import nats.js.errors
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+except ModuleNotFoundError as missing:  # the 'nats' extra; its options still show in --help
+    MISSING_CLIENT: ModuleNotFoundError | None = missing
+else:
+    MISSING_CLIENT = None
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,36 @@ def header_problem(headers: dict[str, str]) -> str | None:
     return None
 
 
+def check_stream_name(name: str) -> str:
+    """JetStream stream names: no whitespace, '.', '*', '>', slashes or control characters."""
+    if (
+        not name
+        or len(name) > 255
+        or any(c in name for c in ".*>/\\")
+        or not name.isprintable()
+        or any(c.isspace() for c in name)
+    ):
+        raise ValueError(
+            f"{name!r} is not a JetStream stream name (1-255 printable characters without "
+            "spaces, '.', '*', '>', '/' or '\\'), e.g. EVENTS"
+        )
+    return name
+
+
+class NatsOptions(BrokerOptions):
+    nats_stream: Annotated[
+        str,
+        AfterValidator(check_stream_name),
+        Field(
+            description="JetStream stream, created at start-up (subjects PREFIX.>) unless it exists."
+        ),
+        Flag(metavar="NAME", panel="NATS"),
+    ] = "EVENTS"
+
+
+OPTIONS = NatsOptions
+
+
 class NatsPublisher:
     """Publishes to JetStream; the stream (``--nats-stream``) is created or checked at start-up."""
 
@@ -62,11 +102,8 @@ class NatsPublisher:
 
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
-        self._prefix = settings.topic_prefix.strip(".")
-        if not self._prefix or any(c in self._prefix for c in " *>\t"):
-            raise ConfigError(
-                f"--topic-prefix: {settings.topic_prefix!r} is not a NATS subject prefix"
-            )
+        self._options = NatsOptions.of(settings)
+        self._prefix = settings.topic_prefix
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._lost: asyncio.Future[None] | None = None
@@ -77,7 +114,7 @@ class NatsPublisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        where = redact_url(self._settings.url)
+        where = redact_url(self._settings.broker_url)
         lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._lost = lost
 
@@ -88,11 +125,12 @@ class NatsPublisher:
         async def on_error(exc: Exception) -> None:
             log.debug("NATS client error: %r", exc)
 
+        await self._check_server(where)
         try:
             # The relay owns reconnecting (and republishing the batch in flight), so the client
             # must not silently reconnect and leave acks hanging.
             self._nc = await nats.connect(
-                self._settings.url,
+                self._settings.broker_url,
                 allow_reconnect=False,
                 # nats-py retries even the first connect (60 x 2 s by default; 0 = forever):
                 # two quick tries, then the relay's own backoff takes over.
@@ -103,6 +141,11 @@ class NatsPublisher:
                 closed_cb=on_disconnected,
                 error_cb=on_error,
             )
+        except nats.errors.AuthorizationError as exc:
+            raise ConfigError(
+                f"NATS at {where} refused the credentials: check the user, password or token in "
+                "--broker-url"
+            ) from exc
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             raise BrokerUnavailableError(f"cannot connect to NATS at {where}: {exc!r}") from exc
         self._js = self._nc.jetstream(
@@ -118,8 +161,51 @@ class NatsPublisher:
             raise
         log.info("connected to broker", extra={"broker": "nats", "url": where})
 
+    async def _check_server(self, where: str) -> None:
+        """Read the server's INFO line before the client sends anything.
+
+        A NATS server greets every connection with ``INFO {...}``; anything else is another
+        kind of service. And ``tls://`` must mean TLS: nats-py upgrades only when the server
+        requires it, and would otherwise send the credentials in plaintext, so a ``tls://`` URL
+        pointing at a server that does not require TLS is refused before any CONNECT is sent.
+        """
+        parts = urlsplit(self._settings.broker_url)
+        host, port = parts.hostname or "localhost", parts.port or 4222
+        timeout = min(self._settings.confirm_timeout, 10.0)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), timeout=timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BrokerUnavailableError(f"cannot connect to NATS at {where}: {exc!r}") from exc
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise BrokerUnavailableError(
+                f"no NATS greeting from {where} within {timeout:g}s (is it a NATS server?)"
+            ) from exc
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if not line.startswith(b"INFO "):
+            raise ConfigError(
+                f"--broker-url: {where} did not answer like a NATS server (is the host or port "
+                "that of another service?)"
+            )
+        try:
+            info = json.loads(line[5:])
+        except ValueError:
+            info = {}
+        if parts.scheme.lower() == "tls" and not info.get("tls_required"):
+            raise ConfigError(
+                f"--broker-url: tls:// but the NATS server at {where} does not require TLS; "
+                "refusing to send credentials in plaintext (enable TLS on the server, or use "
+                "nats:// deliberately)"
+            )
+
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        stream = self._settings.nats_stream
+        stream = self._options.nats_stream
         wanted = f"{self._prefix}.>"
         try:
             info = await js.stream_info(stream)
@@ -241,7 +327,7 @@ class NatsPublisher:
         if isinstance(exc, nats.js.errors.NoStreamResponseError):
             return failed(
                 f"unroutable: no JetStream stream is bound to subject {subject!r}; add it to the "
-                f"subjects of stream {self._settings.nats_stream!r} (--nats-stream)"
+                f"subjects of stream {self._options.nats_stream!r} (--nats-stream)"
             )
         if isinstance(exc, nats.js.errors.APIError):
             return failed(f"rejected by JetStream for {subject!r}: {exc.description or exc!r}")

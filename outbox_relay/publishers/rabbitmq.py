@@ -22,9 +22,10 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from outbox_relay import amqp
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class _CorkedConnection(AsyncioConnection):
             self._corked.append(data)
 
 
+class RabbitMQOptions(BrokerOptions):
+    """RabbitMQ needs nothing beyond the common settings (--exchange, --confirm-timeout, ...)."""
+
+
+OPTIONS = RabbitMQOptions
+
 # Messages encoded between two hand-offs to the event loop: large enough to amortize the write,
 # small enough that the broker starts on a batch at once and acks are read while it is sent.
 _CHUNK = 200
@@ -95,14 +102,7 @@ class RabbitMQPublisher:
 
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
-        try:
-            self._parameters = pika.URLParameters(settings.url)
-        except Exception as exc:  # pika raises assorted errors for malformed URLs
-            raise ConfigError(
-                f"--broker-url: invalid AMQP URL {redact_url(settings.url)}: {exc}"
-            ) from exc
-        # A broker under a resource alarm blocks publishers; give up on it like on a lost link.
-        self._parameters.blocked_connection_timeout = settings.confirm_timeout
+        self._parameters = amqp.parameters(settings.broker_url)
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
         # Several batches may be in flight at once (the relay sends the next before the previous
@@ -120,16 +120,15 @@ class RabbitMQPublisher:
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
-        where = redact_url(self._settings.url)
+        where = redact_url(self._settings.broker_url)
 
         def on_open(connection: AsyncioConnection) -> None:
             connection.channel(on_open_callback=on_channel)
 
         def on_open_error(_connection: AsyncioConnection, exc: BaseException | str) -> None:
             if not opened.done():
-                opened.set_exception(
-                    BrokerUnavailableError(f"cannot connect to RabbitMQ at {where}: {exc}")
-                )
+                error = exc if isinstance(exc, BaseException) else Exception(exc)
+                opened.set_exception(amqp.translate(error, self._settings.broker_url))
 
         def on_channel(channel: Channel) -> None:
             self._channel = channel
@@ -170,10 +169,14 @@ class RabbitMQPublisher:
         )
         self._opening = opened
         try:
-            await asyncio.wait_for(opened, timeout=self._settings.confirm_timeout)
+            # pika gives up itself after amqp.CONNECT_TIMEOUT (stack_timeout); this is a backstop.
+            await asyncio.wait_for(opened, timeout=amqp.CONNECT_TIMEOUT + 5)
         except TimeoutError as exc:
             await self.close()
-            raise BrokerUnavailableError(f"timed out connecting to RabbitMQ at {where}") from exc
+            raise BrokerUnavailableError(
+                f"no AMQP handshake from {where} within {amqp.CONNECT_TIMEOUT:g}s (is it a "
+                "RabbitMQ server, and reachable?)"
+            ) from exc
         except BaseException:
             await self.close()
             raise

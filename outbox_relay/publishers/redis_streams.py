@@ -10,26 +10,64 @@ so the event id is a field for consumers to dedupe on.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-import redis.asyncio
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from pydantic import Field
+
+from outbox_relay.settings import Count, Flag
+
+try:
+    import redis.asyncio
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+except ModuleNotFoundError as missing:  # the 'redis' extra; its options still show in --help
+    MISSING_CLIENT: ModuleNotFoundError | None = missing
+else:
+    MISSING_CLIENT = None
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-STREAM_MODES = ("per-type", "single")
 
-_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+class StreamMode(enum.StrEnum):
+    PER_TYPE = "per-type"  # one stream per event type: PREFIX:TYPE
+    SINGLE = "single"  # one stream: PREFIX
+
+
+class RedisOptions(BrokerOptions):
+    redis_stream_mode: Annotated[
+        StreamMode,
+        Field(
+            description="per-type: one stream per event type (PREFIX:TYPE); single: one stream PREFIX."
+        ),
+        Flag(panel="Redis"),
+    ] = StreamMode.PER_TYPE
+    redis_maxlen: Annotated[
+        Count | None,
+        Field(description="Trim each stream to about this many entries (XADD MAXLEN ~)."),
+        Flag(panel="Redis"),
+    ] = None
+
+
+OPTIONS = RedisOptions
+
+_UNAVAILABLE: tuple[type[Exception], ...] = (
+    (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    if MISSING_CLIENT is None
+    else (OSError,)
+)
+_ANY_FAILURE: tuple[type[Exception], ...] = (
+    (*_UNAVAILABLE, redis.exceptions.RedisError) if MISSING_CLIENT is None else _UNAVAILABLE
+)
 
 
 def stream_fields(message: OutboxMessage) -> dict[str, str | bytes]:
@@ -55,34 +93,24 @@ class RedisStreamsPublisher:
 
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
-        if settings.redis_stream_mode not in STREAM_MODES:
-            raise ConfigError(
-                f"--redis-stream-mode: {settings.redis_stream_mode!r} is not one of "
-                + ", ".join(STREAM_MODES)
-            )
-        if settings.redis_maxlen is not None and settings.redis_maxlen <= 0:
-            raise ConfigError(
-                f"--redis-maxlen: must be greater than 0, got {settings.redis_maxlen}"
-            )
-        if not settings.topic_prefix:
-            raise ConfigError("--topic-prefix: must not be empty for Redis streams")
+        self._options = RedisOptions.of(settings)
         # Any: redis-py ships inline types while types-redis (for redis 4) may also be installed,
         # and the two disagree (generic or not, aclose or close).
         self._client: Any = None
         self._healthy = False
 
     def stream(self, event_type: str) -> str:
-        if self._settings.redis_stream_mode == "single":
+        if self._options.redis_stream_mode is StreamMode.SINGLE:
             return self._settings.topic_prefix
         return f"{self._settings.topic_prefix}:{event_type}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        where = redact_url(self._settings.url)
+        where = redact_url(self._settings.broker_url)
         try:
             client: Any = redis.asyncio.Redis.from_url(
-                self._settings.url,
+                self._settings.broker_url,
                 socket_connect_timeout=min(self._settings.confirm_timeout, 10.0),
                 socket_timeout=self._settings.confirm_timeout,
                 # The relay retries, and republishes the whole batch: a hidden client retry of
@@ -97,7 +125,13 @@ class RedisStreamsPublisher:
         except redis.exceptions.AuthenticationError as exc:
             await self.close()
             raise ConfigError(f"Redis at {where} refused the credentials: {exc}") from exc
-        except (*_UNAVAILABLE, redis.exceptions.RedisError) as exc:
+        except redis.exceptions.InvalidResponse as exc:
+            await self.close()
+            raise ConfigError(
+                f"--broker-url: {where} did not answer like a Redis server (is the host or port "
+                "that of another service?)"
+            ) from exc
+        except _ANY_FAILURE as exc:
             await self.close()
             raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc}") from exc
         self._healthy = True
@@ -107,7 +141,7 @@ class RedisStreamsPublisher:
         client, self._client = self._client, None
         self._healthy = False
         if client is not None:
-            with contextlib.suppress(*_UNAVAILABLE, redis.exceptions.RedisError):
+            with contextlib.suppress(*_ANY_FAILURE):
                 await client.aclose()
 
     def is_healthy(self) -> bool:
@@ -120,7 +154,7 @@ class RedisStreamsPublisher:
         if client is None or not self._healthy:
             raise BrokerUnavailableError("not connected to Redis")
         limit = self._settings.max_message_bytes
-        maxlen = self._settings.redis_maxlen
+        maxlen = self._options.redis_maxlen
         results: list[PublishResult | None] = [None] * len(messages)
         sent: list[int] = []
         pipe = client.pipeline(transaction=False)

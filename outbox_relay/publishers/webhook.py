@@ -20,19 +20,28 @@ BrokerUnavailableError, so the relay reconnects and republishes the batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 from collections.abc import Sequence
+from typing import Annotated
 from urllib.parse import urlsplit
 
-import httpx
+from pydantic import Field
+
+from outbox_relay.settings import Flag, Seconds
+
+try:
+    import httpx
+except ModuleNotFoundError as missing:  # the 'webhook' extra; its options still show in --help
+    MISSING_CLIENT: ModuleNotFoundError | None = missing
+else:
+    MISSING_CLIENT = None
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,32 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Outbox-Signature"
 TRACE_HEADERS = ("traceparent", "tracestate")
 RETRYABLE_4XX = frozenset({408, 429})
+
+
+class WebhookOptions(BrokerOptions):
+    webhook_secret: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            description="Shared secret: sign each body (X-Outbox-Signature: sha256=HMAC).",
+        ),
+        Flag(secret=True, panel="Webhook", metavar="SECRET"),
+    ] = None
+    webhook_timeout: Annotated[
+        Seconds,
+        Field(le=3600, description="Seconds to wait for the webhook's answer."),
+        Flag(panel="Webhook"),
+    ] = 10.0
+    webhook_batch: Annotated[
+        bool,
+        Field(
+            description='POST events in batches ({"events": [...]}) instead of one request each.'
+        ),
+        Flag(decl="--webhook-batch/--webhook-per-event", panel="Webhook"),
+    ] = False
+
+
+OPTIONS = WebhookOptions
 
 
 def event_body(message: OutboxMessage) -> bytes:
@@ -76,13 +111,10 @@ class WebhookPublisher:
 
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
-        parts = urlsplit(settings.url)
+        self._options = WebhookOptions.of(settings)
+        parts = urlsplit(settings.broker_url)
         if not parts.hostname:
-            raise ConfigError(f"--broker-url: no host in {redact_url(settings.url)}")
-        if settings.webhook_timeout <= 0:
-            raise ConfigError(
-                f"--webhook-timeout: must be greater than 0, got {settings.webhook_timeout}"
-            )
+            raise ConfigError(f"--broker-url: no host in {redact_url(settings.broker_url)}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._client: httpx.AsyncClient | None = None
@@ -90,26 +122,32 @@ class WebhookPublisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        where = redact_url(self._settings.url)
-        # HTTP has no session to open; checking that the endpoint accepts TCP connections makes
-        # an unreachable endpoint a clean BrokerUnavailableError at start-up, like other brokers.
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port),
-                timeout=self._settings.webhook_timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        self._client = httpx.AsyncClient(
+        where = redact_url(self._settings.broker_url)
+        client = httpx.AsyncClient(
             # Waiting for one of the 64 connections is not the endpoint being slow: with
             # thousands of events in flight, requests queue for a connection without a limit.
-            timeout=httpx.Timeout(self._settings.webhook_timeout, pool=None),
+            timeout=httpx.Timeout(self._options.webhook_timeout, pool=None),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             follow_redirects=False,
         )
+        # HTTP has no session to open. One OPTIONS request (safe: no side effects) makes an
+        # unreachable endpoint a clean BrokerUnavailableError at start-up, like other brokers,
+        # and a service of another kind at the address a configuration error.
+        try:
+            await client.request("OPTIONS", self._settings.broker_url)
+        except (httpx.ConnectError, httpx.TimeoutException) as exc:
+            await client.aclose()
+            raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            await client.aclose()
+            raise ConfigError(
+                f"--broker-url: {where} did not answer like an HTTP server (is the host or port "
+                "that of another service?)"
+            ) from exc
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
+        self._client = client
         log.info("connected to broker", extra={"broker": "webhook", "url": where})
 
     async def close(self) -> None:
@@ -138,7 +176,7 @@ class WebhookPublisher:
                 )
             else:
                 sendable.append(index)
-        if sendable and self._settings.webhook_batch:
+        if sendable and self._options.webhook_batch:
             batch = [messages[i] for i in sendable]
             result = await self._post(client, self._batch_request(batch))
             for index in sendable:
@@ -202,19 +240,19 @@ class WebhookPublisher:
     ) -> PublishResult:
         body, headers = request
         headers["Content-Type"] = "application/json"
-        secret = self._settings.webhook_secret
+        secret = self._options.webhook_secret
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, body)
         try:
-            response = await client.post(self._settings.url, content=body, headers=headers)
+            response = await client.post(self._settings.broker_url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             return failed(
-                f"webhook did not answer within {self._settings.webhook_timeout}s "
+                f"webhook did not answer within {self._options.webhook_timeout}s "
                 f"(--webhook-timeout): {type(exc).__name__}"
             )
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError) as exc:
             raise BrokerUnavailableError(
-                f"cannot reach the webhook at {redact_url(self._settings.url)}: {exc!r}"
+                f"cannot reach the webhook at {redact_url(self._settings.broker_url)}: {exc!r}"
             ) from exc
         except httpx.HTTPError as exc:
             return failed(f"webhook request failed: {exc!r}")

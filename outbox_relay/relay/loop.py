@@ -169,7 +169,9 @@ class Relay:
         while not self._stop.is_set():
             if await self._store.try_lead():
                 self.leading = True
-                log.info("leading: publishing the outbox", extra={"schema": self._settings.schema})
+                log.info(
+                    "leading: publishing the outbox", extra={"schema": self._settings.schema_name}
+                )
                 return
             if not said_standby:
                 log.info("standby: another relay is publishing this outbox; waiting to take over")

@@ -1,21 +1,25 @@
-"""Typed relay settings, built once by the CLI (flags or OUTBOX_RELAY_* variables)."""
+"""The relay's settings (``outbox-relay serve``): each field is a flag, a variable and a key."""
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from pydantic import AfterValidator, Field, model_validator
 
-from outbox_relay.db.queries import check_schema_name
-from outbox_relay.errors import ConfigError
 from outbox_relay.publishers.base import PublisherSettings
-from outbox_relay.redact import redact_url
-
-DEFAULT_DATABASE_URL = "postgresql://localhost/postgres"
-DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
+from outbox_relay.settings import (
+    DEFAULT_DATABASE_URL,
+    Count,
+    DatabaseUrl,
+    Duration,
+    Flag,
+    Schema,
+    Seconds,
+    Settings,
+    route,
+)
 
 
 class Mode(enum.StrEnum):
@@ -29,22 +33,6 @@ class OnSent(enum.StrEnum):
     KEEP = "keep"
 
 
-def check_database_url(url: str) -> str:
-    if not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
-        raise ConfigError(
-            f"--database-url: {redact_url(url)!r} is not a PostgreSQL URL "
-            "(expected postgresql://user@host:5432/dbname or a key=value conninfo)"
-        )
-    try:
-        conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        # libpq quotes the whole URL, password included, in its message: redact it, and drop
-        # the cause so the CLI's "caused by" lines cannot repeat it.
-        reason = str(exc).replace(url, redact_url(url)).strip()
-        raise ConfigError(f"--database-url: cannot be parsed: {reason}") from None
-    return url
-
-
 # Slot names allow only lowercase letters, digits and '_' (at most 63 bytes); publications
 # share the rule so both can be written unquoted in the docs and in psql.
 REPLICATION_NAME = re.compile(r"[a-z0-9_]{1,63}")
@@ -54,116 +42,154 @@ def default_replication_name(schema: str) -> str:
     return f"outbox_relay_{schema}"
 
 
-def check_replication_name(option: str, name: str) -> str:
-    if not REPLICATION_NAME.fullmatch(name):
-        raise ConfigError(
-            f"{option}: {name!r} must be 1-63 lowercase letters, digits or '_' "
-            "(e.g. outbox_relay_public)"
+def check_replication_name(name: str | None) -> str | None:
+    if name is not None and not REPLICATION_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} must be 1-63 lowercase letters, digits or '_' (e.g. outbox_relay_public)"
         )
     return name
 
+
+def check_wal_message_prefix(prefix: str | None) -> str | None:
+    if prefix is not None and not (0 < len(prefix) <= 200 and prefix.isprintable()):
+        raise ValueError(f"{prefix!r} must be 1-200 printable characters")
+    return prefix
+
+
+ReplicationName = Annotated[
+    str | None, AfterValidator(check_replication_name), Flag(metavar="NAME", panel="CDC mode")
+]
+SlotName = Annotated[
+    ReplicationName,
+    Field(description="CDC: logical replication slot [default: outbox_relay_<schema>]."),
+]
+Publication = Annotated[
+    ReplicationName,
+    Field(description="CDC: publication on <schema>.outbox [default: outbox_relay_<schema>]."),
+]
 
 # Rows in flight: enough for the broker to stay busy (about a raw publisher's window of
 # unconfirmed messages); also the most a killed relay can publish twice.
 DEFAULT_BATCH_SIZE = 4000
 
 
-@dataclass(frozen=True, slots=True)
-class RelaySettings:
-    database_url: str = field(repr=False)
-    broker_url: str = field(repr=False)
-    schema: str = "public"
-    mode: Mode = Mode.NOTIFY
-    exchange: str = "events"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    poll_interval: float = 1.0
-    max_attempts: int = 10
-    retry_backoff: float = 1.0
-    retry_backoff_max: float = 300.0
-    on_sent: OnSent = OnSent.DELETE
-    retention: float = 7 * 24 * 3600.0
-    confirm_timeout: float = 30.0
-    max_message_bytes: int = 128 * 1024 * 1024
-    shutdown_timeout: float = 5.0
-    # Broker-specific (each publisher reads its own; see docs/brokers.md).
-    topic_prefix: str = "events"
-    nats_stream: str = "EVENTS"
-    redis_stream_mode: str = "per-type"
-    redis_maxlen: int | None = None
-    mqtt_qos: int = 1
-    webhook_secret: str | None = field(default=None, repr=False)
-    webhook_timeout: float = 10.0
-    webhook_batch: bool = False
-    # --mode cdc only: None derives outbox_relay_<schema>; see docs/cdc.md.
-    slot_name: str | None = None
-    publication: str | None = None
-    heartbeat_interval: float = 10.0
-    wal_message_prefix: str | None = None  # None: outbox_relay.<schema>
+CDC_ONLY = frozenset({"slot_name", "publication", "heartbeat_interval", "wal_message_prefix"})
 
-    def __post_init__(self) -> None:
-        # Accept the enums' string values from code too ("notify" as well as Mode.NOTIFY).
-        for name, enum_type in (("mode", Mode), ("on_sent", OnSent)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, enum_type(value))
-            except ValueError:
-                choices = ", ".join(member.value for member in enum_type)
-                option = "--" + name.replace("_", "-")
-                raise ConfigError(f"{option}: {value!r} is not one of {choices}") from None
-        check_database_url(self.database_url)
-        check_schema_name(self.schema)
-        positive = {
-            "--batch-size": self.batch_size,
-            "--poll-interval": self.poll_interval,
-            "--max-attempts": self.max_attempts,
-            "--retry-backoff": self.retry_backoff,
-            "--confirm-timeout": self.confirm_timeout,
-            "--max-message-bytes": self.max_message_bytes,
-            "--heartbeat-interval": self.heartbeat_interval,
-        }
-        for option, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{option}: must be greater than 0, got {value}")
-        check_replication_name("--slot-name", self.slot_name_or_default)
-        check_replication_name("--publication", self.publication_or_default)
+
+class RelaySettings(Settings):
+    """Everything ``serve`` needs but the observability options. Broker settings (``broker_url``,
+    ``exchange``, ``nats_stream``, ...) may be given flat: they go into ``publisher``."""
+
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL
+    schema_name: Schema = "public"
+    mode: Annotated[
+        Mode,
+        Field(
+            description="notify: LISTEN/NOTIFY wake-ups plus polling; poll: polling only; cdc: "
+            "stream inserts from the WAL (logical replication, see docs/cdc.md)."
+        ),
+    ] = Mode.NOTIFY
+    batch_size: Annotated[
+        Count,
+        Field(
+            le=1_000_000,
+            description="Most rows in flight at once (claimed as two overlapping halves); a "
+            "killed relay publishes at most this many twice.",
+        ),
+    ] = DEFAULT_BATCH_SIZE
+    poll_interval: Annotated[
+        Seconds,
+        Field(
+            le=3600,
+            description="Seconds between polls when idle (the fallback for missed wake-ups).",
+        ),
+    ] = 1.0
+    max_attempts: Annotated[
+        Count, Field(description="Failed publishes before an event is dead.")
+    ] = 10
+    retry_backoff: Annotated[
+        Seconds, Field(description="First retry delay in seconds; doubles per attempt.")
+    ] = 1.0
+    retry_backoff_max: Annotated[Seconds, Field(description="Longest retry delay.")] = 300.0
+    on_sent: Annotated[
+        OnSent,
+        Field(
+            description="delete: remove rows once confirmed; keep: set published_at, prune "
+            "after --retention."
+        ),
+    ] = OnSent.DELETE
+    retention: Annotated[Duration, Field(description="How long kept rows stay (e.g. 24h, 7d).")] = (
+        7 * 24 * 3600.0
+    )
+    shutdown_timeout: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=3600,
+            description="On SIGTERM, seconds to finish the batch in flight before releasing it.",
+        ),
+        Flag(metavar="SECONDS"),
+    ] = 5.0
+    # --mode cdc only: see docs/cdc.md.
+    slot_name: SlotName = None
+    publication: Publication = None
+    heartbeat_interval: Annotated[
+        Seconds,
+        Field(
+            description="CDC: seconds of outbox silence before a WAL heartbeat lets the slot "
+            "advance."
+        ),
+        Flag(panel="CDC mode"),
+    ] = 10.0
+    wal_message_prefix: Annotated[
+        str | None,
+        AfterValidator(check_wal_message_prefix),
+        Field(
+            description="CDC: also publish events written with pg_logical_emit_message(true, "
+            "PREFIX, json) [default: outbox_relay.<schema>]."
+        ),
+        Flag(metavar="PREFIX", panel="CDC mode"),
+    ] = None
+    publisher: Annotated[PublisherSettings, Flag(cli=False)] = Field(
+        default_factory=PublisherSettings
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_settings_go_into_publisher(cls, values: Any) -> Any:
+        return route(values, cls, "publisher")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelaySettings:
+        if self.retry_backoff > self.retry_backoff_max:
+            raise ValueError(
+                f"--retry-backoff ({self.retry_backoff:g}s) is longer than --retry-backoff-max "
+                f"({self.retry_backoff_max:g}s)"
+            )
+        # An option that cannot take effect is a mistake worth one line, not silence.
+        given = self.model_fields_set
+        if self.mode is not Mode.CDC:
+            for name in sorted(given & CDC_ONLY):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag}: applies to --mode cdc only (--mode is {self.mode})")
+        if self.on_sent is OnSent.DELETE and "retention" in given:
+            raise ValueError("--retention: applies to --on-sent keep only (sent rows are deleted)")
+        return self
 
     @property
     def slot_name_or_default(self) -> str:
-        return self.slot_name or default_replication_name(self.schema)
+        return self.slot_name or default_replication_name(self.schema_name)
 
     @property
     def publication_or_default(self) -> str:
-        return self.publication or default_replication_name(self.schema)
+        return self.publication or default_replication_name(self.schema_name)
 
-    def publisher_settings(self) -> PublisherSettings:
-        return PublisherSettings(
-            url=self.broker_url,
-            exchange=self.exchange,
-            confirm_timeout=self.confirm_timeout,
-            max_message_bytes=self.max_message_bytes,
-            topic_prefix=self.topic_prefix,
-            nats_stream=self.nats_stream,
-            redis_stream_mode=self.redis_stream_mode,
-            redis_maxlen=self.redis_maxlen,
-            mqtt_qos=self.mqtt_qos,
-            webhook_secret=self.webhook_secret,
-            webhook_timeout=self.webhook_timeout,
-            webhook_batch=self.webhook_batch,
-        )
-
-    def describe(self) -> dict[str, object]:
-        """Settings safe to log: URLs without passwords."""
-        return {
-            "database_url": redact_url(self.database_url),
-            "broker_url": redact_url(self.broker_url),
-            "schema": self.schema,
-            "mode": str(self.mode),
-            "exchange": self.exchange,
-            "batch_size": self.batch_size,
-            "on_sent": str(self.on_sent),
-            **(
-                {"slot_name": self.slot_name_or_default, "publication": self.publication_or_default}
-                if self.mode is Mode.CDC
-                else {}
-            ),
-        }
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.mode is not Mode.CDC:
+            for key in ("slot_name", "publication", "heartbeat_interval", "wal_message_prefix"):
+                described.pop(key, None)
+        else:
+            described["slot_name"] = self.slot_name_or_default
+            described["publication"] = self.publication_or_default
+        return described

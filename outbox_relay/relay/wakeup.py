@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.db.store import translate_errors
+from outbox_relay.db.connect import connect_async, translate_errors_async
 from outbox_relay.errors import DatabaseUnavailableError
 from outbox_relay.redact import redact_url
 
@@ -21,12 +21,9 @@ class Waker:
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def connect(self) -> None:
-        async with translate_errors(redact_url(self._url)):
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._url,
-                autocommit=True,
-                application_name=f"{self._application_name}:listen",
-                connect_timeout=10,
+        async with translate_errors_async(redact_url(self._url)):
+            self._conn = await connect_async(
+                self._url, autocommit=True, application_name=f"{self._application_name}:listen"
             )
             await self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
 
@@ -35,7 +32,7 @@ class Waker:
         conn = self._conn
         if conn is None or conn.closed:
             raise DatabaseUnavailableError("the LISTEN connection is closed")
-        async with translate_errors(redact_url(self._url)):
+        async with translate_errors_async(redact_url(self._url)):
             async for _ in conn.notifies(timeout=seconds, stop_after=1):
                 return True
         return False

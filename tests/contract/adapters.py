@@ -52,7 +52,7 @@ class BrokerUnderTest:
         self.options = options
 
     def settings(self, **overrides: Any) -> PublisherSettings:
-        return PublisherSettings(url=self.url, **{**self.options, **overrides})
+        return PublisherSettings.from_mapping({"broker_url": self.url, **self.options, **overrides})
 
     def relay_options(self) -> dict[str, Any]:
         """The same destination as RelaySettings keyword arguments."""

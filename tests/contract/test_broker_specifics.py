@@ -132,7 +132,7 @@ def test_rabbitmq_connection_lost_mid_batch_fails_the_call_and_leaves_nothing_be
     broker_url: str, exchange: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def run() -> RabbitMQPublisher:
-        publisher = RabbitMQPublisher(PublisherSettings(url=broker_url, exchange=exchange))
+        publisher = RabbitMQPublisher(PublisherSettings(broker_url=broker_url, exchange=exchange))
         await publisher.connect()
         connection = publisher._connection
         # What pika calls when the socket dies, here between two chunks of the batch.
@@ -189,7 +189,7 @@ def test_redis_maxlen_trims_the_stream_approximately() -> None:
     class Adapter:
         def settings(self, **overrides: object) -> PublisherSettings:
             return PublisherSettings(
-                url=REDIS_URL,
+                broker_url=REDIS_URL,
                 topic_prefix=prefix,
                 redis_stream_mode="single",
                 redis_maxlen=100,

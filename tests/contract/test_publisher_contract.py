@@ -271,7 +271,7 @@ class PublisherContract:
             max_attempts=2,
             retry_backoff=0.05,
             retry_backoff_max=0.1,
-            **{"exchange": "events", **broker.relay_options()},
+            **broker.relay_options(),
         )
 
         # When the relay runs

@@ -29,13 +29,14 @@ from tests.conftest import RabbitQueue, wait_until
 
 
 def relay_settings(
-    database_url: str, broker_url: str, exchange: str, **overrides: Any
+    database_url: str, broker_url: str | None = None, exchange: str | None = None, **overrides: Any
 ) -> RelaySettings:
-    """Settings tuned for tests: short poll interval and quick retries unless overridden."""
+    """Settings tuned for tests: short poll interval and quick retries unless overridden.
+    ``exchange`` is RabbitMQ's; other brokers take their own options in ``overrides``."""
     values: dict[str, Any] = {
         "database_url": database_url,
-        "broker_url": broker_url,
-        "exchange": exchange,
+        **({"broker_url": broker_url} if broker_url is not None else {}),
+        **({"exchange": exchange} if exchange is not None else {}),
         "mode": Mode.NOTIFY,
         "poll_interval": 0.2,
         "retry_backoff": 0.1,
@@ -104,9 +105,7 @@ class RelayThread:
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._relay = Relay(
-            self.settings, create_publisher(self.settings.publisher_settings()), self._hooks
-        )
+        self._relay = Relay(self.settings, create_publisher(self.settings.publisher), self._hooks)
         self._started.set()
         await self._relay.run()
 

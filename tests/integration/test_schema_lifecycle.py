@@ -36,7 +36,7 @@ REAL_MIGRATIONS = available_migrations()
 
 def run_relay_until_it_fails(settings: RelaySettings) -> BaseException:
     async def run() -> None:
-        relay = Relay(settings, create_publisher(settings.publisher_settings()))
+        relay = Relay(settings, create_publisher(settings.publisher))
         # A schema problem must end run() on its own; the timeout only bounds a broken relay.
         await asyncio.wait_for(relay.run(), timeout=20)
 

@@ -36,7 +36,7 @@ EXTRAS = [
 
 @pytest.mark.parametrize(("url", "cls"), SCHEMES.items())
 def test_the_url_scheme_picks_the_publisher_without_connecting(url: str, cls: type) -> None:
-    publisher = create_publisher(PublisherSettings(url=url))
+    publisher = create_publisher(PublisherSettings(broker_url=url))
 
     assert isinstance(publisher, cls)
     assert not publisher.is_healthy()
@@ -55,7 +55,7 @@ def test_a_missing_client_library_names_the_extra_to_install(
     monkeypatch.delitem(sys.modules, module, raising=False)
 
     with pytest.raises(MissingExtraError) as caught:
-        create_publisher(PublisherSettings(url=f"{scheme}://127.0.0.1:1"))
+        create_publisher(PublisherSettings(broker_url=f"{scheme}://127.0.0.1:1"))
 
     message = str(caught.value)
     assert f"pip install 'outbox-relay[{extra}]'" in message
@@ -63,23 +63,25 @@ def test_a_missing_client_library_names_the_extra_to_install(
 
 
 @pytest.mark.parametrize(
-    ("settings", "option"),
+    ("values", "option"),
     [
         (
-            PublisherSettings(url="redis://localhost", redis_stream_mode="sharded"),
+            {"broker_url": "redis://localhost", "redis_stream_mode": "sharded"},
             "--redis-stream-mode",
         ),
-        (PublisherSettings(url="redis://localhost", redis_maxlen=0), "--redis-maxlen"),
-        (PublisherSettings(url="mqtt://localhost", mqtt_qos=0), "--mqtt-qos"),
-        (PublisherSettings(url="mqtt://localhost?version=4"), "--broker-url"),
-        (PublisherSettings(url="mqtt://localhost", topic_prefix="a/#"), "--topic-prefix"),
-        (PublisherSettings(url="nats://localhost", topic_prefix="a.*"), "--topic-prefix"),
-        (PublisherSettings(url="http://localhost/h", webhook_timeout=0), "--webhook-timeout"),
+        ({"broker_url": "redis://localhost", "redis_maxlen": 0}, "--redis-maxlen"),
+        ({"broker_url": "mqtt://localhost", "mqtt_qos": 0}, "--mqtt-qos"),
+        ({"broker_url": "mqtt://localhost?version=4"}, "--broker-url"),
+        ({"broker_url": "mqtt://localhost", "topic_prefix": "a/#"}, "--topic-prefix"),
+        ({"broker_url": "nats://localhost", "topic_prefix": "a.*"}, "--topic-prefix"),
+        ({"broker_url": "nats://localhost", "nats_stream": "a.b"}, "--nats-stream"),
+        ({"broker_url": "http://localhost/h", "webhook_timeout": 0}, "--webhook-timeout"),
+        ({"broker_url": "amqp://localhost", "redis_maxlen": 5}, "--redis-maxlen: applies to"),
     ],
 )
-def test_bad_broker_options_name_the_option(settings: PublisherSettings, option: str) -> None:
+def test_bad_broker_options_name_the_option(values: dict[str, object], option: str) -> None:
     with pytest.raises(ConfigError, match=f"^{option}"):
-        create_publisher(settings)
+        create_publisher(PublisherSettings.from_mapping(values))
 
 
 def test_mqtt_topics_turn_the_event_type_dots_into_levels() -> None:
@@ -110,22 +112,14 @@ def test_webhook_signature_is_hmac_sha256_of_the_body() -> None:
 
 
 def test_relay_settings_pass_the_broker_options_to_the_publisher() -> None:
-    options = {
-        "topic_prefix": "shop",
-        "nats_stream": "SHOP",
-        "redis_stream_mode": "single",
-        "redis_maxlen": 10_000,
-        "mqtt_qos": 2,
-        "webhook_secret": "s3cret-value",
-        "webhook_timeout": 3.0,
-        "webhook_batch": True,
-    }
+    options = {"topic_prefix": "shop", "nats_stream": "SHOP"}
     settings = RelaySettings(
         database_url="postgresql://localhost/app", broker_url="nats://localhost", **options
     )
 
-    publisher_settings = settings.publisher_settings()
+    publisher_settings = settings.publisher
+    given = {**publisher_settings.model_dump(), **publisher_settings.options}
 
-    assert {name: getattr(publisher_settings, name) for name in options} == options
+    assert {name: given[name] for name in options} == options
     assert "s3cret-value" not in repr(settings)
     assert "s3cret-value" not in repr(publisher_settings)

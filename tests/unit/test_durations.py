@@ -1,11 +1,17 @@
-"""parse_duration: the CLI's --retention syntax."""
+"""Durations: the syntax of --retention, --inbox-retention and every seconds option."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pytest
 
-from outbox_relay.cli.common import parse_duration
 from outbox_relay.errors import ConfigError
+from outbox_relay.settings import Duration, Settings, parse_duration
+
+
+class Retention(Settings):
+    retention: Annotated[Duration, "the option under test"] = 60.0
 
 
 @pytest.mark.parametrize(
@@ -23,10 +29,22 @@ from outbox_relay.errors import ConfigError
     ],
 )
 def test_durations_in_seconds(text: str, seconds: float) -> None:
-    assert parse_duration("--retention", text) == pytest.approx(seconds)
+    assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "d", "-5s", "5w", "1.5.2s", "5 days", "1e3", "s5"])
+def test_numbers_pass_through_unchanged() -> None:
+    assert parse_duration(42.5) == 42.5
+
+
+@pytest.mark.parametrize("text", ["", "d", "-5s", "5w", "1.5.2s", "5 days", "1e3", "s5", "nan"])
 def test_bad_duration_names_the_option(text: str) -> None:
-    with pytest.raises(ConfigError, match=r"^--retention: .* is not a duration"):
-        parse_duration("--retention", text)
+    with pytest.raises(
+        ConfigError, match=r"^--retention \(OUTBOX_RELAY_RETENTION\): .* is not a duration"
+    ):
+        Retention.from_mapping({"retention": text})
+
+
+@pytest.mark.parametrize("value", ["0", "0s", 0, -1.0, float("inf"), float("nan")])
+def test_a_duration_must_be_finite_and_above_zero(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^--retention"):
+        Retention.from_mapping({"retention": value})

@@ -1,0 +1,61 @@
+"""RabbitMQ connections as the relay's publisher and the consumer both open them: one set of
+timeouts and TCP keepalives, and pika's errors translated the same way everywhere (wrong
+credentials or a missing vhost are configuration errors, exit code 3, from every command)."""
+
+from __future__ import annotations
+
+import pika
+import pika.exceptions
+
+from outbox_relay.errors import BrokerUnavailableError, ConfigError, OutboxRelayError
+from outbox_relay.redact import redact_url
+
+# Seconds for TCP, the AMQP handshake and authentication together: a host that answers
+# nothing, or a service of another kind that keeps the socket open, is given up on in time.
+CONNECT_TIMEOUT = 10.0
+# TCP keepalives on the broker socket: a vanished peer is noticed in about 30 s (Linux).
+TCP_KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+
+# Reply codes RabbitMQ closes a connection with when the settings must change.
+_REFUSED = {
+    403: "refused the credentials (ACCESS_REFUSED): check the user and password in --broker-url",
+    530: "refused the virtual host (NOT_ALLOWED): check the vhost in --broker-url (%2F is /)",
+}
+
+
+def parameters(url: str, *, timeout: float = CONNECT_TIMEOUT) -> pika.URLParameters:
+    """``url`` as pika's parameters, with our timeouts; a malformed URL is a ConfigError."""
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:  # pika raises assorted errors for malformed URLs
+        raise ConfigError(f"--broker-url: invalid AMQP URL {redact_url(url)}: {exc}") from None
+    params.socket_timeout = timeout
+    # Ends pika's own connection workflow in time (rather than our closing it half-way).
+    params.stack_timeout = timeout
+    params.connection_attempts = 1
+    params.tcp_options = dict(TCP_KEEPALIVE)
+    # A broker under a resource alarm blocks publishers; give up on it like on a lost link.
+    params.blocked_connection_timeout = timeout * 3
+    return params
+
+
+def translate(exc: BaseException, url: str) -> OutboxRelayError:
+    """A connection failure as the project's error: ConfigError when retrying cannot help."""
+    where = redact_url(url)
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker) and exc.reply_code in _REFUSED:
+        return ConfigError(f"RabbitMQ at {where} {_REFUSED[exc.reply_code]}")
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return ConfigError(f"RabbitMQ at {where} {_REFUSED[403]}")
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return ConfigError(f"RabbitMQ at {where} {_REFUSED[530]}")
+    if isinstance(exc, pika.exceptions.IncompatibleProtocolError):
+        return ConfigError(
+            f"--broker-url: {where} did not answer like an AMQP 0-9-1 server (is the host or "
+            "port that of another service?)"
+        )
+    if "Timeout while setting up AMQP" in str(exc):
+        return BrokerUnavailableError(
+            f"no AMQP handshake from {where} within {CONNECT_TIMEOUT:g}s (is it a RabbitMQ "
+            "server, and reachable?)"
+        )
+    return BrokerUnavailableError(f"cannot connect to RabbitMQ at {where}: {exc!r}")

@@ -1,0 +1,126 @@
+"""``outbox-relay migrate``: create or upgrade the outbox schema, its CDC slot and its roles."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import psycopg
+import typer
+from pydantic import AfterValidator, Field
+
+from outbox_relay.cdc import slots
+from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.options import Values, settings_command
+from outbox_relay.db import grants as outbox_grants
+from outbox_relay.db import migrations
+from outbox_relay.db.connect import connection
+from outbox_relay.errors import ConfigError
+from outbox_relay.relay.settings import Publication, SlotName, default_replication_name
+from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
+
+
+def check_role(role: str) -> str:
+    problem = outbox_grants.role_name_problem(role)
+    if problem:
+        raise ValueError(problem)
+    return role
+
+
+RoleName = Annotated[str, AfterValidator(check_role), Flag(metavar="ROLE")]
+
+
+class MigrateOptions(Settings):
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL
+    schema_name: Schema = "public"
+    cdc: Annotated[
+        bool,
+        Field(
+            description="Also create the publication and replication slot for --mode cdc "
+            "(needs wal_level=logical, table ownership and the REPLICATION attribute)."
+        ),
+        Flag(env=False),
+    ] = False
+    slot_name: SlotName = None
+    publication: Publication = None
+    grants: Annotated[
+        bool,
+        Field(
+            description="Also create (if missing) the least-privilege roles and give them "
+            "exactly their rights: --app-role may only insert events, --relay-role has what "
+            "the relay needs (with --cdc: also REPLICATION). Re-run after every upgrade."
+        ),
+        Flag(env=False),
+    ] = False
+    app_role: Annotated[
+        RoleName,
+        Field(
+            description="With --grants: the application role (NOLOGIN when created; grant it "
+            "to your service's login role)."
+        ),
+    ] = outbox_grants.DEFAULT_APP_ROLE
+    relay_role: Annotated[
+        RoleName,
+        Field(
+            description="With --grants: the role the relay logs in as (LOGIN when created, no "
+            "password)."
+        ),
+    ] = outbox_grants.DEFAULT_RELAY_ROLE
+
+
+@settings_command(MigrateOptions)
+def migrate(values: Values) -> None:
+    """Create or upgrade the outbox tables, functions and triggers (safe to re-run)."""
+    options = MigrateOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    schema = options.schema_name
+    with connection(options.database_url, application_name="outbox-relay migrate") as conn:
+        try:
+            applied = migrations.migrate(conn, schema)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"cannot migrate schema {schema!r}: {exc.diag.message_primary}; run "
+                "`outbox-relay migrate` as the database owner (or a role that may create the "
+                "schema and its tables), not as the relay or application role"
+            ) from None
+        version = migrations.check_schema(conn, schema)
+        if applied:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+            typer.echo(f"schema {schema!r}: applied {names}; now at version {version}")
+        else:
+            typer.echo(f"schema {schema!r}: already at version {version}, nothing to do")
+        if options.cdc:
+            pub = options.publication or default_replication_name(schema)
+            slot = options.slot_name or default_replication_name(schema)
+            slots.check_wal_level(conn, schema)
+            made = slots.ensure_publication(conn, schema, pub)
+            typer.echo(f"publication {pub!r}: {'created' if made else 'already there'}")
+            made = slots.ensure_slot(conn, schema, slot)
+            typer.echo(f"replication slot {slot!r}: {'created' if made else 'already there'}")
+        if options.grants:
+            _grant(conn, options)
+
+
+def _grant(conn: psycopg.Connection[object], options: MigrateOptions) -> None:
+    schema, app_role, relay_role = options.schema_name, options.app_role, options.relay_role
+    report = outbox_grants.apply_grants(
+        conn, schema, app_role=app_role, relay_role=relay_role, cdc=options.cdc
+    )
+    for role, kind in ((app_role, "NOLOGIN"), (relay_role, "LOGIN")):
+        if role in report.created:
+            typer.echo(f"role {role!r}: created ({kind})")
+    replication = ", REPLICATION" if report.replication else ""
+    typer.echo(
+        f"grants on schema {schema!r}: {app_role!r} may insert events; "
+        f"{relay_role!r} may relay them{replication}"
+    )
+    for warning in report.warnings:
+        typer.echo(f"  warning: {warning}", err=True)
+    if relay_role in report.created:
+        typer.echo(
+            f"  the relay logs in as {relay_role!r}: give it a password with "
+            f"ALTER ROLE {relay_role} PASSWORD '...' unless your pg_hba.conf uses another method"
+        )
+    if app_role in report.created:
+        typer.echo(
+            f"  applications get the insert right with GRANT {app_role} TO <their login role>"
+        )

@@ -1,0 +1,83 @@
+"""``outbox-relay slot status|drop``: the --mode cdc replication slot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated
+
+import typer
+from pydantic import Field
+
+from outbox_relay.cdc import slots
+from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.options import Values, settings_command
+from outbox_relay.db.connect import connection
+from outbox_relay.relay.settings import Publication, SlotName, default_replication_name
+from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
+
+app = typer.Typer(
+    help="Manage the --mode cdc replication slot (docs/cdc.md).", no_args_is_help=True
+)
+
+
+class SlotOptions(Settings):
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL
+    schema_name: Schema = "public"
+    slot_name: SlotName = None
+
+    @property
+    def slot(self) -> str:
+        return self.slot_name or default_replication_name(self.schema_name)
+
+
+class SlotStatusOptions(SlotOptions):
+    as_json: Annotated[
+        bool, Field(alias="json", description="One JSON object (null: no slot)."), Flag(env=False)
+    ] = False
+
+
+class SlotDropOptions(SlotOptions):
+    publication: Publication = None
+    with_publication: Annotated[
+        bool, Field(description="Drop the publication too."), Flag(env=False)
+    ] = False
+
+
+@app.command("status")
+@settings_command(SlotStatusOptions)
+def slot_status(values: Values) -> None:
+    """Show whether the slot exists and streams, its confirmed position and retained WAL."""
+    options = SlotStatusOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    slot = options.slot
+    with connection(options.database_url, application_name="outbox-relay slot") as conn:
+        found = slots.slot_status(conn, options.schema_name, slot)
+    if options.as_json:
+        typer.echo(json.dumps(None if found is None else dataclasses.asdict(found)))
+    elif found is None:
+        typer.echo(f"replication slot {slot!r}: none")
+    else:
+        state = f"active (pid {found.active_pid})" if found.active else "inactive"
+        typer.echo(
+            f"replication slot {slot!r}: {state}, confirmed flush LSN "
+            f"{found.confirmed_flush_lsn}, retains {found.retained_wal_bytes} bytes of WAL"
+        )
+
+
+@app.command("drop")
+@settings_command(SlotDropOptions)
+def slot_drop(values: Values) -> None:
+    """Drop the replication slot so the server stops retaining WAL for it (stop the relays
+    first). Pending rows stay in the table: a relay started later recreates the slot and
+    publishes them from there."""
+    options = SlotDropOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    slot, schema = options.slot, options.schema_name
+    with connection(options.database_url, application_name="outbox-relay slot") as conn:
+        dropped = slots.drop_slot(conn, schema, slot)
+        typer.echo(f"replication slot {slot!r}: {'dropped' if dropped else 'none'}")
+        if options.with_publication:
+            pub = options.publication or default_replication_name(schema)
+            slots.drop_publication(conn, schema, pub)
+            typer.echo(f"publication {pub!r}: dropped")

@@ -1,0 +1,108 @@
+"""``outbox-relay status``: backlog, lag, throughput, dead letters, relays and the CDC slot."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from pydantic import Field
+from rich.console import Console
+from rich.table import Table
+
+from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.options import Values, settings_command
+from outbox_relay.db.connect import connection
+from outbox_relay.db.status import OutboxStatus, read_status
+from outbox_relay.errors import ExitCode
+from outbox_relay.relay.settings import SlotName
+from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
+
+AsJson = Annotated[
+    bool, Field(alias="json", description="Print one JSON object (stable keys)."), Flag(env=False)
+]
+
+
+class StatusOptions(Settings):
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL
+    schema_name: Schema = "public"
+    as_json: AsJson = False
+    fail_on_lag: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            description="Exit with code 6 when the oldest pending event is older than this many "
+            "seconds.",
+        ),
+        Flag(env=False, metavar="SECONDS"),
+    ] = None
+    fail_on_wal_bytes: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=2**62,
+            description="CDC: exit with code 6 when the replication slot retains more WAL than "
+            "this.",
+        ),
+        Flag(env=False, metavar="BYTES"),
+    ] = None
+    slot_name: SlotName = None
+
+
+@settings_command(StatusOptions)
+def status(values: Values) -> None:
+    """Show the backlog, the lag, throughput, dead letters, connected relays and the CDC slot."""
+    options = StatusOptions.from_mapping(values)
+    setup_logging(secrets=options.secrets())
+    with connection(options.database_url, application_name="outbox-relay status") as conn:
+        current = read_status(conn, options.schema_name, options.slot_name)
+    limit = options.fail_on_lag
+    lagging = limit is not None and current.oldest_pending_age_seconds > limit
+    retained = current.slot_retained_wal_bytes
+    wal_limit = options.fail_on_wal_bytes
+    wal_lagging = wal_limit is not None and (retained or 0) > wal_limit
+    lagging = lagging or wal_lagging
+    if options.as_json:
+        typer.echo(json.dumps({**current.as_dict(), "lagging": lagging}))
+    else:
+        Console().print(_table(options.schema_name, current))
+    if wal_lagging:
+        typer.echo(
+            f"lagging: slot {current.slot_name!r} retains {retained} bytes of WAL "
+            f"(limit {wal_limit})",
+            err=True,
+        )
+    elif lagging:
+        typer.echo(
+            f"lagging: oldest pending event is {current.oldest_pending_age_seconds:.1f}s old "
+            f"(limit {limit:g}s)",
+            err=True,
+        )
+    if lagging:
+        raise typer.Exit(ExitCode.LAGGING)
+
+
+def _table(schema: str, current: OutboxStatus) -> Table:
+    table = Table(title=f"outbox {schema!r} (schema version {current.schema_version})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows: list[tuple[str, object]] = [
+        ("pending", current.pending),
+        ("oldest pending (lag)", f"{current.oldest_pending_age_seconds:.1f}s"),
+        ("retrying", current.retrying),
+        ("dead", current.dead),
+        ("published, last minute", current.published_last_minute),
+        ("published, last hour", current.published_last_hour),
+        ("relays connected", current.relays_connected),
+        ("leader pid", current.leader_pid if current.leader_pid is not None else "none"),
+        ("CDC slot", current.slot_name or "none"),
+    ]
+    if current.slot_name is not None:
+        rows += [
+            ("slot active", current.slot_active),
+            ("slot confirmed flush LSN", current.slot_confirmed_flush_lsn),
+            ("slot retained WAL bytes", current.slot_retained_wal_bytes),
+        ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table

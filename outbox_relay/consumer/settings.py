@@ -1,0 +1,147 @@
+"""The consumer's settings (``outbox-relay consume``, ``topology apply``, ``dlq``, ...)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+from outbox_relay.consumer.topology import QueueType, Topology, retry_delays
+from outbox_relay.redact import redact_url
+from outbox_relay.settings import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_DATABASE_URL,
+    BrokerUrl,
+    Count,
+    DatabaseUrl,
+    Duration,
+    Exchange,
+    Flag,
+    Schema,
+    Seconds,
+    Settings,
+)
+
+
+def check_queue_name(name: str) -> str:
+    if not name or name.startswith("amq.") or len(name.encode()) > 200 or not name.isprintable():
+        raise ValueError(
+            f"{name!r} is not a usable queue name (1-200 printable bytes, not starting with amq.)"
+        )
+    return name
+
+
+def check_binding(pattern: str) -> str:
+    if not pattern or any(word == "" for word in pattern.split(".")) or len(pattern) > 255:
+        raise ValueError(f"{pattern!r} is not a routing pattern (dot-separated words, * and #)")
+    return pattern
+
+
+QueueName = Annotated[
+    str,
+    AfterValidator(check_queue_name),
+    Field(description="The consumer's queue, e.g. order.events."),
+    Flag(metavar="NAME"),
+]
+MaxAttempts = Annotated[
+    Count,
+    Field(le=100, description="Deliveries of a failing event before it is dead-lettered."),
+]
+RetryDelay = Annotated[
+    Seconds, Field(le=86_400, description="First retry delay in seconds; doubles per attempt.")
+]
+RetryDelayMax = Annotated[Seconds, Field(le=86_400, description="Longest retry delay in seconds.")]
+ConsumerName = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=200,
+        description="Inbox key of this consumer (default: the queue name).",
+    ),
+    Flag(metavar="NAME"),
+]
+
+
+class RetrySettings(Settings):
+    """How failed deliveries are retried: the retry queues' delays."""
+
+    max_attempts: MaxAttempts = 5
+    retry_delay: RetryDelay = 1.0
+    retry_delay_max: RetryDelayMax = 300.0
+
+    def delays(self) -> tuple[float, ...]:
+        return retry_delays(self.max_attempts, self.retry_delay, self.retry_delay_max)
+
+
+class TopologySettings(RetrySettings):
+    """One consumer queue, its bindings, retry queues and dead-letter queue."""
+
+    queue: QueueName
+    bindings: Annotated[
+        tuple[Annotated[str, AfterValidator(check_binding)], ...],
+        Field(
+            alias="binding",
+            description="Routing pattern bound to the queue, e.g. 'order.*' (repeatable).",
+        ),
+        Flag(metavar="PATTERN"),
+    ] = ()
+    exchange: Exchange = "events"
+    queue_type: Annotated[
+        QueueType,
+        Field(description="classic, or quorum (replicated: the durable choice for clusters)."),
+    ] = QueueType.CLASSIC
+    broker_url: BrokerUrl = DEFAULT_BROKER_URL
+
+    def topology(self) -> Topology:
+        return Topology(
+            queue=self.queue,
+            bindings=self.bindings,
+            exchange=self.exchange,
+            queue_type=self.queue_type,
+            delays=self.delays(),
+        )
+
+
+class ConsumerSettings(TopologySettings):
+    """How a worker connects and behaves; built by ``outbox-relay consume`` or by hand."""
+
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL
+    schema_name: Schema = "public"
+    prefetch: Annotated[
+        Count, Field(le=65535, description="Unacked messages buffered per worker.")
+    ] = 100
+    consumer_name: ConsumerName = None
+    inbox_retention: Annotated[
+        Duration,
+        Field(
+            description="How long processed event ids are remembered (longer than any redelivery)."
+        ),
+    ] = 7 * 24 * 3600.0
+    cleanup_interval: Annotated[
+        Duration, Field(description="How often old inbox rows are deleted.")
+    ] = 3600.0
+    declare_topology: Annotated[
+        bool,
+        Field(
+            alias="declare",
+            description="Declare the topology on start (turn off when operators own it).",
+        ),
+        Flag(decl="--declare/--no-declare"),
+    ] = True
+    migrate_inbox: Annotated[bool, Flag(cli=False)] = True
+    reconnect_max_delay: Annotated[float, Field(gt=0), Flag(cli=False)] = 30.0
+
+    @property
+    def inbox_consumer(self) -> str:
+        return self.consumer_name or self.queue
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "broker_url": redact_url(self.broker_url),
+            "database_url": redact_url(self.database_url),
+            "queue": self.queue,
+            "bindings": list(self.bindings),
+            "prefetch": self.prefetch,
+            "max_attempts": self.max_attempts,
+            "queue_type": str(self.queue_type),
+        }

@@ -1,0 +1,129 @@
+"""The one way this package connects to PostgreSQL: timeouts, keepalives, an application name,
+and psycopg's errors translated into the project's (so every command reports the same problem
+with the same exit code)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError
+from outbox_relay.redact import redact_url
+
+# Seconds to wait for a connection (TCP, TLS and the authentication exchange).
+CONNECT_TIMEOUT = 10
+
+# Client-side TCP keepalives: a peer that vanished without closing (a dead host, a cut link) is
+# noticed within about 30 s instead of the kernel's two hours. Ignored on Unix sockets.
+CLIENT_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+# Connection failures no retry can fix: the URL, the role or the server's configuration must
+# change. libpq reports them only as text.
+_SETTINGS_REFUSED = re.compile(
+    r"invalid \S+ value|invalid connection option|password authentication failed|"
+    r"no password supplied|role \"[^\"]*\" does not exist|database \"[^\"]*\" does not exist|"
+    r"no pg_hba\.conf entry|server does not support SSL|certificate verify failed|"
+    r"root certificate file|server certificate for \S+ does not match host name|"
+    r"permission denied for database|is not permitted to log in"
+)
+# Another kind of server answered at the address.
+_NOT_POSTGRESQL = re.compile(
+    r"received invalid response to SSL negotiation|expected authentication request from server|"
+    r"unsupported frontend protocol|invalid response"
+)
+
+
+def describe(url: str) -> str:
+    """The URL as logs and errors may show it."""
+    return redact_url(url)
+
+
+def translate(exc: BaseException, where: str) -> Exception:
+    """psycopg's error as the project's: retryable, a configuration problem, or a schema problem."""
+    if isinstance(exc, pg_errors.UndefinedTable | pg_errors.UndefinedFunction):
+        return SchemaError(f"{exc.diag.message_primary}: run `outbox-relay migrate`")
+    text = str(exc).strip()
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        if _NOT_POSTGRESQL.search(text):
+            return ConfigError(
+                f"--database-url: {where} did not answer like a PostgreSQL server (is the host "
+                f"or port that of another service?): {text}"
+            )
+        if _SETTINGS_REFUSED.search(text):
+            return ConfigError(f"--database-url: PostgreSQL at {where} refused: {text}")
+        if isinstance(exc, psycopg.errors.ConnectionTimeout):
+            return DatabaseUnavailableError(
+                f"PostgreSQL at {where}: no answer within {CONNECT_TIMEOUT}s (is it a PostgreSQL "
+                "server, and reachable?)"
+            )
+        return DatabaseUnavailableError(f"PostgreSQL at {where}: {text}")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return ConfigError(f"PostgreSQL at {where} refused: {exc.diag.message_primary or text}")
+    return DatabaseUnavailableError(f"PostgreSQL at {where}: {text}")
+
+
+_TRANSLATED = (psycopg.OperationalError, psycopg.InterfaceError, pg_errors.UndefinedTable,
+               pg_errors.UndefinedFunction)  # fmt: skip
+
+
+@contextmanager
+def translate_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except _TRANSLATED as exc:
+        raise translate(exc, where) from exc
+
+
+@asynccontextmanager
+async def translate_errors_async(where: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except _TRANSLATED as exc:
+        raise translate(exc, where) from exc
+
+
+def _parameters(application_name: str, autocommit: bool) -> dict[str, Any]:
+    return {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": application_name[:63],
+        "autocommit": autocommit,
+        **CLIENT_KEEPALIVES,
+    }
+
+
+def connect(
+    url: str, *, application_name: str = "outbox-relay", autocommit: bool = True
+) -> psycopg.Connection[Any]:
+    """A synchronous connection (the CLI, the consumer's inbox, CDC set-up)."""
+    with translate_errors(describe(url)):
+        return psycopg.connect(url, **_parameters(application_name, autocommit))
+
+
+async def connect_async(
+    url: str, *, application_name: str = "outbox-relay", autocommit: bool = False
+) -> psycopg.AsyncConnection[Any]:
+    """An asyncio connection (the relay's store, its LISTEN connection, the backlog sampler)."""
+    async with translate_errors_async(describe(url)):
+        return await psycopg.AsyncConnection.connect(
+            url, **_parameters(application_name, autocommit)
+        )
+
+
+@contextmanager
+def connection(
+    url: str, *, application_name: str = "outbox-relay", autocommit: bool = True
+) -> Iterator[psycopg.Connection[Any]]:
+    """``with connection(url) as conn:``: closed afterwards, errors translated throughout."""
+    conn = connect(url, application_name=application_name, autocommit=autocommit)
+    with conn, translate_errors(describe(url)):
+        yield conn
