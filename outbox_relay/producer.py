@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from outbox_relay.db.queries import check_schema_name
+from outbox_relay.db.queries import Queries
 from outbox_relay.errors import InvalidEventError
 from outbox_relay.messages import event_type_problem
 from outbox_relay.observability.tracing import emit_context
@@ -21,18 +21,6 @@ from outbox_relay.observability.tracing import emit_context
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection as SAConnection
     from sqlalchemy.orm import Session as SASession
-
-_INSERT = (
-    "INSERT INTO {schema}.outbox"
-    " (event_id, event_type, aggregate_type, aggregate_id, payload, headers)"
-    " VALUES ({p}event_id{s}, {p}event_type{s}, {p}aggregate_type{s}, {p}aggregate_id{s},"
-    " CAST({p}payload{s} AS jsonb), CAST({p}headers{s} AS jsonb))"
-)
-
-
-def _insert_sql(schema: str, *, sqlalchemy: bool) -> str:
-    placeholder = (":", "") if sqlalchemy else ("%(", ")s")
-    return _INSERT.format(schema=check_schema_name(schema), p=placeholder[0], s=placeholder[1])
 
 
 def build_row(
@@ -92,11 +80,11 @@ def emit(
             event_id=event_id,
         )
         if isinstance(conn, psycopg.Connection):
-            conn.execute(_insert_sql(schema, sqlalchemy=False).encode(), row)
+            conn.execute(Queries(schema)["emit_event"], row)
         else:
             from sqlalchemy import text
 
-            conn.execute(text(_insert_sql(schema, sqlalchemy=True)), row)
+            conn.execute(text(Queries(schema).sqlalchemy("emit_event")), row)
     return event_id
 
 
@@ -122,5 +110,5 @@ async def emit_async(
             headers=traced_headers,
             event_id=event_id,
         )
-        await conn.execute(_insert_sql(schema, sqlalchemy=False).encode(), row)
+        await conn.execute(Queries(schema)["emit_event"], row)
     return event_id

@@ -17,50 +17,23 @@ the second inserts and applies it. Either way the effect happens once.
 
 from __future__ import annotations
 
-import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import sql
 
+from outbox_relay.db import migrations
 from outbox_relay.db.connect import connect
-from outbox_relay.db.migrations import sql_dir
-from outbox_relay.db.queries import check_schema_name, render
+from outbox_relay.db.queries import Queries
 from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 
-log = logging.getLogger(__name__)
-
-_MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
-_MIGRATION_LOCK = 1868724341  # one inbox migrator at a time per database
-
-_CLAIM = (
-    "INSERT INTO {{schema}}.processed_events (consumer, event_id, event_type, attempt, redelivered)"
-    " VALUES (%(consumer)s, %(event_id)s, %(event_type)s, %(attempt)s, %(redelivered)s)"
-    " ON CONFLICT DO NOTHING"
-)
-_LATENCY = (
-    "UPDATE {{schema}}.processed_events SET handler_ms = %(ms)s"
-    " WHERE consumer = %(consumer)s AND event_id = %(event_id)s"
-)
-# Batched so a large backlog of old rows never holds one long transaction.
-_CLEANUP = (
-    "DELETE FROM {{schema}}.processed_events WHERE ctid = ANY (ARRAY("
-    " SELECT ctid FROM {{schema}}.processed_events"
-    " WHERE consumer = %(consumer)s AND processed_at < now() - make_interval(secs => %(secs)s)"
-    " LIMIT %(limit)s))"
-)
-_STATS = (
-    "SELECT count(*),"
-    " count(*) FILTER (WHERE redelivered OR attempt > 1),"
-    " percentile_cont(0.5) WITHIN GROUP (ORDER BY handler_ms),"
-    " percentile_cont(0.95) WITHIN GROUP (ORDER BY handler_ms),"
-    " max(handler_ms)"
-    " FROM {{schema}}.processed_events"
-    " WHERE consumer = %(consumer)s AND processed_at > now() - make_interval(secs => %(secs)s)"
+INBOX_MIGRATIONS = migrations.MigrationSet(
+    folder="inbox",
+    version_table="inbox_schema_version",
+    lock_key=1868724341,
+    label="inbox migration",
 )
 
 
@@ -70,41 +43,16 @@ def migrate_inbox(conn: psycopg.Connection[Any], schema: str = "public") -> list
     Safe to re-run and to run from several workers at once (an advisory lock serializes them).
     ``conn`` must be in autocommit mode.
     """
-    check_schema_name(schema)
-    ident = sql.Identifier(schema)
-    migrations = sorted(
-        (int(m[1]), m[2], entry.read_text("utf-8"))
-        for entry in sql_dir("inbox").iterdir()
-        if (m := _MIGRATION_FILE.fullmatch(entry.name))
+    applied = migrations.run(
+        conn, schema, INBOX_MIGRATIONS, migrations.migration_files(INBOX_MIGRATIONS)
     )
-    applied = []
-    for version, name, text in migrations:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.inbox_schema_version ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " applied_at timestamptz NOT NULL DEFAULT now())"
-                ).format(ident)
-            )
-            done = conn.execute(
-                sql.SQL("SELECT 1 FROM {}.inbox_schema_version WHERE version = %s").format(ident),
-                (version,),
-            ).fetchone()
-            if done:
-                continue
-            conn.execute(render(text, schema).encode())
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {}.inbox_schema_version (version, name) VALUES (%s, %s)"
-                ).format(ident),
-                (version, name),
-            )
-            log.info("applied inbox migration", extra={"version": version, "schema": schema})
-            applied.append(f"{version:04d}_{name}")
-    return applied
+    return [f"{migration.version:04d}_{migration.name}" for migration in applied]
+
+
+def _inbox_exists(conn: psycopg.Connection[Any], queries: Queries) -> bool:
+    relation = f"{queries.schema}.processed_events"
+    found = conn.execute(queries["relation_exists"], {"relation": relation}).fetchone()
+    return bool(found and found[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,16 +108,14 @@ class PsycopgInbox:
     ) -> None:
         self._url = database_url
         self._consumer = consumer
-        self._schema = check_schema_name(schema)
+        self._queries = Queries(schema)
+        self._schema = self._queries.schema
         self._migrate = migrate
         # Handler latency costs an UPDATE (a round trip) per recorded event: record one event in
         # ``latency_sample`` (0: none), plenty for the status command's percentiles.
         self._latency_sample = latency_sample
         self._applied = 0
         self._conn: psycopg.Connection[Any] | None = None
-        self._claim = render(_CLAIM, schema).encode()
-        self._latency = render(_LATENCY, schema).encode()
-        self._cleanup = render(_CLEANUP, schema).encode()
 
     def open(self) -> None:
         self.close()
@@ -178,13 +124,11 @@ class PsycopgInbox:
         try:
             if self._migrate:
                 migrate_inbox(conn, self._schema)
-            found = conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL", (f"{self._schema}.processed_events",)
-            ).fetchone()
+            found = _inbox_exists(conn, self._queries)
         except psycopg.OperationalError as exc:
             conn.close()
             raise DatabaseUnavailableError(f"preparing the inbox failed: {exc}") from exc
-        if not found or not found[0]:
+        if not found:
             conn.close()
             raise SchemaError(
                 f"no inbox table {self._schema}.processed_events: run `outbox-relay consume` "
@@ -211,7 +155,7 @@ class PsycopgInbox:
         }
         try:
             with conn.transaction():
-                if conn.execute(self._claim, params).rowcount != 1:
+                if conn.execute(self._queries["inbox_claim"], params).rowcount != 1:
                     return False
                 started = time.perf_counter()
                 work(conn)
@@ -221,7 +165,7 @@ class PsycopgInbox:
                     and self._applied % self._latency_sample == 1 % self._latency_sample
                 ):
                     ms = (time.perf_counter() - started) * 1000
-                    conn.execute(self._latency, {**params, "ms": ms})
+                    conn.execute(self._queries["inbox_record_latency"], {**params, "ms": ms})
             return True
         except Exception as exc:
             if conn.broken or conn.closed:
@@ -237,7 +181,7 @@ class PsycopgInbox:
             while True:
                 with conn.transaction():
                     count = conn.execute(
-                        self._cleanup,
+                        self._queries["inbox_cleanup"],
                         {"consumer": self._consumer, "secs": retention_seconds, "limit": batch},
                     ).rowcount
                 deleted += count
@@ -259,7 +203,8 @@ class SQLAlchemyInbox:
     ) -> None:
         self._factory = session_factory
         self._consumer = consumer
-        self._schema = check_schema_name(schema)
+        self._queries = Queries(schema)
+        self._schema = self._queries.schema
 
     def open(self) -> None:
         from sqlalchemy import text
@@ -267,8 +212,8 @@ class SQLAlchemyInbox:
         try:
             with self._factory() as session:
                 found = session.execute(
-                    text("SELECT to_regclass(:name) IS NOT NULL"),
-                    {"name": f"{self._schema}.processed_events"},
+                    text(self._queries.sqlalchemy("relation_exists")),
+                    {"relation": f"{self._schema}.processed_events"},
                 ).scalar()
         except Exception as exc:
             raise DatabaseUnavailableError(f"cannot reach the inbox database: {exc}") from exc
@@ -285,7 +230,7 @@ class SQLAlchemyInbox:
         from sqlalchemy import exc as sa_exc
         from sqlalchemy import text
 
-        claim = text(render(_CLAIM, self._schema).replace("%(", ":").replace(")s", ""))
+        claim = text(self._queries.sqlalchemy("inbox_claim"))
         try:
             with self._factory() as session, session.begin():
                 result = session.execute(
@@ -310,7 +255,7 @@ class SQLAlchemyInbox:
     def cleanup(self, retention_seconds: float) -> int:
         from sqlalchemy import text
 
-        statement = text(render(_CLEANUP, self._schema).replace("%(", ":").replace(")s", ""))
+        statement = text(self._queries.sqlalchemy("inbox_cleanup"))
         with self._factory() as session, session.begin():
             result = session.execute(
                 statement,
@@ -323,13 +268,11 @@ def inbox_stats(
     conn: psycopg.Connection[Any], consumer: str, schema: str, window_seconds: float
 ) -> InboxStats | None:
     """Applied events, retried/redelivered share and handler latency over the last window."""
-    found = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{check_schema_name(schema)}.processed_events",)
-    ).fetchone()
-    if not found or not found[0]:
+    queries = Queries(schema)
+    if not _inbox_exists(conn, queries):
         return None
     row = conn.execute(
-        render(_STATS, schema).encode(), {"consumer": consumer, "secs": window_seconds}
+        queries["inbox_stats"], {"consumer": consumer, "secs": window_seconds}
     ).fetchone()
     assert row is not None
     return InboxStats(

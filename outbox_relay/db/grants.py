@@ -1,7 +1,8 @@
 """Least-privilege roles for one outbox schema (``outbox-relay migrate --grants``).
 
 The application role may only add events; the relay role gets exactly what the relay needs,
-and the REPLICATION attribute only for ``--mode cdc``. The SQL lives in ``db/sql/grants/``.
+and the REPLICATION attribute only for ``--mode cdc``. The grant scripts live in
+``db/sql/grants/``, the checks around them in ``db/sql/grants.sql``.
 Each run first revokes whatever the two roles held on the outbox objects, so re-running after an
 upgrade (or switching between notify and cdc) leaves exactly the listed rights.
 """
@@ -17,16 +18,13 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from outbox_relay.db.migrations import MIGRATION_LOCK, check_schema, sql_dir
-from outbox_relay.db.queries import render
+from outbox_relay.db.queries import Queries, render
 from outbox_relay.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_APP_ROLE = "outbox_app"
 DEFAULT_RELAY_ROLE = "outbox_relay"
-
-_TABLES = ("outbox", "outbox_schema_version", "outbox_relay_wakeup", "outbox_relay_stats")
-_EMIT = "outbox_emit(text, text, jsonb, text, jsonb, uuid)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +87,7 @@ def apply_grants(
             "ran `outbox-relay migrate`) or a superuser"
         ) from exc
     # The role attribute last, on its own: the rights above stay granted if it cannot be set.
-    replication, warning = _set_replication(conn, relay_role, cdc)
+    replication, warning = _set_replication(conn, Queries(schema), relay_role, cdc)
     if warning and cdc:
         raise ConfigError(warning)
     log.info(
@@ -105,46 +103,34 @@ def _apply(
     conn: psycopg.Connection[Any], schema: str, *, app_role: str, relay_role: str, cdc: bool
 ) -> GrantReport:
     report = GrantReport()
+    queries = Queries(schema)
+    roles = {"app": sql.Identifier(app_role), "relay": sql.Identifier(relay_role)}
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(queries["migration_lock"], {"key": MIGRATION_LOCK})
         for role, login in ((app_role, False), (relay_role, True)):
-            if _create_role_if_missing(conn, role, login=login):
+            if _create_role_if_missing(conn, queries, role, login=login):
                 report.created.append(role)
-        _refuse_powerful_roles(conn, schema, (app_role, relay_role))
-        roles = sql.SQL(", ").join([sql.Identifier(app_role), sql.Identifier(relay_role)])
-        database = conn.execute("SELECT current_database()").fetchone()
+        _refuse_powerful_roles(conn, queries, (app_role, relay_role))
+        database = conn.execute(queries["current_database"]).fetchone()
         assert database is not None
-        conn.execute(
-            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database[0]), roles)
-        )
-        _check_connect(conn, database[0], (app_role, relay_role))
-        tables = sql.SQL(", ").join(sql.Identifier(schema, table) for table in _TABLES)
-        conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(tables, roles))
-        conn.execute(
-            sql.SQL("REVOKE ALL ON SEQUENCE {} FROM {}").format(
-                sql.Identifier(schema, "outbox_id_seq"), roles
-            )
-        )
-        conn.execute(
-            sql.SQL("REVOKE ALL ON FUNCTION {}.{} FROM {}").format(
-                sql.Identifier(schema),
-                sql.SQL(_EMIT),
-                roles,
-            )
-        )
-        conn.execute(
-            sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(sql.Identifier(schema), roles)
-        )
+        conn.execute(queries["grant_connect"].format(database=sql.Identifier(database[0]), **roles))
+        _check_connect(conn, queries, database[0], (app_role, relay_role))
+        conn.execute(queries["revoke_outbox_tables"].format(**roles))
+        conn.execute(queries["revoke_outbox_sequence"].format(**roles))
+        conn.execute(queries["revoke_outbox_emit"].format(**roles))
+        conn.execute(queries["revoke_outbox_schema"].format(**roles))
         for script in ("app.sql", "relay.sql", *(("relay_cdc.sql",) if cdc else ())):
             conn.execute(_script(script, schema, app_role, relay_role))
     return report
 
 
-def _create_role_if_missing(conn: psycopg.Connection[Any], role: str, *, login: bool) -> bool:
-    if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+def _create_role_if_missing(
+    conn: psycopg.Connection[Any], queries: Queries, role: str, *, login: bool
+) -> bool:
+    if conn.execute(queries["role_exists"], {"role": role}).fetchone():
         return False
-    create = sql.SQL("CREATE ROLE {} " + ("LOGIN" if login else "NOLOGIN")).format(
-        sql.Identifier(role)
+    create = queries["create_login_role" if login else "create_nologin_role"].format(
+        role=sql.Identifier(role)
     )
     try:
         with conn.transaction():
@@ -161,14 +147,12 @@ def _create_role_if_missing(conn: psycopg.Connection[Any], role: str, *, login: 
 
 
 def _refuse_powerful_roles(
-    conn: psycopg.Connection[Any], schema: str, roles: tuple[str, ...]
+    conn: psycopg.Connection[Any], queries: Queries, roles: tuple[str, ...]
 ) -> None:
     """Revoking rights from the table's owner or a superuser would be wrong or pointless."""
+    schema = queries.schema
     rows = conn.execute(
-        "SELECT r.rolname, r.rolsuper, pg_has_role(r.oid, c.relowner, 'USAGE')"
-        " FROM pg_roles AS r, pg_class AS c"
-        " WHERE r.rolname = ANY(%s) AND c.oid = to_regclass(%s)",
-        (list(roles), f"{schema}.outbox"),
+        queries["role_powers"], {"roles": list(roles), "table": f"{schema}.outbox"}
     ).fetchall()
     for name, superuser, owns in rows:
         if superuser or owns:
@@ -178,10 +162,7 @@ def _refuse_powerful_roles(
                 "roles (pick others with --app-role / --relay-role)"
             )
     app, relay = roles
-    row = conn.execute(
-        "SELECT pg_has_role(%s, %s, 'MEMBER') OR pg_has_role(%s, %s, 'MEMBER')",
-        (relay, app, app, relay),
-    ).fetchone()
+    row = conn.execute(queries["roles_related"], {"app": app, "relay": relay}).fetchone()
     if row and row[0]:
         raise ConfigError(
             f"roles {app!r} and {relay!r} are members of one another: the relay would get the "
@@ -189,12 +170,12 @@ def _refuse_powerful_roles(
         )
 
 
-def _check_connect(conn: psycopg.Connection[Any], database: str, roles: tuple[str, ...]) -> None:
+def _check_connect(
+    conn: psycopg.Connection[Any], queries: Queries, database: str, roles: tuple[str, ...]
+) -> None:
     """GRANT CONNECT by anyone but the database's owner only warns; make the gap an error."""
     for role in roles:
-        row = conn.execute(
-            "SELECT has_database_privilege(%s, current_database(), 'CONNECT')", (role,)
-        ).fetchone()
+        row = conn.execute(queries["may_connect"], {"role": role}).fetchone()
         if not (row and row[0]):
             raise ConfigError(
                 f"role {role!r} may not connect to database {database!r} and this role cannot "
@@ -203,30 +184,25 @@ def _check_connect(conn: psycopg.Connection[Any], database: str, roles: tuple[st
             )
 
 
-def _may_replicate(conn: psycopg.Connection[Any], role: str) -> bool:
+def _may_replicate(conn: psycopg.Connection[Any], queries: Queries, role: str) -> bool:
     """The REPLICATION attribute, or Amazon RDS's stand-in, membership of rds_replication."""
-    row = conn.execute(
-        "SELECT r.rolreplication OR coalesce(pg_has_role(r.oid, rds.oid, 'MEMBER'), false)"
-        " FROM pg_roles AS r LEFT JOIN pg_roles AS rds ON rds.rolname = 'rds_replication'"
-        " WHERE r.rolname = %s",
-        (role,),
-    ).fetchone()
+    row = conn.execute(queries["may_replicate"], {"role": role}).fetchone()
     return bool(row and row[0])
 
 
 def _set_replication(
-    conn: psycopg.Connection[Any], role: str, wanted: bool
+    conn: psycopg.Connection[Any], queries: Queries, role: str, wanted: bool
 ) -> tuple[bool, str | None]:
     """Give (``wanted``) or take away the relay role's REPLICATION attribute.
 
     Only a superuser may change it on PostgreSQL 15 and older, and managed services have none:
     returns (may replicate afterwards, what could not be done and how to do it by hand).
     """
-    if _may_replicate(conn, role) == wanted:
+    if _may_replicate(conn, queries, role) == wanted:
         return wanted, None
-    attribute = "REPLICATION" if wanted else "NOREPLICATION"
+    change = queries["grant_replication" if wanted else "revoke_replication"]
     try:
-        conn.execute(sql.SQL("ALTER ROLE {} " + attribute).format(sql.Identifier(role)))
+        conn.execute(change.format(role=sql.Identifier(role)))
     except pg_errors.InsufficientPrivilege as exc:
         if wanted:
             return False, (

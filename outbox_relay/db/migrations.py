@@ -1,4 +1,5 @@
-"""Forward-only, numbered SQL migrations from ``db/sql/outbox``, recorded per schema.
+"""Forward-only, numbered SQL migrations, recorded per schema: the outbox's from
+``db/sql/outbox`` and the consumer inbox's from ``db/sql/inbox``, both through :func:`run`.
 
 Rolling upgrades run two relay versions side by side, so a relay accepts a schema newer than it
 knows when every migration it lacks says older relays still work: a migration file declares
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -21,7 +23,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
-from outbox_relay.db.queries import Queries, check_schema_name, render
+from outbox_relay.db.queries import Queries, render
 from outbox_relay.errors import SchemaError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,19 @@ log = logging.getLogger(__name__)
 _MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
 _COMPATIBLE_FROM = re.compile(r"^-- relay-compatible-from: (\d+)\s*$", re.MULTILINE)
 MIGRATION_LOCK = 1868724340  # advisory lock key: one migrate at a time per database
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSet:
+    """One series of migrations: its files, the table that records them, its lock."""
+
+    folder: str  # db/sql/<folder>/NNNN_<name>.sql
+    version_table: str  # in the migrated schema
+    lock_key: int  # advisory lock: one migrator of this set at a time per database
+    label: str  # what the log calls one of its migrations
+
+
+OUTBOX_MIGRATIONS = MigrationSet("outbox", "outbox_schema_version", MIGRATION_LOCK, "migration")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +70,17 @@ def sql_dir(name: str) -> Traversable:
     return resources.files("outbox_relay.db").joinpath("sql", name)
 
 
-def available_migrations() -> list[Migration]:
+def migration_files(migration_set: MigrationSet) -> list[Migration]:
     found = []
-    for entry in sql_dir("outbox").iterdir():
+    for entry in sql_dir(migration_set.folder).iterdir():
         match = _MIGRATION_FILE.fullmatch(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
     return sorted(found, key=lambda m: m.version)
+
+
+def available_migrations() -> list[Migration]:
+    return migration_files(OUTBOX_MIGRATIONS)
 
 
 def latest_version() -> int:
@@ -70,15 +89,12 @@ def latest_version() -> int:
 
 def schema_state(conn: psycopg.Connection[Any], schema: str) -> SchemaState | None:
     """The schema's migration state, or None when it has no outbox tables at all."""
-    row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL",
-        (f"{check_schema_name(schema)}.outbox_schema_version",),
-    ).fetchone()
-    if not row or not row[0]:
+    queries = Queries(schema)
+    if not _table_exists(conn, queries, OUTBOX_MIGRATIONS.version_table):
         return None
     # relay_compatible_from is read through to_jsonb, so this also works on a version table made
     # before that column existed.
-    return state_from_row(conn.execute(Queries(schema)["schema_version"]).fetchone())
+    return state_from_row(conn.execute(queries["schema_version"]).fetchone())
 
 
 def state_from_row(row: tuple[Any, ...] | None) -> SchemaState:
@@ -125,42 +141,46 @@ def check_schema(conn: psycopg.Connection[Any], schema: str) -> int:
 
 
 # A migration that alters the outbox waits for its lock behind the relay's open batch and, while
-# it waits, blocks every producer's INSERT queued behind it. Wait briefly, then let go and retry.
+# it waits, blocks every producer's INSERT queued behind it (the inbox: a consumer's transaction,
+# and the consumers queued behind). Wait briefly, then let go and retry.
 LOCK_TIMEOUT = "5s"
 LOCK_ATTEMPTS = 12
 
 
 def migrate(conn: psycopg.Connection[Any], schema: str) -> list[Migration]:
-    """Apply every migration not yet recorded, each in its own transaction; return those applied.
+    """Apply every outbox migration not yet recorded, each in its own transaction; return those
+    applied.
 
     Safe to re-run and to run concurrently (an advisory lock serializes migrators). ``conn``
     must be in autocommit mode. Needs CREATE on the database only while the schema is missing.
     """
-    check_schema_name(schema)
+    return run(conn, schema, OUTBOX_MIGRATIONS, available_migrations())
+
+
+def run(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    migration_set: MigrationSet,
+    migrations: Sequence[Migration],
+) -> list[Migration]:
+    """Apply those of ``migrations`` (of ``migration_set``) not yet recorded in ``schema``."""
+    queries = Queries(schema)
+    version_table = sql.Identifier(schema, migration_set.version_table)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(queries["migration_lock"], {"key": migration_set.lock_key})
         # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the
         # schema exists, which an owner on a managed service often lacks.
-        found = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
+        found = conn.execute(queries["namespace_exists"], {"schema": schema}).fetchone()
         if not (found and found[0]):
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        if schema_state(conn, schema) is None:
+            conn.execute(queries["create_schema"].format(schema=sql.Identifier(schema)))
+        if not _table_exists(conn, queries, migration_set.version_table):
+            conn.execute(queries["create_version_table"].format(version_table=version_table))
+        elif not _has_compatibility_column(conn, queries, migration_set):
             conn.execute(
-                sql.SQL(
-                    "CREATE TABLE {}.outbox_schema_version ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " applied_at timestamptz NOT NULL DEFAULT now(),"
-                    " relay_compatible_from integer)"
-                ).format(sql.Identifier(schema))
-            )
-        elif not _has_compatibility_column(conn, schema):
-            conn.execute(
-                sql.SQL(
-                    "ALTER TABLE {}.outbox_schema_version ADD COLUMN relay_compatible_from integer"
-                ).format(sql.Identifier(schema))
+                queries["add_version_compatibility_column"].format(version_table=version_table)
             )
     applied: list[Migration] = []
-    for migration in available_migrations():
+    for migration in migrations:
         retrying = Retrying(
             retry=retry_if_exception_type(pg_errors.LockNotAvailable),
             stop=stop_after_attempt(LOCK_ATTEMPTS),
@@ -173,41 +193,59 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[Migration]:
         )
         for attempt in retrying:
             with attempt:
-                if _apply(conn, schema, migration):
+                if _apply(conn, queries, migration_set, migration):
                     applied.append(migration)
     return applied
 
 
-def _has_compatibility_column(conn: psycopg.Connection[Any], schema: str) -> bool:
+def _table_exists(conn: psycopg.Connection[Any], queries: Queries, table: str) -> bool:
+    relation = f"{queries.schema}.{table}"
+    found = conn.execute(queries["relation_exists"], {"relation": relation}).fetchone()
+    return bool(found and found[0])
+
+
+def _has_compatibility_column(
+    conn: psycopg.Connection[Any], queries: Queries, migration_set: MigrationSet
+) -> bool:
     """Version tables made before relay_compatible_from existed lack it."""
     row = conn.execute(
-        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s)"
-        " AND attname = 'relay_compatible_from' AND NOT attisdropped)",
-        (f"{schema}.outbox_schema_version",),
+        queries["version_table_has_compatibility_column"],
+        {"version_table": f"{queries.schema}.{migration_set.version_table}"},
     ).fetchone()
     return bool(row and row[0])
 
 
-def _apply(conn: psycopg.Connection[Any], schema: str, migration: Migration) -> bool:
+def _apply(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    migration_set: MigrationSet,
+    migration: Migration,
+) -> bool:
     """Apply one migration unless it is recorded already; True if it was applied now."""
+    version_table = sql.Identifier(queries.schema, migration_set.version_table)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(queries["migration_lock"], {"key": migration_set.lock_key})
         done = conn.execute(
-            sql.SQL("SELECT 1 FROM {}.outbox_schema_version WHERE version = %s").format(
-                sql.Identifier(schema)
-            ),
-            (migration.version,),
+            queries["migration_applied"].format(version_table=version_table),
+            {"version": migration.version},
         ).fetchone()
         if done:
             return False
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-        conn.execute(render(migration.text, schema).encode())
         conn.execute(
-            sql.SQL(
-                "INSERT INTO {}.outbox_schema_version"
-                " (version, name, relay_compatible_from) VALUES (%s, %s, %s)"
-            ).format(sql.Identifier(schema)),
-            (migration.version, migration.name, migration.relay_compatible_from),
+            queries["set_migration_lock_timeout"].format(lock_timeout=sql.Literal(LOCK_TIMEOUT))
         )
-    log.info("applied migration", extra={"version": migration.version, "schema": schema})
+        conn.execute(render(migration.text, queries.schema).encode())
+        conn.execute(
+            queries["record_migration"].format(version_table=version_table),
+            {
+                "version": migration.version,
+                "name": migration.name,
+                "relay_compatible_from": migration.relay_compatible_from,
+            },
+        )
+    log.info(
+        "applied %s",
+        migration_set.label,
+        extra={"version": migration.version, "schema": queries.schema},
+    )
     return True

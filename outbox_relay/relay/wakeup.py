@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from outbox_relay.db.connect import connect_async, translate_errors_async
+from outbox_relay.db.queries import schemaless_query
 from outbox_relay.errors import DatabaseUnavailableError
 from outbox_relay.redact import redact_url
 
@@ -25,7 +26,8 @@ class Waker:
             self._conn = await connect_async(
                 self._url, autocommit=True, application_name=f"{self._application_name}:listen"
             )
-            await self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            listen = schemaless_query("listen").format(channel=sql.Identifier(self._channel))
+            await self._conn.execute(listen)
 
     async def wait(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for a notification; True when one arrived."""

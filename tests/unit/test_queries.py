@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
 import outbox_relay
-from outbox_relay.db.queries import Queries, check_schema_name, raw_queries, render
+from outbox_relay.db.queries import Queries, check_schema_name, query_files, raw_queries, render
 from outbox_relay.errors import ConfigError
 
 PACKAGE = Path(outbox_relay.__file__).parent
 # Every way the package names a query: store._fetch("x"), queries["x"], Queries(schema)["x"],
-# and the on-sent choice in store.settle.
-USES = re.compile(r"""(?:_fetch\(\s*|queries\[|\)\[|query = )"(\w+)"(?: if .* else "(\w+)")?""")
+# queries.sqlalchemy("x"), schemaless_query("x"), and the on-sent choice in store.settle.
+USES = re.compile(
+    r"(?:_fetch\(\s*|queries\[|\)\[|query = |sqlalchemy\(|schemaless_query\()"
+    r'"(\w+)"(?: if .* else "(\w+)")?'
+)
 
 
 def names_used_by_the_package() -> set[str]:
@@ -40,9 +42,16 @@ def test_every_query_the_package_runs_is_defined() -> None:
     assert missing == []
 
 
-def test_query_names_are_unique() -> None:
-    text = resources.files("outbox_relay.db").joinpath("sql/queries.sql").read_text("utf-8")
-    names = re.findall(r"^-- name: (\w+)\s*$", text, re.MULTILINE)
+def test_every_named_query_is_run_by_the_package() -> None:
+    assert sorted(set(raw_queries()) - names_used_by_the_package()) == []
+
+
+def test_query_names_are_unique_across_files() -> None:
+    names = [
+        name
+        for text in query_files().values()
+        for name in re.findall(r"^-- name: (\w+)\s*$", text, re.MULTILINE)
+    ]
     assert len(names) == len(set(names)) == len(raw_queries())
 
 
