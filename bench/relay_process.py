@@ -20,7 +20,7 @@ from typing import Any
 from outbox_relay.db.store import OutboxStore
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.publishers import create_publisher
-from outbox_relay.publishers.base import Publisher
+from outbox_relay.publishers.base import OnResult, Publisher
 from outbox_relay.relay.loop import Relay
 from outbox_relay.relay.settings import Mode, RelaySettings
 
@@ -39,19 +39,34 @@ class ConfirmClock:
     def name(self) -> str:
         return self._inner.name
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self._inner.max_message_bytes
+
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        return self._inner.message_problem(message)
+
     async def connect(self) -> None:
         await self._inner.connect()
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]:
         started = time.perf_counter()
-        results = await self._inner.publish_batch(messages)
+        if self._note_events:
+            confirmed_at = self.confirmed_at
+
+            def noted(index: int, result: PublishResult) -> None:
+                # The moment each confirm arrives, not when the whole wave is done.
+                if result.confirmed:
+                    confirmed_at.setdefault(messages[index].event_id, time.time())
+                if on_result is not None:
+                    on_result(index, result)
+
+            results = await self._inner.publish_batch(messages, noted)
+        else:
+            results = await self._inner.publish_batch(messages, on_result)
         self._stopwatch.add("publish", time.perf_counter() - started, len(messages))
-        if not self._note_events:
-            return results
-        now = time.time()
-        for message, result in zip(messages, results, strict=True):
-            if result.confirmed:
-                self.confirmed_at.setdefault(message.event_id, now)
         return results
 
     async def close(self) -> None:

@@ -63,6 +63,11 @@ class BrokerUnavailableError(PublishError):
     """The broker cannot be reached or the connection was lost; retrying may help."""
 
 
+class BrokerRejectedMessageError(BrokerUnavailableError):
+    """The broker closed the connection or channel over something that was sent (a frame too
+    large, a value its protocol forbids): one of the messages on the wire is to blame."""
+
+
 class MissingExtraError(ConfigError):
     """A broker's client library is not installed."""
 

@@ -42,6 +42,29 @@ class OutboxMessage:
     headers: dict[str, Any]
     created_at: datetime
     attempts: int = 0
+    # Why the row cannot become a message at all (a timestamp Python cannot hold, headers too
+    # deeply nested, ...): the relay dead-letters it at once instead of failing its batch.
+    problem: str | None = None
+    # Bytes the row takes as a message (payload, headers' JSON, ids), as read from PostgreSQL;
+    # 0 when unknown (the payload's length is used then).
+    size: int = 0
+
+    def with_headers(self, headers: dict[str, Any]) -> OutboxMessage:
+        """A copy with other headers (a new trace context)."""
+        # dataclasses.replace() inspects the fields on every call: several times slower.
+        return OutboxMessage(
+            self.id,
+            self.event_id,
+            self.event_type,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.payload,
+            headers,
+            self.created_at,
+            self.attempts,
+            self.problem,
+            self.size,
+        )
 
     def broker_headers(self) -> dict[str, Any]:
         """Headers every broker carries: the row's own plus the aggregate (which wins a clash)."""

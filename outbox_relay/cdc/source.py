@@ -26,7 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +64,7 @@ from outbox_relay.errors import (
 from outbox_relay.messages import OutboxMessage
 from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import RelaySettings
+from outbox_relay.relay.window import Batch
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,12 @@ HOUSEKEEPING_EVERY = 60.0
 # the WAL is about to deliver and slow the stream down.
 SAFETY_SWEEP_EVERY = 30.0
 
-# Publishes and settles a batch; False when some of it was not confirmed (failed or held back).
-Publish = Callable[[Sequence[OutboxMessage]], Awaitable[bool]]
-DrainTable = Callable[[], Awaitable[None]]
+
+@dataclass(frozen=True, slots=True)
+class _TransactionEnd:
+    """Marks a transaction's end (and its position) among the WAL items waiting to be claimed."""
+
+    lsn: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,31 +213,68 @@ def select_publishable(
 
 
 class CdcSource:
-    """Streams one replication slot for the leading relay; see the module docstring.
+    """The WAL as a :class:`~outbox_relay.relay.sources.Source` (``--mode cdc``).
+
+    Transactions read from the slot become batches claimed by id (``claim_ids``); the relay's
+    window publishes them with every other batch, confirm by confirm. The slot's flush position
+    advances only past transactions whose batches have all settled, in WAL order. The table path
+    (retries, held-back events, rows committed while no slot streamed) claims from the table on
+    the same window when a retry is due, when the WAL path held rows back, and every
+    SAFETY_SWEEP_EVERY seconds.
 
     The synchronous, tested :class:`ReplicationStream` runs on one dedicated worker thread
     (rather than an asyncio variant driven by ``loop.add_reader``): libpq's copy calls are
     blocking-or-polling and not thread-safe, and a single-thread executor both keeps the event
-    loop free and serialises every call on the connection (a read still running when a cancelled
-    task closes the stream finishes first). Each hop reads every frame already buffered (up to
-    MAX_FRAMES), so the thread switch costs little per event.
+    loop free and serialises every call on the connection. Each hop reads every frame already
+    buffered (up to MAX_FRAMES), so the thread switch costs little per event.
     """
 
-    def __init__(self, settings: RelaySettings, store: OutboxStore) -> None:
+    def __init__(self, settings: RelaySettings) -> None:
         self._settings = settings
-        self._store = store
         self._slot = settings.slot_name_or_default
         self._publication = settings.publication_or_default
         self._executor: ThreadPoolExecutor | None = None
         self._stream: ReplicationStream | None = None
-        self._confirmed = 0
+        self._tracker = TransactionTracker(settings.schema_name, settings.wal_message_prefix)
+        self._reading: asyncio.Future[None] | None = None
+        # WAL batches in claim (= WAL) order with the position each lets the slot confirm.
+        self._unsettled: deque[tuple[Batch, int | None]] = deque()
+        self._settled: set[int] = set()  # id() of settled WAL batches not yet popped
+        self._confirmed = 0  # what may be reported to the server as flushed
+        self._reported = 0
+        # WAL items read and not yet claimed: row ids, events, and each transaction's end.
+        self._pending: deque[int | WalEvent | _TransactionEnd] = deque()
+        now = time.monotonic()
+        self._next_sweep = now  # rows committed while no slot streamed: look at once
+        self._next_retry_check = now
+        self._last_status = self._last_activity = self._last_heartbeat = now
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    async def open(self, store: OutboxStore, stopping: asyncio.Event) -> None:
+        await self._start(stopping)
+        self._tracker = TransactionTracker(
+            self._settings.schema_name, self._settings.wal_message_prefix
+        )
+        self._unsettled.clear()
+        self._settled.clear()
+        self._pending.clear()
+        self._confirmed = self._reported = 0
+        self._next_sweep = time.monotonic()
+
     async def close(self) -> None:
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await reading
         executor, self._executor = self._executor, None
         if executor is None:
             return
+        if self._confirmed > self._reported:  # stopping: spare the next relay a redelivery
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(
+                    executor, self._send_status, self._confirmed, False
+                )
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(executor, self._close_stream)
         executor.shutdown(wait=False)
@@ -265,7 +307,7 @@ class CdcSource:
             slots.ensure_publication(conn, settings.schema_name, self._publication)
         conninfo = psycopg.conninfo.make_conninfo(
             settings.database_url,
-            # The walsender renders timestamps in its own TimeZone; pin it (see replication.py).
+            # The walsender renders timestamps in its own TimeZone; pin it (see stream.py).
             options="-c TimeZone=UTC",
             application_name=f"outbox-relay-cdc:{settings.schema_name}",
         )
@@ -303,7 +345,7 @@ class CdcSource:
         if self._stream is not None:
             self._stream.send_status(lsn, reply)
 
-    async def _start(self, stopping: asyncio.Event) -> bool:
+    async def _start(self, stopping: asyncio.Event) -> None:
         """Open the slot, waiting as a standby while another process streams it."""
         said_standby = False
         while not stopping.is_set():
@@ -336,112 +378,143 @@ class CdcSource:
             log.info(
                 "streaming replication slot %r (publication %r)", self._slot, self._publication
             )
-            return True
-        return False
-
-    # -- the loop -----------------------------------------------------------------------------
-
-    async def pump(
-        self,
-        publish: Publish,
-        drain_table: DrainTable,
-        stopping: asyncio.Event,
-        tick: Callable[[], None],
-    ) -> None:
-        """Stream until ``stopping`` is set. ``publish`` is the relay's publish-and-settle path,
-        ``drain_table`` its claim loop over pending rows, ``tick`` its liveness beat (raises
-        when the broker connection is gone)."""
-        if not await self._start(stopping):
             return
-        # Rows committed while no slot streamed (or before it was created) and due retries.
-        await drain_table()
-        tracker = TransactionTracker(self._settings.schema_name, self._settings.wal_message_prefix)
-        self._confirmed = 0
-        now = time.monotonic()
-        last_status = last_activity = last_heartbeat = now
-        sent = 0
-        next_sweep = now + SAFETY_SWEEP_EVERY
-        next_retry_check = now + self._settings.poll_interval
-        next_housekeeping = now + HOUSEKEEPING_EVERY
-        while not stopping.is_set():
-            tick()
-            frames = await self._call(self._read_frames, READ_TIMEOUT)
-            for frame, message in frames:
+
+    # -- reading the WAL ----------------------------------------------------------------------
+
+    async def _read(self, seconds: float) -> None:
+        frames = await self._call(self._read_frames, seconds)
+        tracker = self._tracker
+        for frame, message in frames:
+            tracker.feed(frame, message)
+        if frames and tracker.ready_ids < self._settings.batch_size and len(frames) < MAX_FRAMES:
+            # Events are flowing: a few more milliseconds usually bring more transactions,
+            # and one bigger batch costs far fewer round trips than several small ones.
+            for frame, message in await self._call(self._read_frames, GATHER_TIMEOUT):
                 tracker.feed(frame, message)
-            if frames and tracker.ready_ids < self._settings.batch_size:
-                # Events are flowing: a few more milliseconds usually bring more transactions,
-                # and one bigger batch costs far fewer round trips than several small ones.
-                frames = await self._call(self._read_frames, GATHER_TIMEOUT)
-                for frame, message in frames:
-                    tracker.feed(frame, message)
-            buffer_drained = len(frames) < MAX_FRAMES
-            if tracker.ready and (buffer_drained or tracker.ready_ids >= self._settings.batch_size):
-                transactions = tracker.take_ready()
-                if await self._deliver(transactions, publish):
-                    next_sweep = time.monotonic()  # held-back rows: let the table path look
-                self._confirm(transactions[-1].end_lsn)
-                if any(txn.ids for txn in transactions):
-                    last_activity = time.monotonic()
-            if not tracker.ready and not tracker.in_transaction:
-                self._confirm(tracker.idle_lsn)
-            now = time.monotonic()
-            reply = tracker.take_reply_requested()
-            # Progress goes out at most once a second (each send is a hop to the worker thread);
-            # the server's requests for a reply are answered at once.
-            since = now - last_status
-            unsent = self._confirmed > sent
-            if reply or since >= STATUS_EVERY or (unsent and since >= STATUS_MIN_GAP):
-                sent = self._confirmed
-                await self._call(self._send_status, sent, False)
-                last_status = now
-            heartbeat_every = self._settings.heartbeat_interval
-            if now - last_activity >= heartbeat_every and now - last_heartbeat >= heartbeat_every:
-                await self._store.heartbeat(HEARTBEAT_PREFIX)
-                last_heartbeat = now
-            if now >= next_retry_check:
-                retry_in = await self._store.next_retry_in()
-                if retry_in is not None and retry_in <= 0:
-                    next_sweep = now
-                next_retry_check = now + self._settings.poll_interval
-            if now >= next_sweep:
-                await drain_table()
-                next_sweep = time.monotonic() + SAFETY_SWEEP_EVERY
-            if now >= next_housekeeping:
-                await self._store.housekeeping()
-                next_housekeeping = now + HOUSEKEEPING_EVERY
-        if self._confirmed > sent:  # stopping: spare the next relay a redelivery
-            with contextlib.suppress(DatabaseUnavailableError, ReplicationError):
-                await self._call(self._send_status, self._confirmed, False)
+
+    def _reader(self, seconds: float) -> asyncio.Future[None]:
+        """The read in progress (at most one: the stream is not shared), or a new one."""
+        reading = self._reading
+        if reading is None or reading.done():
+            reading = self._reading = asyncio.ensure_future(self._read(seconds))
+        return reading
+
+    async def readable(self) -> None:
+        """Read the WAL until a transaction is ready (while batches are in flight)."""
+        while not self._tracker.ready and not self._pending:
+            reader = self._reader(READ_TIMEOUT)
+            await asyncio.shield(reader)
+            self._collect(reader)
+
+    def _collect(self, reader: asyncio.Future[None]) -> None:
+        if reader is self._reading and reader.done():
+            self._reading = None
+            reader.result()  # a failed read ends the loop (reconnect)
+
+    async def wait(self, store: OutboxStore, seconds: float) -> None:
+        """Idle: read the WAL for up to ``seconds``; keep the slot moving with the server's
+        keepalives and our own heartbeats."""
+        reader = self._reader(min(seconds, READ_TIMEOUT))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), timeout=seconds)
+        self._collect(reader)
+        tracker = self._tracker
+        if not tracker.ready and not tracker.in_transaction and not self._unsettled:
+            self._confirm(tracker.idle_lsn)
+        await self.housekeeping(store)
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    async def claim(self, store: OutboxStore, limit: int, exclude: list[int]) -> Batch | None:
+        now = time.monotonic()
+        if self._reading is not None and self._reading.done():
+            self._collect(self._reading)
+        if now >= self._next_retry_check:
+            self._next_retry_check = now + self._settings.poll_interval
+            retry_in = await store.next_retry_in()
+            if retry_in is not None and retry_in <= 0:
+                self._next_sweep = now
+        if now >= self._next_sweep:
+            # The table path: retries, held-back rows, rows made pending without an insert.
+            messages = await store.claim(limit, in_flight=exclude)
+            if messages:
+                return Batch(messages)
+            self._next_sweep = now + SAFETY_SWEEP_EVERY
+        return await self._claim_wal(store, limit, exclude)
+
+    async def _claim_wal(self, store: OutboxStore, limit: int, exclude: list[int]) -> Batch | None:
+        """The next transactions read from the WAL, claimed by id (at most ``limit`` rows; a
+        bigger transaction spans batches, and only its last one carries its end position)."""
+        pending = self._pending
+        for txn in self._tracker.take_ready():
+            pending.extend(txn.ids)
+            pending.append(_TransactionEnd(txn.end_lsn))
+        if not pending:
+            return None
+        items: list[int | WalEvent] = []
+        end: int | None = None  # the last transaction this batch completes
+        while pending and (len(items) < limit or isinstance(pending[0], _TransactionEnd)):
+            item = pending.popleft()
+            if isinstance(item, _TransactionEnd):
+                end = item.lsn
+            else:
+                items.append(item)
+        events = [item for item in items if isinstance(item, WalEvent)]
+        row_of = await store.materialize(events) if events else {}
+        ids = [row_of[i.event_id] if isinstance(i, WalEvent) else i for i in items]
+        # A row the table path has in flight is already on its way.
+        busy = set(exclude)
+        ids = [id_ for id_ in ids if id_ not in busy]
+        claimed = await store.claim_ids(ids) if ids else []
+        aggregates = sorted({m.aggregate_id for m in claimed if m.aggregate_id is not None})
+        earliest = (
+            await store.earliest_pending(aggregates, [*ids, *exclude], max(ids))
+            if aggregates
+            else {}
+        )
+        publishable = select_publishable(ids, claimed, earliest)
+        if len(publishable) < len(claimed):
+            self._next_sweep = time.monotonic()  # held-back rows: the table path goes next
+        batch = Batch(publishable, token=end, locked=[m.id for m in claimed])
+        if items:
+            self._last_activity = time.monotonic()
+        self._unsettled.append((batch, end))
+        if not publishable:
+            # Nothing to publish, but the transactions' position still needs settling in order.
+            await store.commit()
+            self.settled(batch)
+            return None
+        return batch
+
+    def settled(self, batch: Batch) -> None:
+        if batch.failures or batch.held:
+            # Failed or held-back events stay pending: only the table path publishes them.
+            self._next_sweep = time.monotonic()
+        if batch.token is None and not any(b is batch for b, _end in self._unsettled):
+            return  # a table-path batch: no WAL position to move
+        self._settled.add(id(batch))
+        while self._unsettled and id(self._unsettled[0][0]) in self._settled:
+            done, end = self._unsettled.popleft()
+            self._settled.discard(id(done))
+            if end is not None:
+                self._confirm(end)
 
     def _confirm(self, lsn: int) -> None:
         self._confirmed = max(self._confirmed, lsn)
 
-    async def _deliver(self, transactions: Sequence[WalTransaction], publish: Publish) -> bool:
-        """Publish and settle the outbox rows of these transactions; True if any were held back
-        for the table path."""
-        items = [item for txn in transactions for item in txn.ids]
-        events = [item for item in items if isinstance(item, WalEvent)]
-        row_of = await self._store.materialize(events) if events else {}
-        ids = [row_of[i.event_id] if isinstance(i, WalEvent) else i for i in items]
-        held = False
-        size = self._settings.batch_size
-        for start in range(0, len(ids), size):
-            chunk = ids[start : start + size]
-            claimed = await self._store.claim_ids(chunk)
-            aggregates = sorted({m.aggregate_id for m in claimed if m.aggregate_id is not None})
-            earliest = (
-                await self._store.earliest_pending(aggregates, chunk, max(chunk))
-                if aggregates
-                else {}
-            )
-            batch = select_publishable(chunk, claimed, earliest)
-            held = held or len(batch) < len(claimed)
-            if batch:
-                # Settles (deletes/marks, records failures) and commits. An event held back
-                # behind a failed one of its aggregate stays pending with nothing to retry it
-                # but the table path: let it look.
-                if not await publish(batch):
-                    held = True
-            else:
-                await self._store.commit()
-        return held
+    async def housekeeping(self, store: OutboxStore) -> None:
+        """Report progress to the server (at most once a second; at once when it asks) and
+        send a heartbeat through the WAL after --heartbeat-interval of outbox silence."""
+        now = time.monotonic()
+        reply = self._tracker.take_reply_requested()
+        since = now - self._last_status
+        unsent = self._confirmed > self._reported
+        if reply or since >= STATUS_EVERY or (unsent and since >= STATUS_MIN_GAP):
+            self._reported = self._confirmed
+            await self._call(self._send_status, self._reported, False)
+            self._last_status = now
+        every = self._settings.heartbeat_interval
+        if now - self._last_activity >= every and now - self._last_heartbeat >= every:
+            await store.heartbeat(HEARTBEAT_PREFIX)
+            self._last_heartbeat = now

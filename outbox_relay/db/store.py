@@ -6,7 +6,6 @@ its claimed rows pending and they are simply published again.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from contextlib import suppress
@@ -18,37 +17,13 @@ from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.db import migrations
 from outbox_relay.db.connect import connect_async, translate_errors_async
 from outbox_relay.db.queries import Queries
+from outbox_relay.db.rows import message_from_row
 from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 from outbox_relay.messages import Failure, OutboxMessage
 from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import OnSent, RelaySettings
 
 log = logging.getLogger(__name__)
-
-
-def _message(row: tuple[Any, ...]) -> OutboxMessage:
-    id_, event_id, event_type, aggregate_type, aggregate_id, payload, headers, created, attempts = (
-        row
-    )
-    return OutboxMessage(
-        id=id_,
-        event_id=event_id,
-        event_type=event_type,
-        aggregate_type=aggregate_type,
-        aggregate_id=aggregate_id,
-        payload=payload.encode(),
-        headers={} if headers == "{}" else json.loads(headers),
-        created_at=created,
-        attempts=attempts,
-    )
-
-
-# Server-side TCP keepalives for the relay's sessions: a vanished relay's session (and its
-# leadership lock) ends within about a minute (30 s idle + 3 probes 10 s apart). Ignored on
-# Unix-socket connections.
-KEEPALIVES = (
-    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"
-)
 
 
 class OutboxStore:
@@ -88,10 +63,10 @@ class OutboxStore:
                 # The leader's session advisory lock lives as long as the server thinks the
                 # session does. After a node failure or a partition nothing closes the socket,
                 # and with the kernel's defaults the server notices only after hours: probe it.
-                await cur.execute(KEEPALIVES)
+                await cur.execute(self._queries["session_keepalives"])
                 await cur.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL",
-                    (f"{self._settings.schema_name}.outbox_schema_version",),
+                    self._queries["relation_exists"],
+                    {"relation": f"{self._settings.schema_name}.outbox_schema_version"},
                 )
                 exists = await cur.fetchone()
                 state: migrations.SchemaState | None = None
@@ -138,7 +113,7 @@ class OutboxStore:
         """Lock the next pending rows in order, passing over ``in_flight`` (the ids of the batch
         this relay holds on its other connection). The transaction stays open until settle()."""
         rows = await self._fetch("claim", {"limit": limit, "in_flight": list(in_flight)})
-        return [_message(row) for row in rows]
+        return [message_from_row(row) for row in rows]
 
     async def settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
         """Mark the confirmed rows sent and record failures, then commit. Returns dead-lettered."""
@@ -215,7 +190,9 @@ class OutboxStore:
 
     async def claim_ids(self, ids: Sequence[int]) -> list[OutboxMessage]:
         """Lock the rows with these ids that are still pending. Open until settle()/commit()."""
-        return [_message(row) for row in await self._fetch("cdc_claim_ids", {"ids": list(ids)})]
+        return [
+            message_from_row(row) for row in await self._fetch("cdc_claim_ids", {"ids": list(ids)})
+        ]
 
     async def earliest_pending(
         self, aggregates: Sequence[str], ids: Sequence[int], before: int

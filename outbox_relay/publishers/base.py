@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Protocol, Self, runtime_checkable
 
 from pydantic import AfterValidator, Field, model_validator
@@ -117,16 +117,22 @@ class BrokerOptions(Settings):
         return cls.from_mapping(settings.options)
 
 
+# Reports one message's result, by its position in the published sequence, as it arrives.
+OnResult = Callable[[int, PublishResult], None]
+
+
 @runtime_checkable
 class Publisher(Protocol):
-    """Publishes batches and reports, per message, whether the broker confirmed it.
+    """Publishes waves of messages and reports, per message, whether the broker confirmed it.
 
-    A publisher pipelines: it sends the whole batch without waiting for each confirm, then waits
-    for all of them. Results are returned in the order of ``messages``. Messages in one batch are
-    sent in that order. The relay calls ``publish_batch`` again before earlier calls have
-    returned (it keeps several waves on the wire; events of separate calls need no order between
-    them), so each call must track its own confirms. When the connection is lost mid-batch it
-    raises :class:`~outbox_relay.errors.BrokerUnavailableError`; the relay then republishes.
+    A publisher pipelines: it sends the whole wave without waiting for each confirm, and reports
+    each message's result through ``on_result`` the moment the broker answers for it (the relay
+    releases the next event of that aggregate at once), then returns all results in the order of
+    ``messages``. Messages in one wave are sent in that order. The relay calls
+    ``publish_batch`` again before earlier calls have returned (events of separate calls need no
+    order between them), so each call tracks its own confirms. When the connection is lost
+    mid-wave it raises :class:`~outbox_relay.errors.BrokerUnavailableError` (its subclass
+    ``BrokerRejectedMessageError`` when the broker closed it over something that was sent).
     """
 
     @property
@@ -134,11 +140,24 @@ class Publisher(Protocol):
         """Short broker name for logs and metrics, e.g. ``rabbitmq``."""
         ...
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message the broker takes (its announced limit, or the setting's)."""
+        ...
+
     async def connect(self) -> None:
         """Connect and declare/check the destination (exchange, stream, ...)."""
         ...
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]: ...
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        """Why the broker or its protocol can never carry ``message`` (a header too large, a
+        character it forbids), checked before sending; None when it can. Such a message is
+        dead-lettered at once: sending it could only fail it, or worse, the connection."""
+        ...
+
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]: ...
 
     async def close(self) -> None: ...
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 import ssl
+import struct
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,15 +44,31 @@ except ModuleNotFoundError as missing:  # the 'mqtt' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
-from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 NO_MATCHING_SUBSCRIBERS = 0x10
-MAX_MQTT_PAYLOAD = 268_435_455 - 65_536  # the protocol's packet limit, less room for the header
+# Strings are length-prefixed with two bytes.
+MAX_STRING = 65_535
+# Control characters, surrogates and non-characters: brokers close the connection over them.
+_FORBIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+    "\U0001fffe\U0001ffff\U0002fffe\U0002ffff\U0003fffe\U0003ffff\U0004fffe\U0004ffff"
+    "\U0005fffe\U0005ffff\U0006fffe\U0006ffff\U0007fffe\U0007ffff\U0008fffe\U0008ffff"
+    "\U0009fffe\U0009ffff\U000afffe\U000affff\U000bfffe\U000bffff\U000cfffe\U000cffff"
+    "\U000dfffe\U000dffff\U000efffe\U000effff\U000ffffe\U000fffff\U0010fffe\U0010ffff]"
+)
+# DISCONNECT reasons naming something that was sent: malformed packet, protocol error, packet
+# too large, payload format invalid.
+_MESSAGE_FAULTS = frozenset({0x81, 0x82, 0x95, 0x99})
+# The protocol's largest packet; a broker may announce a smaller one (Maximum Packet Size).
+MAX_PACKET = 268_435_455
+# Room for the fixed header, topic and properties length fields of a PUBLISH packet.
+PACKET_OVERHEAD = 65_536
 
 
 class MqttOptions(BrokerOptions):
@@ -67,6 +86,19 @@ _VERSIONS = ("5", "3.1.1")
 
 def mqtt_topic(prefix: str, event_type: str) -> str:
     return "/".join(part for part in (prefix, event_type.replace(".", "/")) if part)
+
+
+def string_problem(what: str, text: str) -> str | None:
+    """Why ``text`` cannot be an MQTT string, or None (MQTT 5 section 1.5.4)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_STRING:
+        return f"{what} is over MQTT's {MAX_STRING}-byte string limit"
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        return (
+            f"{what} holds U+{ord(bad[0]):04X}, a character MQTT strings must not carry "
+            "(control characters and non-characters)"
+        )
+    return None
 
 
 def user_properties(message: OutboxMessage) -> list[tuple[str, str]]:
@@ -117,6 +149,7 @@ class MqttPublisher:
         self._connack: asyncio.Future[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._loop_thread: int | None = None
+        self._max_packet = MAX_PACKET
 
     @property
     def mqtt5(self) -> bool:
@@ -213,25 +246,50 @@ class MqttPublisher:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+    @property
+    def max_message_bytes(self) -> int:
+        """The broker's Maximum Packet Size (MQTT 5 CONNACK), else the protocol's own limit."""
+        return min(self._settings.max_message_bytes, self._max_packet - PACKET_OVERHEAD)
+
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        """MQTT strings are length-prefixed UTF-8 without control characters or
+        non-characters (a broker drops the connection over one, Mosquitto does)."""
+        topic = mqtt_topic(self._settings.topic_prefix, message.event_type)
+        problem = string_problem("topic", topic)
+        if problem or not self.mqtt5:
+            return problem
+        for key, value in user_properties(message):
+            problem = string_problem(f"header name {key[:80]!r}", key) or string_problem(
+                f"header {key[:80]!r}", value
+            )
+            if problem:
+                return problem
+        return None
+
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]:
         client = self._client
         if client is None or not self._connected:
             raise BrokerUnavailableError("not connected to the MQTT broker") from self._failure
         loop = asyncio.get_running_loop()
-        limit = min(self._settings.max_message_bytes, MAX_MQTT_PAYLOAD)
         results: list[PublishResult | None] = [None] * len(messages)
         pending: dict[int, asyncio.Future[PublishResult]] = {}
+
+        def report(index: int, result: PublishResult) -> None:
+            if results[index] is None:
+                results[index] = result
+                if on_result is not None:
+                    on_result(index, result)
+
+        def acked(index: int, future: asyncio.Future[PublishResult]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                report(index, future.result())
+
         try:
             # Synchronous on purpose: PUBACKs reach self._acks through call_soon_threadsafe, so
             # none can be looked up before every mid of the batch is registered.
             for index, message in enumerate(messages):
-                if len(message.payload) > limit:
-                    results[index] = failed(
-                        f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
-                        "(MQTT or --max-message-bytes)",
-                        permanent=True,
-                    )
-                    continue
                 properties: Properties | None = None
                 if self.mqtt5:
                     # paho-mqtt leaves its Properties constructor unannotated.
@@ -246,14 +304,15 @@ class MqttPublisher:
                         qos=self._options.mqtt_qos,
                         properties=properties,
                     )
-                except ValueError as exc:  # paho validates before anything is sent
-                    results[index] = failed(f"cannot publish over MQTT: {exc}", permanent=True)
+                except (ValueError, struct.error) as exc:  # paho encodes before sending
+                    report(index, failed(f"cannot publish over MQTT: {exc}", permanent=True))
                     continue
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     raise BrokerUnavailableError(
                         f"MQTT publish failed: {paho.error_string(info.rc)}"
                     ) from self._failure
                 future = loop.create_future()
+                future.add_done_callback(functools.partial(acked, index))
                 pending[index] = future
                 self._acks[info.mid] = future
             if pending:
@@ -266,7 +325,7 @@ class MqttPublisher:
                 if future.done() and not future.cancelled():
                     future.exception()  # one failure fails them all; mark the rest as seen
         for index, future in pending.items():
-            results[index] = future.result()
+            report(index, future.result())
         return [result if result is not None else CONFIRMED for result in results]
 
     async def _await_acks(self, futures: list[asyncio.Future[PublishResult]]) -> None:
@@ -342,8 +401,11 @@ class MqttPublisher:
             loop.add_writer(sock, callback)
 
     def _on_connect(
-        self, client: paho.Client, _u: Any, _flags: Any, reason_code: ReasonCode, _p: Any
+        self, client: paho.Client, _u: Any, _flags: Any, reason_code: ReasonCode, props: Any
     ) -> None:
+        # MQTT 5: a broker may announce a smaller packet limit than the protocol's.
+        announced = getattr(props, "MaximumPacketSize", None)
+        self._max_packet = int(announced) if announced else MAX_PACKET
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the relay's loop already closed
             self._loop.call_soon_threadsafe(self._connected_result, client, reason_code)
@@ -355,7 +417,7 @@ class MqttPublisher:
         # since reconnecting is the job of its loop_forever, which is not used.
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._lost, client, str(reason_code))
+            self._loop.call_soon_threadsafe(self._lost, client, reason_code)
 
     def _on_publish(
         self, client: paho.Client, _u: Any, mid: int, reason_code: ReasonCode, _p: Any
@@ -381,11 +443,15 @@ class MqttPublisher:
             error_class(f"the MQTT broker at {where} refused the connection: {reason_code}")
         )
 
-    def _lost(self, client: paho.Client, reason: str) -> None:
+    def _lost(self, client: paho.Client, reason: ReasonCode) -> None:
         if client is not self._client:
             return
         self._connected = False
-        exc = BrokerUnavailableError(f"lost the MQTT connection: {reason}")
+        exc = (
+            BrokerRejectedMessageError(f"the MQTT broker closed the connection: {reason}")
+            if getattr(reason, "value", None) in _MESSAGE_FAULTS
+            else BrokerUnavailableError(f"lost the MQTT connection: {reason}")
+        )
         self._failure = exc
         connack = self._connack
         if connack is not None and not connack.done():

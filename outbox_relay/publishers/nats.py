@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -32,9 +34,9 @@ except ModuleNotFoundError as missing:  # the 'nats' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
-from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -55,14 +57,33 @@ def nats_headers(message: OutboxMessage) -> dict[str, str]:
     return headers
 
 
+# nats-py accepts HTTP-style token names only; "Nats-" names are the server's own (expected
+# stream, sequence, rollup, ...): a row's header must not steer JetStream.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What the server closes a connection with when a message was to blame.
+_MESSAGE_FAULT = re.compile(r"maximum payload|header", re.IGNORECASE)
+# JetStream refuses a message whose header block is larger (error 10097).
+MAX_HEADER_BLOCK = 65535
+_OWN_HEADERS = frozenset({MSG_ID_HEADER, "Content-Type", "Outbox-Event-Type", "Outbox-Created-At"})
+
+
 def header_problem(headers: dict[str, str]) -> str | None:
-    """NATS headers are MIME-style lines: names without ':' or spaces, values on one line."""
+    """NATS headers are MIME-style lines: token names, values on one line."""
     for key, value in headers.items():
-        if not key or any(c in key for c in ": \t\r\n") or not key.isascii():
-            return f"header name {key!r} cannot be a NATS header"
+        if not _HEADER_NAME.fullmatch(key):
+            return f"header name {key[:80]!r} cannot be a NATS header (letters, digits, -_.!#$%&'*+^`|~)"
+        if key.lower().startswith("nats-") and key not in _OWN_HEADERS:
+            return f"header {key[:80]!r} is reserved by NATS (names starting with Nats-)"
         if "\r" in value or "\n" in value:
-            return f"header {key!r} has a line break, which NATS headers cannot carry"
+            return f"header {key[:80]!r} has a line break, which NATS headers cannot carry"
+        if value != value.strip():
+            return f"header {key[:80]!r} starts or ends with blanks, which NATS headers drop"
     return None
+
+
+def header_block_size(headers: dict[str, str]) -> int:
+    """Bytes of the NATS/1.0 header block nats-py writes for ``headers``."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()) + 2
 
 
 def check_stream_name(name: str) -> str:
@@ -118,11 +139,22 @@ class NatsPublisher:
         lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._lost = lost
 
+        errors: list[Exception] = []
+
         async def on_disconnected() -> None:
-            if not lost.done():
+            if lost.done():
+                return
+            last = errors[-1] if errors else None
+            if last is not None and _MESSAGE_FAULT.search(str(last)):
+                # The server closed the connection over something that was sent.
+                lost.set_exception(
+                    BrokerRejectedMessageError(f"NATS closed the connection: {last}")
+                )
+            else:
                 lost.set_exception(BrokerUnavailableError(f"lost the NATS connection to {where}"))
 
         async def on_error(exc: Exception) -> None:
+            errors.append(exc)
             log.debug("NATS client error: %r", exc)
 
         await self._check_server(where)
@@ -254,37 +286,64 @@ class NatsPublisher:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+    @property
+    def max_message_bytes(self) -> int:
+        """The server's max_payload (headers and payload together), once connected."""
+        nc = self._nc
+        limit = self._settings.max_message_bytes
+        return min(limit, nc.max_payload) if nc is not None and nc.max_payload else limit
+
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        headers = nats_headers(message)
+        problem = header_problem(headers)
+        if problem:
+            return problem
+        block = header_block_size(headers)
+        if block > MAX_HEADER_BLOCK:
+            return (
+                f"NATS headers take {block} bytes, over JetStream's {MAX_HEADER_BLOCK}-byte limit"
+            )
+        total, limit = block + len(message.payload), self.max_message_bytes
+        if total > limit:
+            return (
+                f"headers and payload take {total} bytes, over the {limit}-byte limit (NATS "
+                "max_payload or --max-message-bytes)"
+            )
+        return None
+
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]:
         js, nc, lost = self._js, self._nc, self._lost
         if js is None or nc is None or lost is None or not nc.is_connected:
             raise BrokerUnavailableError("not connected to NATS")
-        limit = min(self._settings.max_message_bytes, nc.max_payload)
         results: list[PublishResult | None] = [None] * len(messages)
         pending: dict[int, asyncio.Future[Any]] = {}
+
+        def report(index: int, result: PublishResult) -> None:
+            if results[index] is None:
+                results[index] = result
+                if on_result is not None:
+                    on_result(index, result)
+
+        def answered(index: int, message: OutboxMessage, future: asyncio.Future[Any]) -> None:
+            if not future.cancelled():
+                report(index, self._result(future, message))
+
         try:
             for index, message in enumerate(messages):
-                if len(message.payload) > limit:
-                    results[index] = failed(
-                        f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
-                        "(NATS max_payload or --max-message-bytes)",
-                        permanent=True,
-                    )
-                    continue
-                headers = nats_headers(message)
-                problem = header_problem(headers)
-                if problem:
-                    results[index] = failed(problem, permanent=True)
-                    continue
-                pending[index] = await js.publish_async(
+                future = await js.publish_async(
                     self.subject(message.event_type),
                     message.payload,
                     # No stall timeout: nats-py would then await each message through a task,
                     # and every message would be flushed in a socket write of its own.
                     wait_stall=None,
-                    headers=headers,
+                    headers=nats_headers(message),
                 )
+                pending[index] = future
+                future.add_done_callback(functools.partial(answered, index, message))
             if pending:
-                await self._await_acks(list(pending.values()), lost)
+                await self._await_acks(pending, lost)
         except (nats.errors.Error, OSError) as exc:
             if isinstance(exc, nats.js.errors.TooManyStalledMsgsError | nats.errors.TimeoutError):
                 raise BrokerUnavailableError(
@@ -295,29 +354,43 @@ class NatsPublisher:
             for future in pending.values():
                 if not future.done():
                     future.cancel()
-        for index, future in pending.items():
-            results[index] = self._result(future, messages[index])
         return [result if result is not None else CONFIRMED for result in results]
 
     async def _await_acks(
-        self, futures: list[asyncio.Future[Any]], lost: asyncio.Future[None]
+        self, pending: dict[int, asyncio.Future[Any]], lost: asyncio.Future[None]
     ) -> None:
+        """Wait for every PubAck. A message left without one while others of the wave were
+        acked on a live connection failed on its own (JetStream refuses some messages without
+        answering: nats-io/nats.py#985): it fails alone, to be retried; if nothing was acked,
+        the server is not answering and the relay reconnects."""
+        futures = list(pending.values())
         acks: asyncio.Future[Any] = asyncio.gather(*futures, return_exceptions=True)
-        waiting: set[asyncio.Future[Any]] = {acks, lost}
         done, _ = await asyncio.wait(
-            waiting,
+            {acks, lost},
             timeout=self._settings.confirm_timeout,
             return_when=asyncio.FIRST_COMPLETED,
         )
         if acks in done:
             return
         acks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acks
         if lost in done:
-            raise BrokerUnavailableError("lost the NATS connection mid-batch") from lost.exception()
-        unacked = sum(1 for f in futures if not f.done())
-        raise BrokerUnavailableError(
-            f"NATS did not ack {unacked} message(s) within {self._settings.confirm_timeout}s"
-        )
+            cause = lost.exception()
+            if isinstance(cause, BrokerRejectedMessageError):
+                raise cause
+            raise BrokerUnavailableError("lost the NATS connection mid-batch") from cause
+        answered = sum(1 for f in futures if f.done() and not f.cancelled())
+        unanswered = len(futures) - answered
+        if not answered:
+            raise BrokerUnavailableError(
+                f"NATS did not ack {unanswered} message(s) within {self._settings.confirm_timeout}s"
+            )
+        for future in futures:
+            if not future.done():
+                future.set_exception(
+                    nats.errors.TimeoutError()  # reported as this message's own failure
+                )
 
     def _result(self, future: asyncio.Future[Any], message: OutboxMessage) -> PublishResult:
         exc = future.exception()
@@ -331,4 +404,9 @@ class NatsPublisher:
             )
         if isinstance(exc, nats.js.errors.APIError):
             return failed(f"rejected by JetStream for {subject!r}: {exc.description or exc!r}")
+        if isinstance(exc, nats.errors.TimeoutError):
+            return failed(
+                f"no JetStream PubAck for {subject!r} within {self._settings.confirm_timeout}s "
+                "while the server acked others (it refused this message without answering)"
+            )
         return failed(f"NATS publish of {subject!r} failed: {exc!r}")

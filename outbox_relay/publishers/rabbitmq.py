@@ -1,10 +1,18 @@
 """RabbitMQ via pika's asyncio adapter, with pipelined publisher confirms.
 
-A batch is written to the socket in one go (``mandatory`` so unroutable messages come back as
+A wave is written to the socket in one go (``mandatory`` so unroutable messages come back as
 ``basic.return``; ``delivery_mode=2``), then the broker's acks and nacks, which may cover many
-delivery tags at once (``multiple``), settle it. RabbitMQ sends a message's ``basic.return``
-before its ``basic.ack``, so a returned message is known to have failed by the time it is acked.
-Several batches may be in flight on the channel at once; each delivery tag maps to its batch.
+delivery tags at once (``multiple``), settle it; each message's result is reported the moment its
+ack arrives. RabbitMQ sends a message's ``basic.return`` before its ``basic.ack``, so a returned
+message is known to have failed by the time it is acked. Several waves may be in flight on the
+channel at once; each delivery tag maps to its wave.
+
+What RabbitMQ would close the connection or the channel for is refused before sending: a
+content-header frame larger than the negotiated frame_max, ``CC``/``BCC`` headers that are not
+lists of strings (sender-selected distribution), values AMQP cannot encode.
+
+pika pin: ``_CorkedConnection`` overrides ``AsyncioConnection._adapter_emit_data`` (a private
+method, stable across pika 1.x), hence ``pika>=1.3,<2`` in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -23,12 +31,20 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from outbox_relay import amqp
-from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
+
+# A content-header frame: 7 bytes of frame header, class id, weight and body size (12), the
+# encoded properties, the frame-end octet.
+HEADER_FRAME_OVERHEAD = 20
+# Headers of sender-selected distribution: RabbitMQ closes the channel unless they hold a list.
+_ROUTING_HEADERS = ("CC", "BCC")
+# Reply codes with which RabbitMQ closes a channel or connection over something it was sent.
+_MESSAGE_FAULTS = {406, 501, 502, 503, 505}
 
 
 def _amqp_value(value: Any) -> Any:
@@ -74,21 +90,34 @@ OPTIONS = RabbitMQOptions
 _CHUNK = 200
 
 
-class _Batch:
+class _Wave:
     """One publish_batch call in flight: its results, filled in as the broker settles them."""
 
-    def __init__(self, messages: Sequence[OutboxMessage]) -> None:
+    __slots__ = ("done", "messages", "on_result", "results", "returned", "tags", "unsettled")
+
+    def __init__(self, messages: Sequence[OutboxMessage], on_result: OnResult | None) -> None:
         self.messages = messages
+        self.on_result = on_result
         self.results: list[PublishResult | None] = [None] * len(messages)
         self.returned: dict[int, str] = {}
         self.tags: list[int] = []
         self.unsettled = 0
-        self.done = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def settle(self, index: int, result: PublishResult) -> None:
         reason = self.returned.get(index)
-        self.results[index] = failed(reason) if reason and result.confirmed else result
+        if reason and result.confirmed:
+            result = failed(reason)
+        self.results[index] = result
         self.unsettled -= 1
+        if self.on_result is not None:
+            self.on_result(index, result)
+
+    def refuse(self, index: int, result: PublishResult) -> None:
+        """A message never sent: its result is known at once."""
+        self.results[index] = result
+        if self.on_result is not None:
+            self.on_result(index, result)
 
     def maybe_done(self) -> None:
         if not self.unsettled and not self.done.done():
@@ -102,18 +131,25 @@ class RabbitMQPublisher:
 
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
+        RabbitMQOptions.of(settings)
         self._parameters = amqp.parameters(settings.broker_url)
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
-        # Several batches may be in flight at once (the relay sends the next before the previous
-        # is confirmed). Delivery tag -> (batch, position), in tag order; message id -> the same.
-        self._unconfirmed: dict[int, tuple[_Batch, int]] = {}
-        self._by_message_id: dict[str, tuple[_Batch, int]] = {}
-        self._batches: set[_Batch] = set()
+        # Several waves may be in flight at once (the relay sends the next before the previous
+        # is confirmed). Delivery tag -> (wave, position), in tag order; message id -> the same.
+        self._unconfirmed: dict[int, tuple[_Wave, int]] = {}
+        self._by_message_id: dict[str, tuple[_Wave, int]] = {}
+        self._waves: set[_Wave] = set()
         self._next_tag = 1
         self._failure: BaseException | None = None
         self._opening: asyncio.Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._frame_max = 131072  # until the broker says otherwise (Connection.Tune)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """RabbitMQ's own limit (max_message_size) is not announced: the setting decides."""
+        return self._settings.max_message_bytes
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -180,6 +216,9 @@ class RabbitMQPublisher:
         except BaseException:
             await self.close()
             raise
+        finally:
+            self._opening = None
+        self._frame_max = int(self._connection.params.frame_max)
         log.info("connected to broker", extra={"broker": "rabbitmq", "url": where})
 
     async def close(self) -> None:
@@ -203,16 +242,58 @@ class RabbitMQPublisher:
             and self._channel.is_open
         )
 
+    # -- what RabbitMQ cannot take -------------------------------------------------------------
+
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        """What would make RabbitMQ close the channel or connection, or pika refuse to encode."""
+        headers = message.headers
+        for name in _ROUTING_HEADERS:
+            value = headers.get(name)
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(item, str) for item in value)
+            ):
+                return (
+                    f"header {name!r} must be a list of routing keys (RabbitMQ's sender-selected "
+                    "distribution) or absent"
+                )
+        # The header frame is bounded by frame_max; only a big message can come near it, so
+        # most messages skip the encoding this check needs.
+        if message.size - len(message.payload) < self._frame_max // 8:
+            return None
+        try:
+            size = HEADER_FRAME_OVERHEAD + len(b"".join(self._properties(message).encode()))
+        except (pika.exceptions.AMQPError, struct.error, ValueError, TypeError) as exc:
+            return f"headers cannot be encoded as AMQP: {exc!r}"
+        if size > self._frame_max:
+            return (
+                f"headers and properties take {size} bytes, over the {self._frame_max}-byte "
+                "AMQP frame the broker allows for them (frame_max)"
+            )
+        return None
+
+    @staticmethod
+    def _properties(message: OutboxMessage) -> BasicProperties:
+        headers = message.broker_headers()
+        return BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message.event_id,
+            type=message.event_type,
+            timestamp=int(message.created_at.timestamp()),
+            headers=_amqp_value(headers) if headers else None,
+        )
+
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]:
         channel = self._channel
         if channel is None or not self.is_healthy():
             raise BrokerUnavailableError("not connected to RabbitMQ") from self._failure
-        batch = _Batch(messages)
-        self._batches.add(batch)
+        wave = _Wave(messages, on_result)
+        self._waves.add(wave)
         exchange = self._settings.exchange
-        limit = self._settings.max_message_bytes
         connection = self._connection
         assert connection is not None
         try:
@@ -226,25 +307,13 @@ class RabbitMQPublisher:
                             "lost the RabbitMQ connection"
                         ) from self._failure
                     connection.cork()
-                if len(message.payload) > limit:
-                    batch.results[index] = failed(
-                        f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
-                        "(--max-message-bytes)",
-                        permanent=True,
-                    )
-                    continue
-                headers = message.broker_headers()
-                properties = BasicProperties(
-                    content_type="application/json",
-                    delivery_mode=2,
-                    message_id=message.event_id,
-                    type=message.event_type,
-                    timestamp=int(message.created_at.timestamp()),
-                    headers=_amqp_value(headers) if headers else None,
-                )
                 try:
                     channel.basic_publish(
-                        exchange, message.event_type, message.payload, properties, mandatory=True
+                        exchange,
+                        message.event_type,
+                        message.payload,
+                        self._properties(message),
+                        mandatory=True,
                     )
                 except (
                     pika.exceptions.UnsupportedAMQPFieldException,
@@ -254,44 +323,45 @@ class RabbitMQPublisher:
                     struct.error,
                     ValueError,
                     TypeError,
+                    RecursionError,
                 ) as exc:
                     # Marshalled before anything is written, so nothing was sent.
-                    batch.results[index] = failed(
-                        f"headers cannot be encoded as AMQP: {exc!r}", permanent=True
+                    wave.refuse(
+                        index, failed(f"headers cannot be encoded as AMQP: {exc!r}", permanent=True)
                     )
                     continue
                 except pika.exceptions.AMQPError as exc:
                     raise BrokerUnavailableError(f"RabbitMQ publish failed: {exc!r}") from exc
-                self._unconfirmed[self._next_tag] = (batch, index)
-                self._by_message_id[message.event_id] = (batch, index)
-                batch.tags.append(self._next_tag)
-                batch.unsettled += 1
+                self._unconfirmed[self._next_tag] = (wave, index)
+                self._by_message_id[message.event_id] = (wave, index)
+                wave.tags.append(self._next_tag)
+                wave.unsettled += 1
                 self._next_tag += 1
             connection.uncork()
-            batch.maybe_done()
+            wave.maybe_done()
             try:
                 await asyncio.wait_for(
-                    asyncio.shield(batch.done), timeout=self._settings.confirm_timeout
+                    asyncio.shield(wave.done), timeout=self._settings.confirm_timeout
                 )
             except TimeoutError as exc:
                 raise BrokerUnavailableError(
-                    f"RabbitMQ did not confirm {batch.unsettled} message(s) "
+                    f"RabbitMQ did not confirm {wave.unsettled} message(s) "
                     f"within {self._settings.confirm_timeout}s"
                 ) from exc
         finally:
             connection.uncork()
-            self._forget(batch)
-        return [result if result is not None else CONFIRMED for result in batch.results]
+            self._forget(wave)
+        return [result if result is not None else CONFIRMED for result in wave.results]
 
     # -- pika callbacks --------------------------------------------------------------------
 
-    def _forget(self, batch: _Batch) -> None:
-        self._batches.discard(batch)
-        if batch.done.done() and not batch.done.cancelled():
-            batch.done.exception()  # raised already in another form; not worth a log line
-        for tag in batch.tags:
+    def _forget(self, wave: _Wave) -> None:
+        self._waves.discard(wave)
+        if wave.done.done() and not wave.done.cancelled():
+            wave.done.exception()  # raised already in another form; not worth a log line
+        for tag in wave.tags:
             self._unconfirmed.pop(tag, None)
-        for message in batch.messages:
+        for message in wave.messages:
             self._by_message_id.pop(message.event_id, None)
 
     def _on_confirm(self, frame: Any) -> None:
@@ -304,16 +374,16 @@ class RabbitMQPublisher:
         # _unconfirmed is in ascending tag order, so the tags an ack with multiple covers are
         # a prefix of it.
         covered = list(takewhile(tag.__ge__, self._unconfirmed)) if method.multiple else [tag]
-        touched: set[_Batch] = set()
+        touched: set[_Wave] = set()
         for covered_tag in covered:
             entry = self._unconfirmed.pop(covered_tag, None)
             if entry is None:
                 continue
-            batch, index = entry
-            batch.settle(index, result)
-            touched.add(batch)
-        for batch in touched:
-            batch.maybe_done()
+            wave, index = entry
+            wave.settle(index, result)
+            touched.add(wave)
+        for wave in touched:
+            wave.maybe_done()
 
     def _on_return(
         self, channel: Channel, method: Basic.Return, properties: BasicProperties, _body: bytes
@@ -322,8 +392,8 @@ class RabbitMQPublisher:
             return
         entry = self._by_message_id.get(properties.message_id)
         if entry is not None:
-            batch, index = entry
-            batch.returned[index] = (
+            wave, index = entry
+            wave.returned[index] = (
                 f"unroutable: {method.reply_code} {method.reply_text} (exchange "
                 f"{method.exchange!r}, routing key {method.routing_key!r}); bind a queue or "
                 "set an alternate exchange"
@@ -333,17 +403,24 @@ class RabbitMQPublisher:
         self._failure = exc
         opening = self._opening
         if opening is not None and not opening.done():
-            opening.set_exception(self._describe(exc))
-        for batch in self._batches:
-            if not batch.done.done():
-                batch.done.set_exception(self._describe(exc))
+            opening.set_exception(self._describe(exc, opening=True))
+        for wave in self._waves:
+            if not wave.done.done():
+                wave.done.set_exception(self._describe(exc, opening=False))
 
-    def _describe(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 406:
+    def _describe(self, exc: BaseException, *, opening: bool) -> BaseException:
+        code = getattr(exc, "reply_code", None)
+        text = getattr(exc, "reply_text", "")
+        if opening and isinstance(exc, pika.exceptions.ChannelClosedByBroker) and code == 406:
             return ConfigError(
-                f"RabbitMQ refused the exchange {self._settings.exchange!r}: {exc.reply_text} "
-                "(it exists with another type or flags; it must be a durable topic exchange)"
+                f"RabbitMQ refused the exchange {self._settings.exchange!r}: {text} (it exists "
+                "with another type or flags; it must be a durable topic exchange)"
             )
+        if opening:
+            return amqp.translate(exc, self._settings.broker_url)
+        if code in _MESSAGE_FAULTS:
+            # Closed over something we sent: the relay finds out which message (see window.py).
+            return BrokerRejectedMessageError(f"RabbitMQ closed the channel: ({code}) {text}")
         return BrokerUnavailableError(f"lost the RabbitMQ connection: {exc!r}")
 
     def _on_channel_closed(self, channel: Channel, exc: BaseException) -> None:

@@ -32,10 +32,14 @@ else:
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
+
+
+# Redis's default proto-max-bulk-len: a larger field ends the connection ("invalid bulk length").
+PROTO_MAX_BULK_LEN = 512 * 1024 * 1024
 
 
 class StreamMode(enum.StrEnum):
@@ -149,31 +153,31 @@ class RedisStreamsPublisher:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+    @property
+    def max_message_bytes(self) -> int:
+        """Redis refuses (and drops the connection over) a value above proto-max-bulk-len."""
+        return min(self._settings.max_message_bytes, PROTO_MAX_BULK_LEN)
+
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        return None  # XADD is binary-safe: any value within the size limit goes
+
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]:
         client = self._client
         if client is None or not self._healthy:
             raise BrokerUnavailableError("not connected to Redis")
-        limit = self._settings.max_message_bytes
         maxlen = self._options.redis_maxlen
-        results: list[PublishResult | None] = [None] * len(messages)
-        sent: list[int] = []
+        results: list[PublishResult] = [CONFIRMED] * len(messages)
         pipe = client.pipeline(transaction=False)
-        for index, message in enumerate(messages):
-            if len(message.payload) > limit:
-                results[index] = failed(
-                    f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
-                    "(--max-message-bytes)",
-                    permanent=True,
-                )
-                continue
+        for message in messages:
             pipe.xadd(
                 self.stream(message.event_type),
                 stream_fields(message),
                 maxlen=maxlen,
                 approximate=True,
             )
-            sent.append(index)
-        if sent:
+        if messages:
             try:
                 replies = await pipe.execute(raise_on_error=False)
             except _UNAVAILABLE as exc:
@@ -181,11 +185,15 @@ class RedisStreamsPublisher:
                 raise BrokerUnavailableError(f"lost the Redis connection: {exc}") from exc
             finally:
                 await pipe.reset()
-            for index, reply in zip(sent, replies, strict=True):
+            for reply in replies:
                 if isinstance(reply, _UNAVAILABLE):
                     self._healthy = False
                     raise BrokerUnavailableError(f"lost the Redis connection: {reply}")
+            # One round trip answers the whole wave: the results arrive together.
+            for index, reply in enumerate(replies):
                 if isinstance(reply, Exception):
                     stream = self.stream(messages[index].event_type)
                     results[index] = failed(f"XADD to {stream!r} refused by Redis: {reply}")
-        return [result if result is not None else CONFIRMED for result in results]
+                if on_result is not None:
+                    on_result(index, results[index])
+        return results

@@ -41,7 +41,7 @@ else:
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
-from outbox_relay.publishers.base import BrokerOptions, PublisherSettings
+from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
 from outbox_relay.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -160,37 +160,39 @@ class WebhookPublisher:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> list[PublishResult]:
+    @property
+    def max_message_bytes(self) -> int:
+        return self._settings.max_message_bytes
+
+    def message_problem(self, message: OutboxMessage) -> str | None:
+        return None  # the body carries any JSON; headers that HTTP cannot carry are left out
+
+    async def publish_batch(
+        self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
+    ) -> list[PublishResult]:
         client = self._client
         if client is None:
             raise BrokerUnavailableError("webhook publisher is not connected")
-        limit = self._settings.max_message_bytes
         results: list[PublishResult | None] = [None] * len(messages)
-        sendable: list[int] = []
-        for index, message in enumerate(messages):
-            if len(message.payload) > limit:
-                results[index] = failed(
-                    f"payload of {len(message.payload)} bytes exceeds the {limit}-byte limit "
-                    "(--max-message-bytes)",
-                    permanent=True,
-                )
-            else:
-                sendable.append(index)
-        if sendable and self._options.webhook_batch:
-            batch = [messages[i] for i in sendable]
-            result = await self._post(client, self._batch_request(batch))
-            for index in sendable:
-                results[index] = result
-        elif sendable:
+
+        def report(index: int, result: PublishResult) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+
+        if messages and self._options.webhook_batch:
+            result = await self._post(client, self._batch_request(messages))
+            for index in range(len(messages)):
+                report(index, result)
+        elif messages:
             # Aggregates in parallel, each aggregate's events one after the other: concurrent
             # requests may be handled in any order, and a later event must not overtake.
             chains: dict[str | None, list[int]] = {}
-            for index in sendable:
-                key = messages[index].aggregate_id
-                chains.setdefault(key, []).append(index)
+            for index, message in enumerate(messages):
+                chains.setdefault(message.aggregate_id, []).append(index)
             unordered = chains.pop(None, [])
-            work = [self._chain(client, messages, chain, results) for chain in chains.values()]
-            work += [self._chain(client, messages, [index], results) for index in unordered]
+            work = [self._chain(client, messages, chain, report) for chain in chains.values()]
+            work += [self._chain(client, messages, [index], report) for index in unordered]
             outcomes = await asyncio.gather(*work, return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
@@ -202,15 +204,16 @@ class WebhookPublisher:
         client: httpx.AsyncClient,
         messages: Sequence[OutboxMessage],
         chain: list[int],
-        results: list[PublishResult | None],
+        report: OnResult,
     ) -> None:
         for position, index in enumerate(chain):
             result = await self._post(client, self._event_request(messages[index]))
-            results[index] = result
+            report(index, result)
             if not result.confirmed:
                 for later in chain[position + 1 :]:
-                    results[later] = failed(
-                        "not sent: an earlier event of its aggregate failed in this batch"
+                    report(
+                        later,
+                        failed("not sent: an earlier event of its aggregate failed in this batch"),
                     )
                 return
 
@@ -223,7 +226,8 @@ class WebhookPublisher:
         }
         for name in TRACE_HEADERS:
             value = message.headers.get(name)
-            if isinstance(value, str) and value.isprintable():
+            # HTTP header values are ASCII; anything else stays in the body's headers only.
+            if isinstance(value, str) and value.isascii() and value.isprintable():
                 headers[name] = value
         return body, headers
 
@@ -250,10 +254,26 @@ class WebhookPublisher:
                 f"webhook did not answer within {self._options.webhook_timeout}s "
                 f"(--webhook-timeout): {type(exc).__name__}"
             )
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError) as exc:
-            raise BrokerUnavailableError(
-                f"cannot reach the webhook at {redact_url(self._settings.broker_url)}: {exc!r}"
-            ) from exc
+        except httpx.ConnectError as exc:
+            raise self._unreachable(exc) from exc
+        except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
+            # The connection broke during this request. If the endpoint still answers, it was
+            # this request (e.g. a body it resets on): fail it alone; else the link is down.
+            if not await self._reachable(client):
+                raise self._unreachable(exc) from exc
+            return failed(f"the webhook broke the connection during the request: {exc!r}")
         except httpx.HTTPError as exc:
             return failed(f"webhook request failed: {exc!r}")
         return verdict(response.status_code, response.reason_phrase)
+
+    async def _reachable(self, client: httpx.AsyncClient) -> bool:
+        try:
+            await client.request("OPTIONS", self._settings.broker_url)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def _unreachable(self, exc: Exception) -> BrokerUnavailableError:
+        return BrokerUnavailableError(
+            f"cannot reach the webhook at {redact_url(self._settings.broker_url)}: {exc!r}"
+        )

@@ -1,7 +1,13 @@
 """The relay core: claim pending outbox rows, publish them with confirms, mark them sent.
 
-Broker-agnostic: it talks to a :class:`~outbox_relay.publishers.base.Publisher` and never imports
-a broker client.
+Broker-agnostic (it talks to a :class:`~outbox_relay.publishers.base.Publisher`) and
+source-agnostic (notify, poll and cdc are :class:`~outbox_relay.relay.sources.Source` objects):
+the loop has no mode branches.
+
+Claim and settle happen in one transaction per batch, on one of a few connections ("lanes"):
+while batches are published on the window, the next is claimed on a free lane and finished ones
+settle on theirs. A relay killed at any moment leaves its claimed rows pending; they are simply
+published again, so duplicates are bounded by the rows in flight (--batch-size).
 """
 
 from __future__ import annotations
@@ -10,45 +16,41 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    wait_exponential,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from outbox_relay.cdc.source import CdcSource
 from outbox_relay.db.store import OutboxStore
-from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
-from outbox_relay.messages import Failure, OutboxMessage, PublishResult
-from outbox_relay.publishers.base import Publisher
+from outbox_relay.errors import (
+    BrokerRejectedMessageError,
+    BrokerUnavailableError,
+    DatabaseUnavailableError,
+)
+from outbox_relay.messages import OutboxMessage, PublishResult
+from outbox_relay.publishers.base import OnResult, Publisher
 from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
-from outbox_relay.relay.ordering import AggregateChains, LinkedBatch, publish_in_order
 from outbox_relay.relay.settings import Mode, RelaySettings
-from outbox_relay.relay.wakeup import Waker
+from outbox_relay.relay.sources import Source, TableSource
+from outbox_relay.relay.window import Batch, Window
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
-
-
-@dataclass(slots=True)
-class _Flight:
-    """A claimed batch being published and settled on its lane."""
-
-    task: asyncio.Task[bool]
-    linked: LinkedBatch
-    row_ids: list[int]
+# Connections claiming and settling batches: while one batch settles, the next is claimed, and
+# at least one more is on the wire, so the broker always has work.
+LANES = 3
+# Remembered suspects and strikes beyond this many are forgotten (oldest first).
+MEMORY = 100_000
 
 
 class Relay:
     def __init__(
-        self, settings: RelaySettings, publisher: Publisher, hooks: RelayHooks | None = None
+        self,
+        settings: RelaySettings,
+        publisher: Publisher,
+        hooks: RelayHooks | None = None,
+        source: Source | None = None,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
@@ -56,43 +58,27 @@ class Relay:
         self._hooks = CompositeHooks([hooks]) if hooks is not None else None
         # time.monotonic() of the loop's last sign of life, for the health endpoint's /livez.
         self.heartbeat = time.monotonic()
-        # Two connections ("lanes"): while one batch is being published, the next one is
-        # claimed on the other, and the previous one settles; see _pump. The first lane holds
-        # the leadership lock, does the idle-time work and is the one the other modules read.
-        self._store = OutboxStore(settings)
-        # In cdc mode the WAL feeds the first lane only; a second connection would sit idle.
-        self._lanes = (
-            (self._store,)
-            if settings.mode is Mode.CDC
-            else (self._store, OutboxStore(settings, role="lane2"))
-        )
-        # At most --batch-size rows are in flight (claimed, not yet settled) so that a relay
-        # killed at any moment publishes at most that many twice: two halves, one per lane.
-        self._max_in_flight = min(len(self._lanes), settings.batch_size)
-        self._claim_size = settings.batch_size // self._max_in_flight
-        self._waker = (
-            Waker(
-                settings.database_url,
-                self._store.queries.notify_channel,
-                self._store.queries.application_name,
-            )
-            if settings.mode is Mode.NOTIFY
-            else None
-        )
-        # --mode cdc: the WAL says which rows to publish; publishing and settling stay here.
-        self._cdc = CdcSource(settings, self._store) if settings.mode is Mode.CDC else None
+        self._lanes = [OutboxStore(settings, role=f"lane{n}" if n else "") for n in range(LANES)]
+        # The first lane holds the leadership lock and is the one status counts relays by.
+        self._store = self._lanes[0]
+        # At most --batch-size rows are in flight (claimed, not yet settled), so that a relay
+        # killed at any moment publishes at most that many twice.
+        self._claim_size = max(1, settings.batch_size // LANES)
+        self._source = source or _default_source(settings, self._store)
         self._stop = asyncio.Event()
-        self._listening = False
-        # Writers in progress when producers were asked to ring; see _await_unringing_writers.
-        self._unringing: list[int] = []
         self.leading = False
+        # What a broker that closed the connection over a message taught (see window.py):
+        # events to send alone, attempts to charge, and consecutive losses per unconfirmed event.
+        self._suspects: set[str] = set()
+        self._charges: dict[str, str] = {}
+        self._strikes: dict[str, int] = {}
 
     def is_ready(self) -> bool:
         """Connected to PostgreSQL and to the broker (a standby is ready too: it can take over)."""
         return self._store.connected and self._publisher.is_healthy()
 
     def stop(self) -> None:
-        """Stop claiming; the batch in flight is finished (or released) and run() returns."""
+        """Stop claiming; the batches in flight are finished (or released) and run() returns."""
         self._stop.set()
 
     async def run(self) -> None:
@@ -103,16 +89,17 @@ class Relay:
             try:
                 await self._connect()
                 await self._lead()
-                if self._cdc is not None:
-                    await self._cdc.pump(
-                        self._publish_cdc, self._drain_table, self._stop, self._tick
-                    )
-                else:
+                if not self._stop.is_set():
+                    await self._source.open(self._store, self._stop)
                     await self._pump()
             except TRANSIENT as exc:
                 log.warning("disconnected: %s", exc)
-                # A link that fails right after connecting must not turn into a busy loop.
-                quick_failures = quick_failures + 1 if time.monotonic() - started < 30 else 0
+                # A link that fails right after connecting must not turn into a busy loop; a
+                # failure that taught which message is to blame is progress, though.
+                if time.monotonic() - started >= 30 or getattr(exc, "attributed", False):
+                    quick_failures = 0
+                else:
+                    quick_failures += 1
                 await self._disconnect()
                 await self._sleep(min(10.0, 0.1 * 2**quick_failures))
             finally:
@@ -144,22 +131,13 @@ class Relay:
                 await self._disconnect()
                 for lane in self._lanes:
                     await lane.connect()
-                if self._waker is not None:
-                    await self._waker.connect()
                 await self._publisher.connect()
 
     async def _disconnect(self) -> None:
-        if self._cdc is not None:
-            await self._cdc.close()
-        if self._listening:
-            with contextlib.suppress(*TRANSIENT):
-                await self._store.stop_listening()
-            self._listening = False
+        await self._source.close()
         for lane in self._lanes:
             await lane.rollback()
             await lane.close()
-        if self._waker is not None:
-            await self._waker.close()
         await self._publisher.close()
         self.leading = False
 
@@ -181,224 +159,235 @@ class Relay:
     # -- the loop ---------------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Claim, publish and settle batches, two at a time.
-
-        Batch k+1 is claimed on the other lane (passing over batch k's row ids) while batch k is
-        published, and goes on the wire at once, behind k: an event waits only for the previous
-        event of its aggregate still in flight (see outbox_relay.relay.ordering), so the broker always
-        has work. A lane claims again once its previous batch has settled. If a batch was not all
-        confirmed, everything in flight settles before the next claim, which then sees the failed
-        events backing off in the table and holds their aggregates back.
-        """
-        in_flight: deque[_Flight] = deque()
-        chains = AggregateChains()
-        turn = 0
+        """Claim on free lanes, publish on the window, settle finished batches; see the module
+        docstring. Returns when asked to stop (after finishing what is in flight)."""
+        free: list[OutboxStore] = list(self._lanes)
+        settling: set[asyncio.Task[None]] = set()
+        window = Window(
+            self._publish_wave,
+            lambda batch: settling.add(self._settle_soon(batch, window, free, settling)),
+            check=self._message_problem,
+            suspects=self._suspects,
+            charges=self._charges,
+        )
         next_housekeeping = time.monotonic()
         try:
             while not self._stop.is_set():
-                self._tick()
-                # This lane's previous batch must have settled before it claims again.
-                if len(in_flight) == self._max_in_flight and not await self._land(
-                    in_flight.popleft(), chains
-                ):
-                    await self._drain(in_flight, chains)
-                if not in_flight and time.monotonic() >= next_housekeeping:
-                    await self._store.housekeeping()
+                self._tick(window, settling)
+                if free:
+                    await self._source.housekeeping(free[-1])
+                if len(free) == len(self._lanes) and time.monotonic() >= next_housekeeping:
+                    await free[-1].housekeeping()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
-                store = self._lanes[turn]
-                claimed_at = time.perf_counter()
-                # Pass over the rows of the batches in flight on the other lanes.
-                batch = await store.claim(
-                    self._claim_size, in_flight=[i for f in in_flight for i in f.row_ids]
-                )
-                if batch:
-                    if self._hooks is not None:
-                        self._hooks.after_claim(batch, time.perf_counter() - claimed_at)
-                    if self._listening:
-                        await store.stop_listening(commit=False)  # commits with the batch
-                        self._listening = False
-                    linked = chains.link(batch)
-                    task = asyncio.ensure_future(self._relay_batch(store, linked))
-                    in_flight.append(_Flight(task, linked, [message.id for message in batch]))
-                    turn = (turn + 1) % len(self._lanes)
+                if free:
+                    lane = free.pop()
+                    window.before_claim()
+                    claimed_at = time.perf_counter()
+                    batch = await self._source.claim(lane, self._claim_size, window.in_flight_ids())
+                    if batch is not None:
+                        batch.lane = lane
+                        if self._hooks is not None:
+                            self._hooks.after_claim(
+                                batch.messages, time.perf_counter() - claimed_at
+                            )
+                        window.add(batch)
+                        continue
+                    await lane.commit()
+                    free.append(lane)
+                if window.batches or settling or len(free) < len(self._lanes):
+                    await self._wait_for(window.changed(), self._source.readable())
                     continue
-                await store.commit()
-                if in_flight:
-                    await self._drain(in_flight, chains)  # then look again with nothing in flight
-                    continue
-                await self._when_empty()
-            await self._drain(in_flight, chains)  # stopping: finish what is in flight
+                idle = free[-1]
+                await self._wait_for(self._source.wait(idle, await self._idle_timeout(idle)))
+            # Stopping: finish what is in flight.
+            while window.batches or settling:
+                self._tick(window, settling)
+                await self._wait_for(window.changed())
+        except TRANSIENT as exc:
+            if window.error is exc:
+                self._learn(exc, window)
+            raise
         finally:
-            for flight in in_flight:
-                flight.task.cancel()
-            await asyncio.gather(*(f.task for f in in_flight), return_exceptions=True)
-            for flight in in_flight:
-                chains.forget(flight.linked)
+            await window.close()
+            for task in settling:
+                task.cancel()
+            await asyncio.gather(*settling, return_exceptions=True)
 
-    @staticmethod
-    async def _land(flight: _Flight, chains: AggregateChains) -> bool:
-        """Collect a batch in flight once it has settled; True when all of it was confirmed.
+    def _tick(self, window: Window, settling: set[asyncio.Task[None]]) -> None:
+        """A sign of life for /livez; a failed publish or settle ends the loop; a lost broker is
+        noticed even while idle, so the relay reconnects (and /readyz recovers) at once."""
+        self.heartbeat = time.monotonic()
+        if window.error is not None:
+            raise window.error
+        for task in settling:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                assert error is not None
+                raise error
+        if not self._publisher.is_healthy():
+            raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
 
-        Its links are dropped only now, not when it settled: the other lane's claim may have
-        started before that settle committed, and then links behind it in id order."""
-        try:
-            return await flight.task
-        finally:
-            chains.forget(flight.linked)
-
-    @classmethod
-    async def _drain(cls, in_flight: deque[_Flight], chains: AggregateChains) -> None:
-        while in_flight:
-            await cls._land(in_flight.popleft(), chains)
-
-    async def _when_empty(self) -> None:
-        """Nothing to claim: ask producers to ring, then wait for them or the poll interval."""
-        if self._waker is not None and not self._listening:
-            # Ask producers to ring, then look once more: a row committed before they could
-            # see the request would otherwise wait for the polling fallback.
-            self._unringing = await self._store.start_listening(self._listening_ttl)
-            self._listening = True
-            return
-        if self._unringing:
-            await self._await_unringing_writers()
-            return
-        await self._idle()
-
-    @property
-    def _listening_ttl(self) -> float:
-        # Refreshed every poll interval; lapses soon after a relay dies so producers stop ringing.
-        return self._settings.poll_interval * 3 + 5
-
-    async def _await_unringing_writers(self) -> None:
-        """A writer whose trigger ran just before the relay asked for NOTIFY, and that committed
-        just after the relay's last look, would otherwise wait for the polling fallback. Wait for
-        the writers that were in progress then to end (usually a millisecond), then look again.
-        A notification or the poll interval ends the wait too."""
-        deadline = time.monotonic() + self._settings.poll_interval
-        delay = 0.001
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            if await self._store.all_ended(self._unringing):
-                break
-            assert self._waker is not None
-            if await self._waker.wait(delay):
-                break
-            delay = min(delay * 2, 0.05)
-        self._unringing = []
-
-    async def _idle(self) -> None:
-        timeout = self._settings.poll_interval
-        retry_in = await self._store.next_retry_in()
-        if retry_in is not None:
-            timeout = min(timeout, retry_in + 0.01)
-        if self._waker is None:
-            await self._sleep(timeout)
-            return
-        waiting = asyncio.ensure_future(self._waker.wait(timeout))
+    async def _wait_for(self, *waits: object) -> None:
+        tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]  # awaitables
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [*tasks, stopping],
+                timeout=self._settings.poll_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
-            stopping.cancel()
-            if not waiting.done():
-                waiting.cancel()
-        woke = waiting.done() and not waiting.cancelled() and waiting.result()
-        if not woke and not self._stop.is_set():
-            await self._store.start_listening(self._listening_ttl)
+            for task in [*tasks, stopping]:
+                task.cancel()
 
-    async def _relay_batch(self, store: OutboxStore, batch: LinkedBatch) -> bool:
-        """Publish and settle one claimed batch; True when the broker confirmed all of it."""
-        started = time.perf_counter()
-        try:
-            try:
-                results = await publish_in_order(batch.links, self._publish_wave)
-            except BaseException:
-                await store.rollback()
-                raise
-            sent = [message.id for message, result in results if result.confirmed]
-            failures = [
-                Failure(message.id, result.reason or "not confirmed", result.permanent)
-                for message, result in results
-                if not result.confirmed
-            ]
-            settled_at = time.perf_counter()
-            dead = await store.settle(sent, failures)
-        finally:
-            batch.close()
+    async def _idle_timeout(self, store: OutboxStore) -> float:
+        """Until the next poll, or sooner when a failed event's retry is due."""
+        timeout = self._settings.poll_interval
+        retry_in = await store.next_retry_in()
+        if retry_in is not None:
+            timeout = min(timeout, retry_in + 0.01)
+        return timeout
+
+    def _settle_soon(
+        self,
+        batch: Batch,
+        window: Window,
+        free: list[OutboxStore],
+        settling: set[asyncio.Task[None]],
+    ) -> asyncio.Task[None]:
+        async def settle() -> None:
+            lane: OutboxStore = batch.lane
+            started = time.perf_counter()
+            dead = await lane.settle(batch.sent, batch.failures)
+            window.settled(batch)
+            self._source.settled(batch)
+            free.append(lane)
+            self._report(batch, dead, time.perf_counter() - started)
+
+        def done(task: asyncio.Task[None]) -> None:
+            # A failed settle stays in ``settling``: the loop raises its error (reconnect).
+            if not task.cancelled() and task.exception() is None:
+                settling.discard(task)
+            window.notify()
+
+        task = asyncio.ensure_future(settle())
+        task.add_done_callback(done)
+        return task
+
+    def _report(self, batch: Batch, dead: int, seconds: float) -> None:
         if self._hooks is not None:
-            self._hooks.after_settle(sent, failures, dead, time.perf_counter() - settled_at)
-        for message, result in results:
-            if not result.confirmed:
-                log.warning(
-                    "publish failed: %s",
-                    result.reason,
-                    extra={
-                        "event_id": message.event_id,
-                        "event_type": message.event_type,
-                        "aggregate_id": message.aggregate_id,
-                        "attempt": message.attempts + 1,
-                        "permanent": result.permanent,
-                    },
-                )
+            self._hooks.after_settle(batch.sent, batch.failures, dead, seconds)
+        by_id = {m.id: m for m in batch.messages} if batch.failures else {}
+        for failure in batch.failures:
+            message = by_id[failure.id]
+            log.warning(
+                "publish failed: %s",
+                failure.reason,
+                extra={
+                    "event_id": message.event_id,
+                    "event_type": message.event_type,
+                    "aggregate_id": message.aggregate_id,
+                    "attempt": message.attempts + 1,
+                    "permanent": failure.permanent,
+                },
+            )
         if dead:
             log.error("dead-lettered %d event(s): see `outbox-relay dead list`", dead)
         log.debug(
-            "batch published",
+            "batch settled",
             extra={
-                "batch_size": len(batch.links),
-                "sent": len(sent),
-                "failed": len(failures),
-                "held_back": len(batch.links) - len(results),
-                "seconds": round(time.perf_counter() - started, 4),
+                "batch_size": len(batch.messages),
+                "sent": len(batch.sent),
+                "failed": len(batch.failures),
+                "held_back": batch.held,
+                "seconds": round(time.monotonic() - batch.claimed_at, 4),
             },
         )
-        return len(sent) == len(batch.links)
 
-    async def _publish_wave(self, wave: list[OutboxMessage]) -> list[PublishResult]:
+    # -- publishing -------------------------------------------------------------------------
+
+    def _message_problem(self, message: OutboxMessage) -> str | None:
+        """Why ``message`` can never be published: over the size limit (the setting's, or the
+        broker's own) or something the broker's protocol cannot carry."""
+        limit = self._publisher.max_message_bytes
+        size = message.size or len(message.payload)
+        if size > limit:
+            return (
+                f"message of {size} bytes (payload and headers) exceeds the {limit}-byte limit "
+                "(--max-message-bytes or the broker's)"
+            )
+        return self._publisher.message_problem(message)
+
+    async def _publish_wave(
+        self, wave: Sequence[OutboxMessage], on_result: OnResult
+    ) -> Sequence[PublishResult]:
         hooks = self._hooks
         if hooks is None:
-            return await self._publisher.publish_batch(wave)
+            return await self._publisher.publish_batch(wave, on_result)
         # The hooks may return copies carrying a new trace context; those are what is sent.
-        wave[:] = hooks.before_publish(wave)
+        sent = hooks.before_publish(wave)
         started = time.perf_counter()
         try:
-            outcomes = await self._publisher.publish_batch(wave)
+            outcomes = await self._publisher.publish_batch(sent, on_result)
         except BaseException as exc:
-            hooks.on_publish_error(wave, exc)
+            hooks.on_publish_error(sent, exc)
             raise
-        hooks.after_publish(wave, outcomes, time.perf_counter() - started)
+        hooks.after_publish(sent, outcomes, time.perf_counter() - started)
         return outcomes
 
-    # -- CDC mode: the same publish-and-settle path, fed by outbox_relay.cdc.source ----------------
-
-    async def _publish_cdc(self, batch: Sequence[OutboxMessage]) -> bool:
-        """Publish rows the CDC source claimed on the first lane, and settle them; True when
-        the broker confirmed all of them."""
-        return await self._relay_one(batch)
-
-    async def _drain_table(self) -> None:
-        """The table path in CDC mode: retries, held-back events, rows committed while no slot
-        streamed. Claims until nothing is due."""
-        while not self._stop.is_set():
-            self._tick()
-            batch = await self._store.claim(self._settings.batch_size)
-            if not batch:
-                break
-            await self._relay_one(batch)
-        await self._store.commit()
-
-    async def _relay_one(self, batch: Sequence[OutboxMessage]) -> bool:
-        """Publish and settle a batch on the first lane with nothing else in flight."""
-        return await self._relay_batch(self._store, AggregateChains().link(batch))
-
-    def _tick(self) -> None:
-        """A sign of life for /livez, and a lost broker noticed even while idle, so the relay
-        reconnects (and /readyz recovers) without waiting for the next event to fail."""
-        self.heartbeat = time.monotonic()
-        if not self._publisher.is_healthy():
-            raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
+    def _learn(self, exc: BaseException, window: Window) -> None:
+        """After a lost connection: which unconfirmed events may have caused it (window.py)."""
+        unconfirmed = window.unconfirmed()
+        if not unconfirmed:
+            self._strikes.clear()
+            return
+        solo = window.failed_solo
+        if solo is not None:
+            # It was alone on the wire: the loss is its doing.
+            self._charges[solo.event_id] = (
+                f"the broker closed the connection while this event was the only one on the "
+                f"wire: {exc}"
+            )
+            exc.attributed = True  # type: ignore[attr-defined]  # read by run()
+            log.warning(
+                "the broker closed the connection over one event; charging it an attempt",
+                extra={"event_id": solo.event_id, "event_type": solo.event_type},
+            )
+            return
+        ids = [m.event_id for m in unconfirmed]
+        if isinstance(exc, BrokerRejectedMessageError):
+            suspects = ids
+        else:
+            # An ordinary loss: the same events unconfirmed at two losses in a row are suspects.
+            strikes = {event_id: self._strikes.get(event_id, 0) + 1 for event_id in ids}
+            self._strikes = strikes
+            suspects = [event_id for event_id, count in strikes.items() if count >= 2]
+        if suspects:
+            self._suspects.update(suspects)
+            exc.attributed = True  # type: ignore[attr-defined]  # read by run()
+            log.warning(
+                "the broker closed the connection with %d event(s) unconfirmed: sending each "
+                "alone to find the one to blame",
+                len(suspects),
+            )
+        _forget_oldest(self._suspects)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when asked to stop."""
         self.heartbeat = time.monotonic()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+
+def _default_source(settings: RelaySettings, store: OutboxStore) -> Source:
+    queries = store.queries
+    if settings.mode is Mode.CDC:
+        from outbox_relay.cdc.source import CdcSource
+
+        return CdcSource(settings)
+    return TableSource(settings, queries.application_name, queries.notify_channel)
+
+
+def _forget_oldest(items: set[str]) -> None:
+    while len(items) > MEMORY:
+        items.pop()

@@ -148,7 +148,7 @@ def retry_dead_in(database_url: str, event_ids: list[str], *, all_: bool = False
 @pytest.mark.parametrize(
     ("case", "headers", "expected_error"),
     [
-        ("oversized", {}, "exceeds the 200-byte limit"),
+        ("oversized", {}, "exceeds the 300-byte limit"),
         ("long header key", {"k" * 256: "v"}, "headers cannot be encoded"),
         ("huge header integer", {"count": 2**64}, "headers cannot be encoded"),
     ],
@@ -172,9 +172,8 @@ def test_events_the_broker_can_never_take_are_dead_at_once(
             outbox_relay.emit(conn, "order.updated", payload={"seq": seq}, aggregate_id="A")
         outbox_relay.emit(conn, "order.updated", payload={"seq": 1}, aggregate_id="B")
 
-    settings = relay_settings(
-        database_url, broker_url, exchange, max_attempts=5, max_message_bytes=200
-    )
+    limit = {"max_message_bytes": 300} if case == "oversized" else {}
+    settings = relay_settings(database_url, broker_url, exchange, max_attempts=5, **limit)
     with RelayThread(settings):
         delivered = collect(queue, 3)
         wait_until(lambda: row_state(database_url, bad)[3])

@@ -44,8 +44,6 @@ ALLOWED = {
     # commands (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT, START_REPLICATION) and the slot look-up
     # sent over it stay named next to the streaming code.
     ("cdc/stream.py", "SELECT slot_type, plugin, database = current_database()"),
-    ("db/store.py", "SET tcp_keepalives_idle = 30"),  # moved by the store rewrite
-    ("db/store.py", "SELECT to_regclass(%s) IS NOT NULL"),  # moved by the store rewrite
 }
 
 

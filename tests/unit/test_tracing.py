@@ -22,7 +22,6 @@ from outbox_relay.observability.tracing import (
     format_traceparent,
     parse_traceparent,
     traces_exporter_names,
-    with_headers,
 )
 from tests.otel_helpers import global_memory_tracing
 
@@ -159,10 +158,10 @@ def test_nothing_configured_means_no_exporter(
 
 def test_copying_a_message_keeps_every_field() -> None:
     original = message(7, {"a": 1})
-    copy = with_headers(original, {"b": 2})
+    copy = original.with_headers({"b": 2})
     assert copy == dataclasses.replace(original, headers={"b": 2})
     # A new OutboxMessage field must be added to with_headers too.
-    assert len(dataclasses.fields(OutboxMessage)) == 9
+    assert len(dataclasses.fields(OutboxMessage)) == 11
 
 
 def sdk_tracing(**provider_args: Any) -> tuple[RelayTracing, InMemorySpanExporter]:

@@ -7,6 +7,14 @@
 SELECT max(version), max(coalesce((to_jsonb(v) ->> 'relay_compatible_from')::int, version))
 FROM {{schema}}.outbox_schema_version AS v;
 
+-- name: session_keepalives
+-- Server-side TCP keepalives for the relay's sessions: a vanished relay's session (and what it
+-- holds: its leadership, its claimed rows' locks) ends within about a minute (30 s idle + 3
+-- probes 10 s apart). Ignored on Unix-socket connections.
+SELECT set_config('tcp_keepalives_idle', '30', false),
+       set_config('tcp_keepalives_interval', '10', false),
+       set_config('tcp_keepalives_count', '3', false);
+
 -- name: try_lead
 -- One relay per schema publishes at a time; the others wait as standbys. A session lock on the
 -- relay's working connection: it dies with the connection, so a killed leader frees it at once.
@@ -18,10 +26,18 @@ SELECT pg_try_advisory_lock(1868724339, hashtext(%(schema)s) & 2147483647);
 -- of the batch this relay has in flight on its other connection. Rows locked by anyone else are
 -- waited for, never skipped: skipping them could let a later event of their aggregate overtake.
 SELECT id, event_id::text, event_type, aggregate_type, aggregate_id, payload::text,
-       headers::text, created_at, attempts
+       headers::text,
+       -- A timestamp Python cannot hold ('infinity', year 10000) comes as NULL plus its text,
+       -- so the row is dead-lettered with a reason instead of failing the whole claim.
+       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
+            THEN created_at END,
+       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
+            THEN NULL ELSE created_at::text END,
+       attempts
 FROM {{schema}}.outbox
 WHERE published_at IS NULL AND dead_at IS NULL
-  AND id <> ALL(%(in_flight)s::bigint[])
+  -- A hashed set: the batches in flight hold thousands of ids.
+  AND id NOT IN (SELECT unnest(%(in_flight)s::bigint[]))
   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
   AND (aggregate_id IS NULL OR aggregate_id NOT IN (
         SELECT aggregate_id FROM {{schema}}.outbox
@@ -133,7 +149,14 @@ RETURNING event_id::text;
 -- The rows the WAL says were committed, if still pending (the table path may have published them
 -- first), locked until settle() like claim.
 SELECT id, event_id::text, event_type, aggregate_type, aggregate_id, payload::text,
-       headers::text, created_at, attempts
+       headers::text,
+       -- A timestamp Python cannot hold ('infinity', year 10000) comes as NULL plus its text,
+       -- so the row is dead-lettered with a reason instead of failing the whole claim.
+       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
+            THEN created_at END,
+       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
+            THEN NULL ELSE created_at::text END,
+       attempts
 FROM {{schema}}.outbox
 WHERE id = ANY(%(ids)s) AND published_at IS NULL AND dead_at IS NULL
 ORDER BY id
