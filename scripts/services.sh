@@ -37,6 +37,8 @@ start_if_down NATS 4222 start-stop-daemon --start --oknodo --background --exec /
 # RabbitMQ accepts TCP before the app is fully up.
 if command -v rabbitmqctl >/dev/null 2>&1; then
   rabbitmqctl await_startup >/dev/null 2>&1 || { rabbitmqctl start_app >/dev/null 2>&1 || true; rabbitmqctl await_startup >/dev/null; }
+  # `consume --ordered` routes by aggregate through the consistent-hash exchange (docs/consumers.md).
+  rabbitmq-plugins is_enabled rabbitmq_consistent_hash_exchange >/dev/null 2>&1 || rabbitmq-plugins enable rabbitmq_consistent_hash_exchange >/dev/null
 fi
 
 psql_admin() { psql -h 127.0.0.1 -U postgres -d postgres -Atqc "$1"; }
