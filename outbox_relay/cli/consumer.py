@@ -135,9 +135,19 @@ def topology_apply(values: Values) -> None:
     setup_logging(secrets=settings.secrets())
     topology = settings.topology()
     topo.apply(settings.broker_url, topology)
+    bound = ", ".join(topology.bindings) or "nothing"
+    if topology.ordered:
+        typer.echo(
+            f"declared {topology.queue!r} ordered: {topology.hash_exchange!r} (consistent hash "
+            f"on the aggregate_id header) on {topology.exchange!r} bound to {bound}, feeding "
+            f"{topology.partitions} partition queue(s) {topology.partition_queue(0)!r}.."
+            f"{topology.partition_queue(topology.partitions - 1)!r}; retries in place; dead "
+            f"letters: {topology.dead_letter_queue!r}"
+        )
+        return
     typer.echo(
         f"declared {topology.queue!r} ({topology.queue_type}) on {topology.exchange!r} bound to "
-        f"{', '.join(topology.bindings) or 'nothing'}; retry queues: "
+        f"{bound}; retry queues: "
         f"{', '.join(topology.retry_queues) or 'none'}; dead letters: {topology.dead_letter_queue!r}"
     )
 
@@ -276,6 +286,18 @@ def management_stats(management_url: str, broker_url: str, queue: str) -> Manage
     )
 
 
+def sum_stats(found: list[ManagementStats | None]) -> ManagementStats | None:
+    """The partitions' figures added up (None if the management API answered for none)."""
+    known = [stats for stats in found if stats is not None]
+    if not known:
+        return None
+    return ManagementStats(
+        unacked=sum(s.unacked for s in known),
+        redeliver_rate=sum(s.redeliver_rate for s in known),
+        deliver_rate=sum(s.deliver_rate for s in known),
+    )
+
+
 def check_optional_database_url(url: str | None) -> str | None:
     return None if url is None else check_database_url(url)
 
@@ -318,15 +340,35 @@ def consumer_status(values: Values) -> None:
     options = ConsumerStatusOptions.from_mapping(values)
     setup_logging(secrets=options.secrets())
     queue, broker_url, window = options.queue, options.broker_url, options.window
-    topology = topo.Topology(queue, delays=options.delays())
-    main, dead, *retries = topo.queue_depths(
-        broker_url, [queue, topology.dead_letter_queue, *topology.retry_queues]
-    )
-    if main.messages is None:
-        raise ConfigError(f"queue {queue!r} does not exist: run `outbox-relay topology apply`")
-    retry_depth = sum(r.messages or 0 for r in retries)
+    partition_count = topo.ordered_partitions(broker_url, queue)
+    partitions: list[topo.QueueDepth] | None = None
+    retry_depth: int | None = None
+    if partition_count is None:
+        topology = topo.Topology(queue, delays=options.delays())
+        main, dead, *retries = topo.queue_depths(
+            broker_url, [queue, topology.dead_letter_queue, *topology.retry_queues]
+        )
+        if main.messages is None:
+            raise ConfigError(f"queue {queue!r} does not exist: run `outbox-relay topology apply`")
+        ready, consumers = main.messages, main.consumers
+        retry_depth = sum(r.messages or 0 for r in retries)
+    else:
+        # Ordered: the partitions hold the events; retries happen in place (unacked).
+        topology = topo.Topology(queue, ordered=True, partitions=max(1, partition_count))
+        dead, workers, *partitions = topo.queue_depths(
+            broker_url,
+            [topology.dead_letter_queue, topology.workers_queue, *topology.partition_queues],
+        )
+        ready = sum(p.messages or 0 for p in partitions)
+        consumers = workers.consumers
     management_url = options.management_url
-    management = management_stats(management_url, broker_url, queue) if management_url else None
+    management = (
+        sum_stats(
+            [management_stats(management_url, broker_url, q) for q in topology.consumed_queues]
+        )
+        if management_url
+        else None
+    )
     inbox: InboxStats | None = None
     if options.database_url:
         with connection(
@@ -335,8 +377,9 @@ def consumer_status(values: Values) -> None:
             inbox = inbox_stats(conn, options.consumer_name or queue, options.schema_name, window)
     report: dict[str, Any] = {
         "queue": queue,
-        "ready": main.messages,
-        "consumers": main.consumers,
+        "ordered": partitions is not None,
+        "ready": ready,
+        "consumers": consumers,
         "unacked": management.unacked if management else None,
         "redeliver_rate_per_s": management.redeliver_rate if management else None,
         "deliver_rate_per_s": management.deliver_rate if management else None,
@@ -344,6 +387,9 @@ def consumer_status(values: Values) -> None:
         "dlq_depth": dead.messages,
         "window_s": window,
         "inbox": asdict(inbox) if inbox else None,
+        "partitions": None
+        if partitions is None
+        else [{"queue": p.name, "ready": p.messages, "consumers": p.consumers} for p in partitions],
     }
     if options.as_json:
         typer.echo(json.dumps(report))
@@ -369,6 +415,11 @@ def consumer_status(values: Values) -> None:
         ("waiting in retry queues", show(retry_depth)),
         ("DLQ depth", show(report["dlq_depth"])),
     ]
+    if partitions is not None:
+        claimed = sum(1 for p in partitions if p.consumers)
+        rows[1] = ("consumers (workers)", show(consumers))
+        rows[4] = ("waiting in retry queues", "n/a (ordered: retried in place)")
+        rows.append(("partitions claimed", f"{claimed} of {len(partitions)}"))
     if inbox is not None:
         share = inbox.retried_or_redelivered / inbox.applied if inbox.applied else 0.0
         rows += [

@@ -2,7 +2,9 @@
 
 Replay never loses a message: each one is published to the main queue and confirmed by the broker
 before its DLQ copy is acked. A crash in between leaves both copies; the inbox makes the duplicate
-harmless.
+harmless. For an ordered queue (``--ordered``) the message goes through the queue's
+consistent-hash exchange to its aggregate's partition, behind the events already there: it is
+handled after the events of its aggregate that followed it.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def replay(
     event_ids: Collection[str] = (),
     limit: int | None = None,
 ) -> int:
-    """Move dead messages back to the main queue (all, or those with ``event_ids``); return how many.
+    """Move dead messages back to the queue (all, or those with ``event_ids``); return how many.
 
     Only the messages in the DLQ when the replay starts are considered, so a message that fails
     again during the replay is not replayed twice.
@@ -126,7 +128,12 @@ def replay(
     moved = 0
     try:
         channel = connection.channel()
-        _check_exists(channel, topology.queue)
+        if topo.is_ordered(connection, queue):
+            # Routed by its aggregate_id header to its partition, like a new event.
+            exchange, routing_key = topology.hash_exchange, ""
+        else:
+            _check_exists(channel, topology.queue)
+            exchange, routing_key = "", topology.queue
         total = _check_exists(channel, topology.dead_letter_queue)
         channel.confirm_delivery()
         for _ in range(total):
@@ -149,7 +156,11 @@ def replay(
             try:
                 # Confirmed (confirm_delivery) before the DLQ copy is acked.
                 channel.basic_publish(
-                    "", topology.queue, body, copy_properties(properties, headers), mandatory=True
+                    exchange,
+                    routing_key,
+                    body,
+                    copy_properties(properties, headers),
+                    mandatory=True,
                 )
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
                 raise BrokerUnavailableError(

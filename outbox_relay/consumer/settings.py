@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from outbox_relay.consumer.topology import QueueType, Topology, retry_delays
+from outbox_relay.consumer.topology import MAX_PARTITIONS, QueueType, Topology, retry_delays
 from outbox_relay.redact import redact_url
 from outbox_relay.settings import (
     DEFAULT_BROKER_URL,
@@ -91,6 +91,22 @@ class TopologySettings(RetrySettings):
         Field(description="classic, or quorum (replicated: the durable choice for clusters)."),
     ] = QueueType.CLASSIC
     broker_url: BrokerUrl = DEFAULT_BROKER_URL
+    ordered: Annotated[
+        bool,
+        Field(
+            description="Handle each aggregate's events one at a time, in publish order, "
+            "across all workers (partition queues keyed by the aggregate_id header; needs "
+            "RabbitMQ's rabbitmq_consistent_hash_exchange plugin)."
+        ),
+    ] = False
+    partitions: Annotated[
+        Count,
+        Field(
+            le=MAX_PARTITIONS,
+            description="With --ordered: partition queues, the most workers that share the "
+            "work. Fixed once events flow (a new count moves aggregates).",
+        ),
+    ] = 16
 
     def topology(self) -> Topology:
         return Topology(
@@ -99,6 +115,8 @@ class TopologySettings(RetrySettings):
             exchange=self.exchange,
             queue_type=self.queue_type,
             delays=self.delays(),
+            ordered=self.ordered,
+            partitions=self.partitions,
         )
 
 
@@ -128,6 +146,14 @@ class ConsumerSettings(TopologySettings):
         ),
         Flag(decl="--declare/--no-declare"),
     ] = True
+    rebalance_interval: Annotated[
+        Seconds,
+        Field(
+            le=3600,
+            description="With --ordered: how often a worker counts the workers and claims or "
+            "hands over partitions (also how soon a dead worker's partitions are taken over).",
+        ),
+    ] = 1.0
     migrate_inbox: Annotated[bool, Flag(cli=False)] = True
     reconnect_max_delay: Annotated[float, Field(gt=0), Flag(cli=False)] = 30.0
 
@@ -144,4 +170,6 @@ class ConsumerSettings(TopologySettings):
             "prefetch": self.prefetch,
             "max_attempts": self.max_attempts,
             "queue_type": str(self.queue_type),
+            "ordered": self.ordered,
+            **({"partitions": self.partitions} if self.ordered else {}),
         }

@@ -5,6 +5,10 @@ once: the handler's database work and the inbox row commit in one transaction, a
 only after that commit. A handler error is retried through per-delay TTL queues (``topology``)
 with exponential backoff up to ``max_attempts``; a ``PermanentError``, an undecodable body or a
 failed validation goes straight to the dead-letter queue ``<queue>.dlq``.
+
+With ``ordered`` settings the worker consumes partition queues instead
+(``outbox_relay.consumer.partitions``) and retries a failing event in place, holding its partition,
+so no later event of its aggregate overtakes it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from outbox_relay.consumer.events import (
 )
 from outbox_relay.consumer.hooks import ConsumerHooks, NoHooks
 from outbox_relay.consumer.inbox import Delivery, Inbox, PsycopgInbox
+from outbox_relay.consumer.partitions import PartitionedSession
 from outbox_relay.consumer.settings import ConsumerSettings
 from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
 
@@ -93,6 +98,7 @@ class Worker:
         self.connection: BlockingConnection | None = None
         self._stopping = threading.Event()
         self._next_cleanup = time.monotonic()
+        self._partitioned: PartitionedSession | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -153,6 +159,12 @@ class Worker:
             extra={"attempt": state.attempt_number},
         )
 
+    @property
+    def partitions(self) -> list[int]:
+        """Ordered mode: the partitions this worker holds now (empty otherwise)."""
+        session = self._partitioned
+        return session.held() if session is not None else []
+
     def _session(self) -> None:
         self.inbox.open()
         connection = None
@@ -161,6 +173,10 @@ class Worker:
             channel = connection.channel()
             if self.settings.declare_topology:
                 self.topology.declare(channel)
+            if self.topology.ordered:
+                self._partitioned = PartitionedSession(self, connection, channel)
+                self._partitioned.run()
+                return
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.settings.prefetch)
             self.ready.set()
@@ -172,10 +188,8 @@ class Worker:
                 self.settings.queue, inactivity_timeout=0.5
             ):
                 if method is not None:
-                    with self._handling(method, properties):
-                        self._handle(channel, method, properties, body)
-                self.heartbeat = time.monotonic()
-                self._maybe_cleanup()
+                    self.handle(channel, method, properties, body)
+                self.tick()
                 if self._stopping.is_set():
                     break
             # Unacked prefetched messages go back to the queue for the other workers.
@@ -185,10 +199,20 @@ class Worker:
         finally:
             self.ready.clear()
             self.connection = None
+            self._partitioned = None
             self.inbox.close()
             if connection is not None and connection.is_open:
                 with suppress(pika.exceptions.AMQPError):
                     connection.close()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def tick(self) -> None:
+        """Between messages: note that the loop is alive, delete old inbox rows when due."""
+        self.heartbeat = time.monotonic()
+        self._maybe_cleanup()
 
     def _maybe_cleanup(self) -> None:
         now = time.monotonic()
@@ -201,18 +225,39 @@ class Worker:
 
     # -- one message -----------------------------------------------------------------------
 
+    def handle(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        properties: BasicProperties,
+        body: bytes,
+        retries: int = 0,
+    ) -> float | None:
+        """One delivery, inside the hooks' context (the tracing span); see ``_handle``."""
+        delay = None
+        with self._handling(method, properties):
+            delay = self._handle(channel, method, properties, body, retries)
+        return delay
+
     def _handle(
         self,
         channel: BlockingChannel,
         method: Basic.Deliver,
         properties: BasicProperties,
         body: bytes,
-    ) -> None:
+        retries: int = 0,
+    ) -> float | None:
+        """Apply, dead-letter or retry one delivery; None once it is settled (acked).
+
+        Unordered, a transient failure is republished to its retry queue and the original acked.
+        Ordered, the message stays unacked and the delay before trying it again (as attempt + 1,
+        ``retries`` + 1) is returned: the caller holds the partition meanwhile.
+        """
         headers: dict[str, Any] = dict(properties.headers or {})
-        attempt = attempt_of(headers)
+        attempt = attempt_of(headers) + retries
         event_id = properties.message_id or str_or_none(headers.get("event_id"))
         event_type = properties.type or method.routing_key
-        if method.redelivered:
+        if method.redelivered and not retries:
             self._hook("on_redelivered", event_id, event_type)
         try:
             event = decode(event_id, event_type, properties, headers, body, attempt, method)
@@ -232,7 +277,7 @@ class Worker:
             )
             self._dead_letter(channel, method, properties, body, headers, attempt, str(exc))
             self._hook("on_dead_lettered", event_id, event_type, str(exc))
-            return
+            return None
 
         started = time.perf_counter()
         try:
@@ -245,8 +290,7 @@ class Worker:
         except Exception as exc:
             elapsed = time.perf_counter() - started
             self._hook("on_handler_latency", event.event_type, elapsed)
-            self._failed(channel, method, properties, body, headers, event, exc)
-            return
+            return self._failed(channel, method, properties, body, headers, event, exc)
         elapsed = time.perf_counter() - started
         channel.basic_ack(method.delivery_tag)
         if applied:
@@ -255,6 +299,7 @@ class Worker:
         else:
             log.debug("duplicate event skipped", extra={"event_id": event.event_id})
             self._hook("on_deduped", event)
+        return None
 
     def _failed(
         self,
@@ -265,7 +310,7 @@ class Worker:
         headers: dict[str, Any],
         event: Event,
         exc: Exception,
-    ) -> None:
+    ) -> float | None:
         reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON]
         context = {
             "event_id": event.event_id,
@@ -276,15 +321,19 @@ class Worker:
             log.warning("handler rejected the event: %s", reason, extra=context)
             self._dead_letter(channel, method, properties, body, headers, event.attempt, reason)
             self._hook("on_dead_lettered", event.event_id, event.event_type, reason)
-            return
+            return None
         if event.attempt >= self.settings.max_attempts:
             reason = f"gave up after {event.attempt} attempt(s): {reason}"[:MAX_REASON]
             log.error("handler failed, dead-lettering: %s", reason, extra=context)
             self._dead_letter(channel, method, properties, body, headers, event.attempt, reason)
             self._hook("on_dead_lettered", event.event_id, event.event_type, reason)
-            return
+            return None
         delay = self.topology.delays[event.attempt - 1]
         log.warning("handler failed, retrying in %ss: %s", delay, reason, extra=context)
+        if self.topology.ordered:
+            # In place: a retry queue would put it behind later events of its aggregate.
+            self._hook("on_retried", event, delay, reason)
+            return delay
         retry_headers = {**headers, ATTEMPT_HEADER: event.attempt + 1, LAST_ERROR_HEADER: reason}
         self._publish(
             channel,
@@ -297,6 +346,7 @@ class Worker:
         )
         channel.basic_ack(method.delivery_tag)
         self._hook("on_retried", event, delay, reason)
+        return None
 
     def _dead_letter(
         self,

@@ -15,7 +15,9 @@ from types import TracebackType
 from typing import Any
 
 import pika
+import pika.exceptions
 import psycopg
+import pytest
 
 from outbox_relay.consumer import Consumer, ConsumerHooks, ConsumerSettings, Event, Worker
 from outbox_relay.consumer import topology as topo
@@ -151,10 +153,23 @@ class ConsumerEnv:
         finally:
             connection.close()
 
+    def applied_order(self) -> list[str]:
+        """Event ids of the effects in the order they were written (one aggregate's events are
+        applied one after the other, so for them this is the commit order)."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT event_id FROM effects ORDER BY id").fetchall()
+        return [str(row[0]) for row in rows]
+
     def cleanup(self) -> None:
         def delete(channel: Any) -> None:
             for topology in self.topologies:
                 names = [topology.queue, topology.dead_letter_queue, *topology.retry_queues]
+                # CLI workers may have declared the ordered variant of a test's queue.
+                ordered = topo.Topology(
+                    topology.queue, ordered=True, partitions=topology.partitions
+                )
+                names += [*ordered.partition_queues, ordered.workers_queue, ordered.hungry_queue]
+                channel.exchange_delete(ordered.hash_exchange)
                 # Workers started through the CLI may have used other retry delays than the
                 # settings registered here: delete every retry queue a test could have made.
                 names += [f"{topology.queue}.retry.{ms}ms" for ms in _TEST_RETRY_DELAYS_MS]
@@ -163,6 +178,25 @@ class ConsumerEnv:
                 channel.exchange_delete(topology.dead_letter_exchange)
 
         rabbit_cleanup(self.broker_url, delete)
+
+
+def require_consistent_hash(broker_url: str) -> None:
+    """Fail (never skip) when RabbitMQ lacks the plugin ``--ordered`` needs."""
+    name = f"q.consumer.plugin-check.{uuid.uuid4().hex[:8]}"
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(name, topo.HASH_EXCHANGE_TYPE, auto_delete=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            pytest.fail(
+                f"RabbitMQ at {broker_url} cannot declare a {topo.HASH_EXCHANGE_TYPE!r} exchange "
+                f"({exc.reply_text}): enable the plugin with `rabbitmq-plugins enable "
+                "rabbitmq_consistent_hash_exchange` (scripts/services.sh does it locally)"
+            )
+        channel.exchange_delete(name)
+    finally:
+        connection.close()
 
 
 def consumer_env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:
