@@ -101,11 +101,21 @@ def string_problem(what: str, text: str) -> str | None:
     return None
 
 
+# User properties the relay sets itself; a row's header of the same name is left out.
+OWN_PROPERTIES = frozenset({"event_id", "event_type", "created_at"})
+
+
 def user_properties(message: OutboxMessage) -> list[tuple[str, str]]:
-    """The row's headers, the aggregate and the event id as MQTT 5 user properties."""
+    """The row's headers, the aggregate and the event id as MQTT 5 user properties.
+
+    MQTT allows a name twice, and a consumer reading them as a mapping keeps the last one: a
+    row's own ``event_id`` header would then replace the id consumers deduplicate on. The
+    relay's properties win, as ``aggregate_type``/``aggregate_id`` do over the row's headers."""
     props = [("event_id", message.event_id), ("event_type", message.event_type)]
     props.append(("created_at", message.created_at.isoformat()))
     for key, value in message.broker_headers().items():
+        if key in OWN_PROPERTIES:
+            continue
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         props.append((key, text))
     return props

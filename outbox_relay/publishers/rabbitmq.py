@@ -58,6 +58,27 @@ def _amqp_value(value: Any) -> Any:
     return value
 
 
+def _routing_keys(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# Encoded AMQP bytes per character of the row's JSON, at most: a character is up to 4 bytes of
+# UTF-8, and the shortest JSON items grow most (``0,`` is a 5-byte AMQP integer).
+_AMQP_BYTES_PER_CHARACTER = 5
+
+
+def _properties_bound(message: OutboxMessage) -> int | None:
+    """An upper bound of the message's header frame in bytes, cheap to compute (None: unknown).
+
+    ``size`` counts characters (of the payload, the headers' JSON, the ids and the event
+    type), while the payload is bytes: it holds at least a quarter as many characters, so
+    ``size`` less a quarter of the payload bounds the characters of everything else."""
+    if not message.size:
+        return None
+    rest = max(message.size - len(message.payload) // 4, 0)
+    return HEADER_FRAME_OVERHEAD + _AMQP_BYTES_PER_CHARACTER * rest
+
+
 class _CorkedConnection(AsyncioConnection):
     """pika hands every AMQP frame to the socket on its own: three send() calls per message, which
     costs more than encoding it. While corked, frames are collected and written in one piece."""
@@ -248,17 +269,21 @@ class RabbitMQPublisher:
         """What would make RabbitMQ close the channel or connection, or pika refuse to encode."""
         headers = message.headers
         for name in _ROUTING_HEADERS:
-            value = headers.get(name)
-            if value is not None and not (
-                isinstance(value, list) and all(isinstance(item, str) for item in value)
-            ):
+            # Present but null is refused too: RabbitMQ closes the channel over a void CC.
+            if name in headers and not _routing_keys(headers[name]):
                 return (
                     f"header {name!r} must be a list of routing keys (RabbitMQ's sender-selected "
                     "distribution) or absent"
                 )
+        if message.created_at.timestamp() <= -1:
+            return (
+                f"created_at {message.created_at.isoformat()} is before 1970: an AMQP timestamp "
+                "counts seconds since 1970 and cannot be negative"
+            )
         # The header frame is bounded by frame_max; only a big message can come near it, so
         # most messages skip the encoding this check needs.
-        if message.size - len(message.payload) < self._frame_max // 8:
+        bound = _properties_bound(message)
+        if bound is not None and bound <= self._frame_max:
             return None
         try:
             size = HEADER_FRAME_OVERHEAD + len(b"".join(self._properties(message).encode()))

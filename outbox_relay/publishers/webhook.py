@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Outbox-Signature"
 TRACE_HEADERS = ("traceparent", "tracestate")
+# Longer trace headers stay in the body only: servers refuse long header lines (431 from
+# Python's http.server over 64 KiB, nginx over 8 KiB by default), and W3C trace context needs
+# far less (a traceparent is 55 characters; vendors keep at least 512 of a tracestate).
+MAX_TRACE_HEADER = 4096
 RETRYABLE_4XX = frozenset({408, 429})
 
 
@@ -89,6 +93,12 @@ def event_body(message: OutboxMessage) -> bytes:
     }
     head = json.dumps(envelope, separators=(",", ":"))[:-1].encode()
     return head + b',"payload":' + message.payload + b"}"
+
+
+def is_header_value(value: str) -> bool:
+    """Whether ``value`` can go in an HTTP header as it is (printable ASCII, not too long);
+    anything else stays in the body's headers only."""
+    return len(value) <= MAX_TRACE_HEADER and value.isascii() and value.isprintable()
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -226,8 +236,7 @@ class WebhookPublisher:
         }
         for name in TRACE_HEADERS:
             value = message.headers.get(name)
-            # HTTP header values are ASCII; anything else stays in the body's headers only.
-            if isinstance(value, str) and value.isascii() and value.isprintable():
+            if isinstance(value, str) and is_header_value(value):
                 headers[name] = value
         return body, headers
 
