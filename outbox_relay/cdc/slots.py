@@ -47,13 +47,23 @@ def check_wal_level(conn: psycopg.Connection[Any], schema: str) -> None:
         raise WalLevelError(WAL_LEVEL_FIX.format(level=level))
 
 
-def ensure_publication(conn: psycopg.Connection[Any], schema: str, publication: str) -> bool:
-    """Create the insert-only publication on ``<schema>.outbox`` unless it exists; True if made."""
+def ensure_publication(
+    conn: psycopg.Connection[Any], schema: str, publication: str, *, shard: int = 0, shards: int = 1
+) -> bool:
+    """Create the insert-only publication on ``<schema>.outbox`` unless it exists; True if made.
+    With several shards, it carries only its shard's rows (a row filter on their partition)."""
     queries = Queries(schema)
     row = conn.execute(queries["cdc_publication_exists"], {"publication": publication}).fetchone()
     if row and row[0]:
         return False
-    create = queries["cdc_create_publication"].format(publication=sql.Identifier(publication))
+    if shards > 1:
+        create = queries["cdc_create_shard_publication"].format(
+            publication=sql.Identifier(publication),
+            shard=sql.Literal(shard),
+            shards=sql.Literal(shards),
+        )
+    else:
+        create = queries["cdc_create_publication"].format(publication=sql.Identifier(publication))
     try:
         conn.execute(create)
     except pg_errors.DuplicateObject:  # another relay created it a moment ago

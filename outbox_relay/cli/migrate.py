@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import psycopg
 import typer
@@ -12,10 +12,10 @@ from outbox_relay.cdc import slots
 from outbox_relay.cli.common import setup_logging
 from outbox_relay.cli.options import Values, settings_command
 from outbox_relay.db import grants as outbox_grants
-from outbox_relay.db import migrations
+from outbox_relay.db import leases, migrations
 from outbox_relay.db.connect import connection
 from outbox_relay.errors import ConfigError
-from outbox_relay.relay.settings import Publication, SlotName, default_replication_name
+from outbox_relay.relay.settings import Publication, RelaySettings, SlotName
 from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
 
 
@@ -42,6 +42,27 @@ class MigrateOptions(Settings):
     ] = False
     slot_name: SlotName = None
     publication: Publication = None
+    partitions: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=1024,
+            description="Split the outbox into this many partitions, each leased to one relay "
+            "(64 when first migrated; a power of two spreads the rows evenly). Changing it "
+            "makes every running relay give its share up and take a new one (docs/deploy.md).",
+        ),
+        Flag(env=False, metavar="N"),
+    ] = None
+    cdc_shards: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=64,
+            description="With --cdc: one replication slot and publication per shard, each "
+            "streamed by one relay (1 when not given: a single slot).",
+        ),
+        Flag(env=False, metavar="S"),
+    ] = None
     grants: Annotated[
         bool,
         Field(
@@ -88,19 +109,42 @@ def migrate(values: Values) -> None:
             typer.echo(f"schema {schema!r}: applied {names}; now at version {version}")
         else:
             typer.echo(f"schema {schema!r}: already at version {version}, nothing to do")
+        if options.partitions is not None:
+            leases.set_lease_count(conn, schema, "partition", options.partitions)
+            typer.echo(f"partitions: {options.partitions}")
         if options.cdc:
-            pub = options.publication or default_replication_name(schema)
-            slot = options.slot_name or default_replication_name(schema)
-            slots.check_wal_level(conn, schema)
-            made = slots.ensure_publication(conn, schema, pub)
-            typer.echo(f"publication {pub!r}: {'created' if made else 'already there'}")
-            made = slots.ensure_slot(conn, schema, slot)
-            typer.echo(f"replication slot {slot!r}: {'created' if made else 'already there'}")
+            _cdc(conn, options)
         if options.grants:
             _grant(conn, options)
 
 
-def _grant(conn: psycopg.Connection[object], options: MigrateOptions) -> None:
+def _cdc(conn: psycopg.Connection[Any], options: MigrateOptions) -> None:
+    """The slot and publication of each CDC shard (shard 0 keeps the single-slot names)."""
+    from outbox_relay.cdc.source import slot_names
+
+    schema = options.schema_name
+    settings = RelaySettings.from_mapping(
+        {
+            "mode": "cdc",
+            "schema": schema,
+            "slot_name": options.slot_name,
+            "publication": options.publication,
+        }
+    )
+    shards = options.cdc_shards or max(1, leases.lease_count(conn, schema, "cdc-shard"))
+    slots.check_wal_level(conn, schema)
+    for shard in range(shards):
+        names = slot_names(settings, shard, shards)
+        made = slots.ensure_publication(conn, schema, names.publication, shard=shard, shards=shards)
+        typer.echo(f"publication {names.publication!r}: {'created' if made else 'already there'}")
+        made = slots.ensure_slot(conn, schema, names.slot)
+        typer.echo(f"replication slot {names.slot!r}: {'created' if made else 'already there'}")
+    leases.set_lease_count(conn, schema, "cdc-shard", shards)
+    if shards > 1:
+        typer.echo(f"CDC shards: {shards}")
+
+
+def _grant(conn: psycopg.Connection[Any], options: MigrateOptions) -> None:
     schema, app_role, relay_role = options.schema_name, options.app_role, options.relay_role
     report = outbox_grants.apply_grants(
         conn, schema, app_role=app_role, relay_role=relay_role, cdc=options.cdc

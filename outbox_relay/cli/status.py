@@ -65,7 +65,10 @@ def status(values: Values) -> None:
     if options.as_json:
         typer.echo(json.dumps({**current.as_dict(), "lagging": lagging}))
     else:
-        Console().print(_table(options.schema_name, current))
+        console = Console()
+        console.print(_table(options.schema_name, current))
+        if current.relays:
+            console.print(_relays(current))
     if wal_lagging:
         typer.echo(
             f"lagging: slot {current.slot_name!r} retains {retained} bytes of WAL "
@@ -106,3 +109,35 @@ def _table(schema: str, current: OutboxStatus) -> Table:
     for name, value in rows:
         table.add_row(name, str(value))
     return table
+
+
+def _relays(current: OutboxStatus) -> Table:
+    table = Table(title=f"relays ({len(current.relays)}; {current.partitions} partitions)")
+    for column in ("relay", "pid", "partitions", "CDC shards", "lag", "joined at"):
+        table.add_column(column)
+    for relay in current.relays:
+        table.add_row(
+            relay.relay,
+            str(relay.pid),
+            _ranges(relay.partitions),
+            _ranges(relay.cdc_shards),
+            f"{relay.lag_seconds:.1f}s",
+            relay.joined_at[:19],
+        )
+    return table
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5" (how many too, when there are many)."""
+    if not numbers:
+        return "-"
+    spans: list[str] = []
+    start = previous = numbers[0]
+    for number in [*numbers[1:], None]:
+        if number is not None and number == previous + 1:
+            previous = number
+            continue
+        spans.append(f"{start}-{previous}" if previous > start else str(start))
+        if number is not None:
+            start = previous = number
+    return f"{len(numbers)}: " + ", ".join(spans)

@@ -57,6 +57,8 @@ Message = tuple[Basic.Deliver, BasicProperties, bytes]
 
 # Longest wait for the broker between two looks at the partitions' buffers and the clock.
 IDLE_WAIT = 0.5
+# Events handled from the buffers before taking in new deliveries (acks are sent at once).
+PUMP_EVERY = 32
 
 
 @dataclass
@@ -126,6 +128,7 @@ class PartitionedSession:
                 "prefetch": self.settings.prefetch,
             },
         )
+        handled = 0
         while not self.worker.stopping:
             now = time.monotonic()
             if now >= self._next_rebalance:
@@ -133,10 +136,14 @@ class PartitionedSession:
             partition = self._next_ready(now)
             if partition is None:
                 self.connection.process_data_events(time_limit=self._idle_time(now))
+                handled = 0
             else:
                 self._handle_head(partition)
-                # Take in what arrived meanwhile (deliveries, heartbeats); never blocks.
-                self.connection.process_data_events(time_limit=0)
+                handled += 1
+                if handled >= PUMP_EVERY:
+                    # Take in what arrived meanwhile (deliveries, heartbeats); never blocks.
+                    self.connection.process_data_events(time_limit=0)
+                    handled = 0
             self.worker.tick()
 
     def _next_ready(self, now: float) -> Partition | None:

@@ -20,8 +20,8 @@ at a time, in publish order, while other aggregates go on in parallel. The queue
 ``rabbitmq_consistent_hash_exchange`` plugin) that hashes the ``aggregate_id`` header::
 
     events (topic) --order.*--> order.events.hash (x-consistent-hash on aggregate_id)
-                                  |--> order.events.p0   (one worker at a time: exclusive consumer)
-                                  |--> order.events.p1
+                                  |--> order.events.p00  (one worker at a time: exclusive consumer)
+                                  |--> order.events.p01
                                   ...
                                   '--> order.events.p15  --(dead letters)--> order.events.dlx
 
@@ -58,7 +58,11 @@ class QueueType(enum.StrEnum):
 HASH_EXCHANGE_TYPE = "x-consistent-hash"
 #: The message header the partitions are keyed by (the relay sets it on every event).
 PARTITION_HEADER = "aggregate_id"
-MAX_PARTITIONS = 1024
+# Partition queues are named <queue>.p00 ... <queue>.p99: zero-padded, because after a restart
+# RabbitMQ rebuilds the hash ring from the bindings sorted by queue name, and only then is that
+# the order they were first bound in (p00, p01, ..., p10, not p0, p1, p10, ..., p2): the ring, and
+# so each aggregate's partition, stays the same across broker restarts.
+MAX_PARTITIONS = 100
 
 
 def retry_delays(
@@ -125,7 +129,7 @@ class Topology:
         return f"{self.queue}.hash"
 
     def partition_queue(self, index: int) -> str:
-        return f"{self.queue}.p{index}"
+        return f"{self.queue}.p{index:02d}"
 
     @property
     def partition_queues(self) -> list[str]:
@@ -262,7 +266,7 @@ def exists(connection: BlockingConnection, kind: str, name: str) -> bool:
 
 
 def existing_partitions(connection: BlockingConnection, queue: str, limit: int) -> int:
-    """How many partition queues ``queue`` has (``<queue>.p0`` ... in a row), at most ``limit``."""
+    """How many partition queues ``queue`` has (``<queue>.p00`` ... in a row), at most ``limit``."""
     topology = Topology(queue)
     count = 0
     while count < limit and exists(connection, "queue", topology.partition_queue(count)):

@@ -133,7 +133,12 @@ class Worker:
             before_sleep=self._log_reconnect,
             reraise=True,
         )
-        log.info("starting consumer", extra=self.settings.describe())
+        # Consumer("name") is a label for people: it shows here, in the first line of each run.
+        name = getattr(self.consumer, "name", None)
+        log.info(
+            "starting consumer",
+            extra={**self.settings.describe(), **({"consumer": name} if name else {})},
+        )
         try:
             for attempt in retrying:
                 with attempt:

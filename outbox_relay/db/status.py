@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
@@ -15,6 +15,18 @@ from outbox_relay.relay.settings import default_replication_name
 
 
 @dataclass(frozen=True, slots=True)
+class RelayStatus:
+    """One relay at work on the outbox (``status --json``: an item of ``relays``)."""
+
+    relay: str
+    pid: int  # its lease connection's backend
+    partitions: list[int]
+    cdc_shards: list[int]
+    lag_seconds: float  # age of the oldest pending event in its partitions (0: none)
+    joined_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     schema: str
     schema_version: int
@@ -24,6 +36,8 @@ class OutboxStatus:
     dead: int
     published_last_minute: int
     published_last_hour: int
+    # Relays at work on the outbox; leader_pid, from the days of one leader, is the lowest
+    # backend pid among them (null when none runs).
     relays_connected: int
     leader_pid: int | None
     # CDC (--mode cdc): the replication slot, all None when it does not exist. Retained WAL is
@@ -32,6 +46,9 @@ class OutboxStatus:
     slot_active: bool | None = None
     slot_confirmed_flush_lsn: str | None = None
     slot_retained_wal_bytes: int | None = None
+    # Each relay with the partitions (or CDC shards) it holds and its lag.
+    relays: list[RelayStatus] = field(default_factory=list)
+    partitions: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,12 +62,21 @@ def read_status(
     if problem:
         raise SchemaError(problem)
     queries = Queries(schema)
-    row = conn.execute(
-        queries["status"],
-        {"schema": schema, "application_name": queries.application_name},
-    ).fetchone()
+    row = conn.execute(queries["status"]).fetchone()
     assert row is not None
     pending, oldest, retrying, dead, last_minute, last_hour, relays, leader, version = row
+    members = [
+        RelayStatus(
+            relay=name,
+            pid=int(pid),
+            partitions=list(partitions),
+            cdc_shards=list(shards),
+            lag_seconds=round(float(lag or 0.0), 3),
+            joined_at=joined.isoformat(),
+        )
+        for name, pid, joined, partitions, shards, lag in conn.execute(queries["status_relays"])
+    ]
+    counted = conn.execute(queries["lease_count"], {"scope": "partition"}).fetchone()
     slot = slots.slot_status(conn, schema, slot_name or default_replication_name(schema))
     return OutboxStatus(
         schema=schema,
@@ -67,4 +93,6 @@ def read_status(
         slot_active=slot.active if slot else None,
         slot_confirmed_flush_lsn=slot.confirmed_flush_lsn if slot else None,
         slot_retained_wal_bytes=slot.retained_wal_bytes if slot else None,
+        relays=members,
+        partitions=int(counted[0]) if counted else 0,
     )

@@ -6,9 +6,11 @@ its claimed rows pending and they are simply published again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -24,6 +26,28 @@ from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import OnSent, RelaySettings
 
 log = logging.getLogger(__name__)
+
+# Seconds to end a transaction or a connection before dropping it (a link that hangs).
+CLOSE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """What this relay may claim: its leases on ``partitions`` of ``count`` in ``scope``
+    (relay/leases.py)."""
+
+    relay: str
+    partitions: tuple[int, ...]
+    count: int
+    scope: str = "partition"
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "relay": self.relay,
+            "partitions": list(self.partitions),
+            "count": self.count,
+            "scope": self.scope,
+        }
 
 
 class OutboxStore:
@@ -83,8 +107,9 @@ class OutboxStore:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            with suppress(psycopg.Error):
-                await conn.close()
+            # Bounded: on a link that hangs, the connection is dropped without a goodbye.
+            with suppress(psycopg.Error, TimeoutError):
+                await asyncio.wait_for(conn.close(), timeout=CLOSE_TIMEOUT)
 
     async def _fetch(
         self, name: str, params: dict[str, Any] | None = None
@@ -98,21 +123,31 @@ class OutboxStore:
             await self._connection().commit()
 
     async def rollback(self) -> None:
-        """Release a claimed batch; rows stay pending."""
+        """Release a claimed batch; rows stay pending. On a link that hangs this gives up after
+        CLOSE_TIMEOUT and drops the connection: the server ends the transaction itself."""
         conn = self._conn
         if conn is not None and not conn.closed:
-            with suppress(psycopg.Error):
-                await conn.rollback()
+            try:
+                await asyncio.wait_for(conn.rollback(), timeout=CLOSE_TIMEOUT)
+            except (psycopg.Error, TimeoutError):
+                await self.close()
 
-    async def try_lead(self) -> bool:
-        rows = await self._fetch("try_lead", {"schema": self._settings.schema_name})
-        await self.commit()
-        return bool(rows[0][0])
+    @property
+    def backend_pid(self) -> int:
+        """The server process of this connection (what pg_stat_activity shows)."""
+        return self._connection().info.backend_pid
 
-    async def claim(self, limit: int, *, in_flight: Sequence[int] = ()) -> list[OutboxMessage]:
-        """Lock the next pending rows in order, passing over ``in_flight`` (the ids of the batch
-        this relay holds on its other connection). The transaction stays open until settle()."""
-        rows = await self._fetch("claim", {"limit": limit, "in_flight": list(in_flight)})
+    async def claim(
+        self, limit: int, share: Share, *, in_flight: Sequence[int] = ()
+    ) -> list[OutboxMessage]:
+        """Lock the next pending rows of ``share`` in order, passing over ``in_flight`` (the
+        rows of the batches this relay holds on its other connections). The transaction stays
+        open until settle()."""
+        if not share.partitions:
+            return []
+        rows = await self._fetch(
+            "claim", {"limit": limit, "in_flight": list(in_flight), **share.parameters()}
+        )
         return [message_from_row(row) for row in rows]
 
     async def settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
@@ -188,11 +223,11 @@ class OutboxStore:
 
     # -- CDC mode (outbox_relay/cdc.py) ----------------------------------------------------------
 
-    async def claim_ids(self, ids: Sequence[int]) -> list[OutboxMessage]:
-        """Lock the rows with these ids that are still pending. Open until settle()/commit()."""
-        return [
-            message_from_row(row) for row in await self._fetch("cdc_claim_ids", {"ids": list(ids)})
-        ]
+    async def claim_ids(self, ids: Sequence[int], share: Share) -> list[OutboxMessage]:
+        """Lock the rows of ``share`` with these ids that are still pending. Open until
+        settle()/commit()."""
+        rows = await self._fetch("cdc_claim_ids", {"ids": list(ids), **share.parameters()})
+        return [message_from_row(row) for row in rows]
 
     async def earliest_pending(
         self, aggregates: Sequence[str], ids: Sequence[int], before: int

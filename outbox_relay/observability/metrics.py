@@ -195,6 +195,23 @@ class RelayMetrics:
             "waves of more than 64 events record an evenly spaced sample of them.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
+        self._owned = 0
+        meter.create_observable_gauge(
+            PREFIX + "partitions.owned",
+            callbacks=[self._observe_owned],
+            unit="{partition}",
+            description="Partitions (--mode cdc: shards) this relay holds leases on.",
+        )
+        self._rebalances = meter.create_counter(
+            PREFIX + "rebalances",
+            unit="{rebalance}",
+            description="Changes of this relay's share of the outbox (partitions gained or lost).",
+        )
+        self._lease_losses = meter.create_counter(
+            PREFIX + "lease.losses",
+            unit="{partition}",
+            description="Partitions this relay gave up (handed over, or lost to another relay).",
+        )
         meter.create_observable_gauge(
             PREFIX + "pending",
             callbacks=[self._observe_pending],
@@ -207,6 +224,15 @@ class RelayMetrics:
             unit="s",
             description="Age of the oldest pending event (sampled periodically).",
         )
+
+    def _observe_owned(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [metrics.Observation(self._owned, self._attrs)]
+
+    def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
+        self._owned = owned
+        self._rebalances.add(1, self._attrs)
+        if lost:
+            self._lease_losses.add(lost, self._attrs)
 
     def _observe_pending(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         value = self._backlog.pending

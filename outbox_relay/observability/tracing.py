@@ -304,6 +304,9 @@ class RelayTracing:
     def after_claim(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
         self._batch_span("outbox claim", seconds, {"messaging.batch.message_count": len(messages)})
 
+    def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
+        pass  # a change of share is a metric, not part of any event's trace
+
     def after_settle(
         self, sent: Sequence[int], failures: Sequence[Failure], dead: int, seconds: float
     ) -> None:

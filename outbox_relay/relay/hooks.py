@@ -47,6 +47,10 @@ class RelayHooks(Protocol):
         """The batch's outcome was committed: ``dead`` events were dead-lettered."""
         ...
 
+    def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
+        """This relay's share of the outbox changed: it now holds ``owned`` leases."""
+        ...
+
 
 class NoRelayHooks:
     """RelayHooks that do nothing; subclass it to implement only some callbacks."""
@@ -71,6 +75,9 @@ class NoRelayHooks:
     def after_settle(
         self, sent: Sequence[int], failures: Sequence[Failure], dead: int, seconds: float
     ) -> None:
+        pass
+
+    def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
         pass
 
 
@@ -128,3 +135,10 @@ class CompositeHooks:
                 hook.after_settle(sent, failures, dead, seconds)
             except Exception:
                 log.exception("relay hook after_settle failed (ignored)")
+
+    def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
+        for hook in self._hooks:
+            try:
+                hook.after_rebalance(owned, gained, lost)
+            except Exception:
+                log.exception("relay hook after_rebalance failed (ignored)")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from outbox_relay.db.store import OutboxStore
+from outbox_relay.db.store import OutboxStore, Share
 from outbox_relay.errors import (
     BrokerRejectedMessageError,
     BrokerUnavailableError,
@@ -29,6 +29,7 @@ from outbox_relay.errors import (
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.publishers.base import OnResult, Publisher
 from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
+from outbox_relay.relay.leases import Leases
 from outbox_relay.relay.settings import Mode, RelaySettings
 from outbox_relay.relay.sources import Source, TableSource
 from outbox_relay.relay.window import Batch, Window
@@ -66,15 +67,30 @@ class Relay:
         self._claim_size = max(1, settings.batch_size // LANES)
         self._source = source or _default_source(settings, self._store)
         self._stop = asyncio.Event()
-        self.leading = False
+        self._leases = Leases(
+            settings,
+            scope="cdc-shard" if settings.mode is Mode.CDC else "partition",
+            on_change=self._rebalanced,
+        )
         # What a broker that closed the connection over a message taught (see window.py):
         # events to send alone, attempts to charge, and consecutive losses per unconfirmed event.
         self._suspects: set[str] = set()
         self._charges: dict[str, str] = {}
         self._strikes: dict[str, int] = {}
 
+    @property
+    def owned(self) -> frozenset[int]:
+        """The partitions (--mode cdc: shards) this relay holds leases on."""
+        return self._leases.owned
+
+    @property
+    def leading(self) -> bool:
+        """Publishing: a member of the outbox's relays holding at least one lease."""
+        return bool(self._leases.owned)
+
     def is_ready(self) -> bool:
-        """Connected to PostgreSQL and to the broker (a standby is ready too: it can take over)."""
+        """Connected to PostgreSQL and to the broker (a relay holding no lease yet is ready
+        too: it takes its share as soon as the others hand it over)."""
         return self._store.connected and self._publisher.is_healthy()
 
     def stop(self) -> None:
@@ -88,10 +104,11 @@ class Relay:
             started = time.monotonic()
             try:
                 await self._connect()
-                await self._lead()
-                if not self._stop.is_set():
-                    await self._source.open(self._store, self._stop)
-                    await self._pump()
+                await self._leases.join([lane.backend_pid for lane in self._lanes])
+                await self._source.open(self._store, self._stop)
+                await self._pump_while_leased()
+                # Stopped with everything in flight settled: hand the partitions over at once.
+                await self._leases.leave()
             except TRANSIENT as exc:
                 log.warning("disconnected: %s", exc)
                 # A link that fails right after connecting must not turn into a busy loop; a
@@ -135,28 +152,42 @@ class Relay:
 
     async def _disconnect(self) -> None:
         await self._source.close()
+        await self._leases.close()
         for lane in self._lanes:
             await lane.rollback()
             await lane.close()
         await self._publisher.close()
-        self.leading = False
 
-    async def _lead(self) -> None:
-        """Become the one relay publishing this outbox, or wait as a standby until it frees."""
-        said_standby = False
-        while not self._stop.is_set():
-            if await self._store.try_lead():
-                self.leading = True
-                log.info(
-                    "leading: publishing the outbox", extra={"schema": self._settings.schema_name}
-                )
-                return
-            if not said_standby:
-                log.info("standby: another relay is publishing this outbox; waiting to take over")
-                said_standby = True
-            await self._sleep(self._settings.poll_interval)
+    def _rebalanced(self, owned: int, gained: int, lost: int) -> None:
+        if self._hooks is not None:
+            self._hooks.after_rebalance(owned, gained, lost)
+
+    def _share(self) -> Share:
+        leases = self._leases
+        return Share(
+            relay=leases.relay,
+            partitions=tuple(sorted(leases.owned)),
+            count=leases.count,
+            scope="cdc-shard" if self._settings.mode is Mode.CDC else "partition",
+        )
 
     # -- the loop ---------------------------------------------------------------------------
+
+    async def _pump_while_leased(self) -> None:
+        """Run the loop until it returns, or until the leases are lost: then it is abandoned
+        at once, even mid-claim on a link that hangs, so nothing more is sent (fencing)."""
+        pump = asyncio.ensure_future(self._pump())
+        lost = asyncio.ensure_future(self._leases.lost.wait())
+        try:
+            await asyncio.wait({pump, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not pump.done():
+                pump.cancel()
+            await asyncio.gather(pump, lost, return_exceptions=True)
+        if not pump.cancelled():
+            pump.result()
+        self._leases.check()
 
     async def _pump(self) -> None:
         """Claim on free lanes, publish on the window, settle finished batches; see the module
@@ -183,7 +214,9 @@ class Relay:
                     lane = free.pop()
                     window.before_claim()
                     claimed_at = time.perf_counter()
-                    batch = await self._source.claim(lane, self._claim_size, window.in_flight_ids())
+                    batch = await self._source.claim(
+                        lane, self._claim_size, window.in_flight_ids(), self._share()
+                    )
                     if batch is not None:
                         batch.lane = lane
                         if self._hooks is not None:
@@ -219,6 +252,8 @@ class Relay:
         self.heartbeat = time.monotonic()
         if window.error is not None:
             raise window.error
+        # Stop publishing as soon as the leases may be lapsing (fencing; relay/leases.py).
+        self._leases.check()
         for task in settling:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 error = task.exception()

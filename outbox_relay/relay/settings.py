@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import os
 import re
+import socket
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, model_validator
@@ -50,6 +52,23 @@ def check_replication_name(name: str | None) -> str | None:
     return name
 
 
+RELAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
+
+
+def check_relay_name(name: str | None) -> str | None:
+    if name is not None and not RELAY_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} must be 1-48 letters, digits, '.', '_' or '-' (e.g. orders-relay-1)"
+        )
+    return name
+
+
+def default_relay_name() -> str:
+    """``<host>-<pid>``: unique among the relays of a fleet, and what an operator recognises."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "relay"
+    return f"{host[:36]}-{os.getpid()}"
+
+
 def check_wal_message_prefix(prefix: str | None) -> str | None:
     if prefix is not None and not (0 < len(prefix) <= 200 and prefix.isprintable()):
         raise ValueError(f"{prefix!r} must be 1-200 printable characters")
@@ -67,6 +86,8 @@ Publication = Annotated[
     ReplicationName,
     Field(description="CDC: publication on <schema>.outbox [default: outbox_relay_<schema>]."),
 ]
+
+_DEFAULT_RELAY_NAME = default_relay_name()
 
 # Rows in flight: enough for the broker to stay busy (about a raw publisher's window of
 # unconfirmed messages); also the most a killed relay can publish twice.
@@ -150,6 +171,15 @@ class RelaySettings(Settings):
         ),
         Flag(metavar="PREFIX", panel="CDC mode"),
     ] = None
+    relay_name: Annotated[
+        str | None,
+        AfterValidator(check_relay_name),
+        Field(
+            description="This relay's name among the relays of the outbox, in logs, metrics and "
+            "status [default: <host>-<pid>]."
+        ),
+        Flag(metavar="NAME"),
+    ] = None
     publisher: Annotated[PublisherSettings, Flag(cli=False)] = Field(
         default_factory=PublisherSettings
     )
@@ -175,6 +205,10 @@ class RelaySettings(Settings):
         if self.on_sent is OnSent.DELETE and "retention" in given:
             raise ValueError("--retention: applies to --on-sent keep only (sent rows are deleted)")
         return self
+
+    @property
+    def relay_name_or_default(self) -> str:
+        return self.relay_name or _DEFAULT_RELAY_NAME
 
     @property
     def slot_name_or_default(self) -> str:

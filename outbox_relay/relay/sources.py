@@ -14,7 +14,7 @@ import contextlib
 import time
 from typing import Protocol
 
-from outbox_relay.db.store import OutboxStore
+from outbox_relay.db.store import OutboxStore, Share
 from outbox_relay.errors import DatabaseUnavailableError
 from outbox_relay.relay.settings import Mode, RelaySettings
 from outbox_relay.relay.wakeup import Waker
@@ -29,9 +29,12 @@ class Source(Protocol):
 
     async def close(self) -> None: ...
 
-    async def claim(self, store: OutboxStore, limit: int, exclude: list[int]) -> Batch | None:
-        """Lock the next rows to publish on ``store``'s connection, in id order, passing over
-        ``exclude`` (rows of batches in flight). None when there is nothing to publish now."""
+    async def claim(
+        self, store: OutboxStore, limit: int, exclude: list[int], share: Share
+    ) -> Batch | None:
+        """Lock the next rows of ``share`` (this relay's leases) to publish on ``store``'s
+        connection, in id order, passing over ``exclude`` (rows of batches in flight). None
+        when there is nothing to publish now."""
         ...
 
     async def wait(self, store: OutboxStore, seconds: float) -> None:
@@ -90,8 +93,10 @@ class TableSource:
         if self._waker is not None:
             await self._waker.close()
 
-    async def claim(self, store: OutboxStore, limit: int, exclude: list[int]) -> Batch | None:
-        messages = await store.claim(limit, in_flight=exclude)
+    async def claim(
+        self, store: OutboxStore, limit: int, exclude: list[int], share: Share
+    ) -> Batch | None:
+        messages = await store.claim(limit, share, in_flight=exclude)
         if not messages:
             return None
         if self._listening:

@@ -285,13 +285,15 @@ def test_every_event_arrives_in_commit_order_through_a_relay_kill_and_a_broker_r
     )
     sink.start()
     relay = relay_factory(env).start()
-    relay.wait_for_log("leading")
+    relay.wait_for_log("holding 64 of 64 partitions")
     load = workload(total=TOTAL, producers=8, aggregates=200).start()
 
     wait_until(lambda: sink.count() >= KILL_AT, timeout=60, interval=0.1)
     relay.kill()
     relay.restart()
-    relay.wait_for_log("leading", count=2)  # the new process is connected and publishing
+    relay.wait_for_log(
+        "holding 64 of 64 partitions", count=2
+    )  # the new process is connected and publishing
 
     # Producers are faster than some brokers take events, so go by what was produced: the
     # restart must hit while events are still being written.

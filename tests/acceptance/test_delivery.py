@@ -87,7 +87,7 @@ def start_run(
         )
         consumer = consume(broker_url, queue.name)
         relay = relay_factory(env).start()
-        relay.wait_for_log("leading")
+        relay.wait_for_log("holding 64 of 64 partitions")
         load = workload(total=TOTAL, producers=8, aggregates=200).start()
         return Run(relay, load, consumer, queue, env)
 

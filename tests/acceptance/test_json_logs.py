@@ -65,7 +65,7 @@ def test_json_logs_parse_and_never_carry_payloads_or_passwords(
             log_level="debug",
         )
     ).start()
-    relay.wait_for_log('"leading')
+    relay.wait_for_log('"holding 64 of 64 partitions')
 
     emitted = [
         run_cli(

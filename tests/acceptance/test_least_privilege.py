@@ -79,6 +79,21 @@ def test_the_app_role_may_only_insert_events(database_url: str, roles: Roles) ->
         "SELECT * FROM outbox_relay_stats",
         "INSERT INTO outbox_relay_wakeup VALUES (true, now())",
         "CREATE TABLE outbox_shadow (id int)",
+        # Only the producer's columns: no explicit id (it would collide with a later one), no
+        # relay bookkeeping (an event born sent, dead or backing off).
+        "INSERT INTO outbox (id, event_type, payload) VALUES (10000, 'a.b', '{}')",
+        "INSERT INTO outbox (event_type, payload, published_at) VALUES ('a.b', '{}', now())",
+        "INSERT INTO outbox (event_type, payload, dead_at) VALUES ('a.b', '{}', now())",
+        "INSERT INTO outbox (event_type, payload, attempts) VALUES ('a.b', '{}', 99)",
+        "INSERT INTO outbox (event_type, payload, next_attempt_at)"
+        " VALUES ('a.b', '{}', now() + interval '1 year')",
+        "INSERT INTO outbox (event_type, payload, last_error) VALUES ('a.b', '{}', 'x')",
+        # Nothing of the relays' share of the outbox: it cannot take, hold or fake a lease.
+        "SELECT * FROM outbox_relay_leases",
+        "UPDATE outbox_relay_leases SET relay = 'app'",
+        "SELECT * FROM outbox_relay_leases FOR KEY SHARE",
+        "INSERT INTO outbox_relay_members (relay, pid, backend_start) VALUES ('x', 1, now())",
+        "DELETE FROM outbox_relay_members",
     ):
         assert refused(app_url, statement), statement
     with psycopg.connect(database_url) as conn:
@@ -100,7 +115,7 @@ def test_the_relay_runs_as_the_relay_role(
     queue = bind_queue("order.*")
     env = cli_env(database_url=relay_url, broker_url=broker_url, exchange=exchange)
     relay = relay_factory(env, "--poll-interval", "0.2").start()
-    relay.wait_for_log("leading")
+    relay.wait_for_log("holding 64 of 64 partitions")
 
     with psycopg.connect(app_url) as conn:
         for number in range(20):
@@ -116,8 +131,11 @@ def test_the_relay_runs_as_the_relay_role(
     assert relay.terminate() == 0
     assert "permission denied" not in relay.log()
 
-    # What the relay may not do: write events, change the schema, stream the WAL.
+    # What the relay may not do: write or change events, change the schema, stream the WAL.
     assert refused(relay_url, "INSERT INTO outbox (event_type, payload) VALUES ('a.b', '{}')")
+    assert refused(relay_url, "UPDATE outbox SET payload = '{}'")
+    assert refused(relay_url, "UPDATE outbox SET event_type = 'order.refunded'")
+    assert refused(relay_url, "UPDATE outbox SET headers = '{}', aggregate_id = 'other'")
     assert refused(relay_url, "TRUNCATE outbox")
     assert refused(relay_url, "CREATE TABLE relay_shadow (id int)")
     assert refused(relay_url, "DROP TABLE outbox")
@@ -186,10 +204,24 @@ def test_grants_are_exact_on_every_run(database_url: str, roles: Roles) -> None:
             " WHERE grantee = %s AND table_name = 'outbox' ORDER BY 1",
             (roles.relay,),
         ).fetchall()
+        columns = conn.execute(
+            "SELECT privilege_type, column_name FROM information_schema.column_privileges"
+            " WHERE grantee = %s AND table_name = 'outbox' AND privilege_type = 'UPDATE'"
+            " ORDER BY 2",
+            (roles.relay,),
+        ).fetchall()
         replication = conn.execute(
             "SELECT rolreplication FROM pg_roles WHERE rolname = %s", (roles.relay,)
         ).fetchone()
-    assert rights == [("DELETE",), ("SELECT",), ("UPDATE",)]
+    assert rights == [("DELETE",), ("SELECT",)]
+    # Only the bookkeeping columns may change: never an event's type, payload or headers.
+    assert [name for _kind, name in columns] == [
+        "attempts",
+        "dead_at",
+        "last_error",
+        "next_attempt_at",
+        "published_at",
+    ]
     assert replication == (False,)  # REPLICATION only while the grants are for --cdc
     assert refused(relay_url, "TRUNCATE outbox")
 

@@ -104,7 +104,7 @@ def test_one_trace_runs_through_emit_relay_and_consumer_processes(
         "order.*",
     )
     try:
-        relay.wait_for_log("leading")
+        relay.wait_for_log("holding 64 of 64 partitions")
         wait_until(
             lambda: topo.queue_depths(env.broker_url, [settings.queue])[0].messages is not None,
             timeout=30,
@@ -242,7 +242,7 @@ def test_readyz_turns_unready_within_5s_of_the_broker_going_down_and_recovers(
         return all(get(f"{base}/readyz")[0] == code for base in probes.values())
 
     try:
-        relay.wait_for_log("leading")
+        relay.wait_for_log("holding 64 of 64 partitions")
         wait_until(lambda: all_ready(200), timeout=30)
         try:
             rabbitmq_stop_app()

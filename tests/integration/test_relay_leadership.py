@@ -1,4 +1,5 @@
-"""Two relays on one outbox: one leads, the other stands by and takes over when it goes."""
+"""Several relays on one outbox: each holds its share of the partitions and publishes it; when
+one goes, the others take its partitions over, without loss and in per-aggregate order."""
 
 from __future__ import annotations
 
@@ -38,13 +39,14 @@ def status_of(database_url: str) -> OutboxStatus:
         return read_status(conn, "public")
 
 
-def relay_backends(database_url: str) -> set[int]:
+def owned(database_url: str) -> dict[str, int]:
+    """Relay name -> partitions it holds a live lease on."""
     return {
-        pid
-        for (pid,) in rows(
+        relay: count
+        for relay, count in rows(
             database_url,
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name = 'outbox-relay:public'",
+            "SELECT relay, count(*) FROM outbox_relay_leases"
+            " WHERE relay IS NOT NULL AND expires_at > now() GROUP BY relay",
         )
     }
 
@@ -100,37 +102,39 @@ def first_deliveries(deliveries: list[Delivery]) -> list[Delivery]:
     return first
 
 
-def test_one_relay_leads_and_the_standby_takes_over_when_it_stops(
+def test_two_relays_share_the_partitions_and_one_takes_all_when_the_other_stops(
     database_url: str, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
 ) -> None:
     queue = bind_queue("order.*")
-    settings = relay_settings(database_url, broker_url, exchange, batch_size=50)
     events = 2000
-    first = RelayThread(settings, "relay-1").start()
-    second = RelayThread(settings, "relay-2")
+    first = RelayThread(
+        relay_settings(database_url, broker_url, exchange, batch_size=50, relay_name="relay-1")
+    )
+    second = RelayThread(
+        relay_settings(database_url, broker_url, exchange, batch_size=50, relay_name="relay-2")
+    )
     try:
-        wait_until(lambda: first.leading)
+        first.start()
+        wait_until(lambda: owned(database_url) == {"relay-1": 64})
         second.start()
-        wait_until(lambda: status_of(database_url).relays_connected == 2)
+        # Given two relays: each holds half of the 64 partitions
+        wait_until(lambda: owned(database_url) == {"relay-1": 32, "relay-2": 32}, timeout=15)
         status = status_of(database_url)
-        assert status.leader_pid in relay_backends(database_url)
-        assert (first.leading, second.leading) == (True, False)
+        assert status.relays_connected == 2
+        assert [r.relay for r in status.relays] == ["relay-1", "relay-2"]
+        assert status.leader_pid == min(r.pid for r in status.relays)
 
         with producing(database_url, events // 2) as produced:
             arrived = collect(queue, 200)
-            # When the leader stops mid-stream (finishing its batch)
+            # When one stops mid-stream (finishing its batches and handing its partitions over)
             first.stop()
-            # Then the standby takes over and drains everything, old and new
-            wait_until(lambda: second.leading)
+            # Then the other takes them all at once and drains everything, old and new
+            wait_until(lambda: owned(database_url) == {"relay-2": 64}, timeout=5)
             produced.wait(60)
-        # Produced after the hand-over: only the new leader can publish these.
         produce(database_url, events // 2, already=events // 2)
         arrived += collect(queue, events - len(arrived), timeout=60)
         wait_until(lambda: scalar(database_url, "SELECT count(*) FROM outbox") == 0)
-        new_status = status_of(database_url)
-        assert new_status.leader_pid in relay_backends(database_url)
-        assert new_status.leader_pid != status.leader_pid
-        assert new_status.relays_connected == 1
+        assert status_of(database_url).relays_connected == 1
     finally:
         first.stop()
         second.stop()
@@ -141,7 +145,7 @@ def test_one_relay_leads_and_the_standby_takes_over_when_it_stops(
     assert per_aggregate(arrived) == expected_order(events)
 
 
-def test_a_killed_leader_is_replaced_and_nothing_is_lost(
+def test_a_killed_relay_is_replaced_and_nothing_is_lost(
     database_url: str,
     broker_url: str,
     exchange: str,
@@ -150,48 +154,49 @@ def test_a_killed_leader_is_replaced_and_nothing_is_lost(
 ) -> None:
     queue = bind_queue("order.*")
     events = 2000
-    leader = start_cli_relay(
+    killed = start_cli_relay(
         database_url,
         broker_url,
         exchange,
-        tmp_path / "leader.log",
+        tmp_path / "killed.log",
         poll_interval="0.2",
         batch_size="50",
+        relay_name="doomed",
     )
-    standby = RelayThread(relay_settings(database_url, broker_url, exchange, batch_size=50))
+    survivor = RelayThread(
+        relay_settings(database_url, broker_url, exchange, batch_size=50, relay_name="survivor")
+    )
     try:
-        wait_until(lambda: status_of(database_url).leader_pid is not None)
-        standby.start()
-        wait_until(lambda: status_of(database_url).relays_connected == 2)
-        assert not standby.leading
+        wait_until(lambda: owned(database_url).get("doomed") == 64, timeout=30)
+        survivor.start()
+        wait_until(lambda: owned(database_url) == {"doomed": 32, "survivor": 32}, timeout=15)
 
         with producing(database_url, events // 2) as produced:
             arrived = collect(queue, 200)
-            # When the leader dies without a chance to clean up
-            kill(leader)
-            # Then PostgreSQL frees its lock with its connection and the standby leads
-            wait_until(lambda: standby.leading, timeout=15)
+            # When one relay dies without a chance to clean up
+            kill(killed)
+            # Then PostgreSQL ends its session, and the survivor takes its partitions
+            wait_until(lambda: owned(database_url) == {"survivor": 64}, timeout=10)
             produced.wait(60)
-        # Produced after the take-over: only the new leader can publish these.
         produce(database_url, events // 2, already=events // 2)
         wait_until(lambda: scalar(database_url, "SELECT count(*) FROM outbox") == 0, timeout=60)
         arrived += drain(queue)
     finally:
-        kill(leader)
-        standby.stop()
+        kill(killed)
+        survivor.stop()
 
-    # At least once: only the killed leader's batches in flight (two lanes) may come twice.
+    # At least once: only the killed relay's rows in flight (at most --batch-size) come twice.
     first = first_deliveries(arrived)
     assert len(first) == events
-    assert len(arrived) - events <= 2 * 50
+    assert len(arrived) - events <= 50
     assert per_aggregate(first) == expected_order(events)
 
 
 def test_relay_sessions_probe_their_tcp_connection_so_a_vanished_leader_is_noticed(
     database_url: str, broker_url: str, exchange: str
 ) -> None:
-    """After a node failure nothing closes the leader's socket: the server must find out by
-    itself (TCP keepalives) to free the leadership lock for a standby within about a minute."""
+    """After a node failure nothing closes a relay's socket: the server must find out by itself
+    (TCP keepalives) to end its session (and so its membership) within about a minute."""
 
     async def settings_seen_by_the_server() -> list[str]:
         store = OutboxStore(relay_settings(database_url, broker_url, exchange))

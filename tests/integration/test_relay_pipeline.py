@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay.db.store import OutboxStore
+from outbox_relay.db.store import OutboxStore, Share
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import RelayThread, relay_settings
 
@@ -164,8 +164,10 @@ def test_a_claim_that_overlaps_a_failed_batchs_settle_still_holds_its_aggregate_
     # only after that (a slow claim query): the table it read did not show A0 failing yet
     real_claim = OutboxStore.claim
 
-    async def slow_claim(self: OutboxStore, limit: int, *, in_flight: Sequence[int] = ()) -> Any:
-        rows = await real_claim(self, limit, in_flight=in_flight)
+    async def slow_claim(
+        self: OutboxStore, limit: int, share: Share, *, in_flight: Sequence[int] = ()
+    ) -> Any:
+        rows = await real_claim(self, limit, share, in_flight=in_flight)
         if rows and self.application_name.endswith(":lane2"):
             await asyncio.sleep(0.5)
         return rows

@@ -41,6 +41,8 @@ def test_backlog_and_lag_while_no_relay_runs(database_url: str) -> None:
         published_last_hour=0,
         relays_connected=0,
         leader_pid=None,
+        relays=[],
+        partitions=64,
     )
     insert(database_url, "order.created", "1", age_seconds=90)
     for n in range(2, 6):

@@ -17,7 +17,7 @@ from outbox_relay.cdc.pgoutput import (
     ValueKind,
     XLogData,
 )
-from outbox_relay.cdc.source import TransactionTracker, WalTransaction, select_publishable
+from outbox_relay.cdc.transactions import TransactionTracker, WalTransaction, select_publishable
 from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.messages import OutboxMessage
 

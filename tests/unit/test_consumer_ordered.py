@@ -29,7 +29,7 @@ def test_the_ordered_topology_is_partitions_behind_a_hash_exchange_without_retry
     settings = ConsumerSettings(queue="order.events", ordered=True, partitions=4)
     topology = settings.topology()
     assert topology.hash_exchange == "order.events.hash"
-    assert topology.partition_queues == [f"order.events.p{n}" for n in range(4)]
+    assert topology.partition_queues == [f"order.events.p0{n}" for n in range(4)]
     assert topology.consumed_queues == topology.partition_queues
     assert topology.retry_queues == []  # retried in place
     assert topology.delays == (1.0, 2.0, 4.0, 8.0)  # still the backoff between attempts
@@ -45,7 +45,7 @@ def test_ordered_quorum_queues_and_bad_partition_counts_are_refused() -> None:
         ConsumerSettings(queue="q", ordered=True, queue_type="quorum").topology()
     with pytest.raises(ConfigError, match="--ordered needs classic"):
         Topology("q", ordered=True, queue_type=QueueType.QUORUM)
-    for bad in ("0", "1025", "many"):
+    for bad in ("0", "101", "many"):
         with pytest.raises(ConfigError, match=r"^--partitions \(OUTBOX_RELAY_PARTITIONS\): "):
             ConsumerSettings.from_mapping({"queue": "q", "partitions": bad})
     # Quorum without --ordered works as before.
@@ -106,3 +106,12 @@ def test_the_rebalance_rule_converges_to_an_even_spread(
     result = simulate(partitions, list(held))
     assert sum(result) == partitions
     assert sorted(result) == sorted(expected)
+
+
+@pytest.mark.parametrize("partitions", [1, 16, 100])
+def test_partition_names_sort_in_the_order_they_are_bound(partitions: int) -> None:
+    # After a restart RabbitMQ rebuilds the hash ring from the bindings sorted by queue name:
+    # only if that is the binding order does every aggregate keep its partition.
+    queues = Topology("order.events", ordered=True, partitions=partitions).partition_queues
+    assert queues == sorted(queues)
+    assert len(set(queues)) == partitions

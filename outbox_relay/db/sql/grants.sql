@@ -32,14 +32,15 @@ SELECT has_database_privilege(%(role)s, current_database(), 'CONNECT');
 -- name: revoke_outbox_tables
 -- Each run starts from nothing, so the grant scripts leave exactly the rights they list.
 REVOKE ALL ON {{schema}}.outbox, {{schema}}.outbox_schema_version, {{schema}}.outbox_relay_wakeup,
-    {{schema}}.outbox_relay_stats
+    {{schema}}.outbox_relay_stats, {{schema}}.outbox_relay_leases, {{schema}}.outbox_relay_members
 FROM {app}, {relay};
 
 -- name: revoke_outbox_sequence
 REVOKE ALL ON SEQUENCE {{schema}}.outbox_id_seq FROM {app}, {relay};
 
 -- name: revoke_outbox_emit
-REVOKE ALL ON FUNCTION {{schema}}.outbox_emit(text, text, jsonb, text, jsonb, uuid)
+REVOKE ALL ON FUNCTION {{schema}}.outbox_emit(text, text, jsonb, text, jsonb, uuid),
+    {{schema}}.outbox_lock_bucket(text)
 FROM {app}, {relay};
 
 -- name: revoke_outbox_schema

@@ -34,6 +34,12 @@ CREATE TABLE {{schema}}.outbox (
     CONSTRAINT outbox_headers_is_object CHECK (jsonb_typeof(headers) = 'object')
 );
 
+-- A time no message can carry is refused for new rows (NOT VALID: rows from before the
+-- constraint are not checked; the relay dead-letters any such row).
+ALTER TABLE {{schema}}.outbox ADD CONSTRAINT outbox_created_at_is_a_time
+    CHECK (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00')
+    NOT VALID;
+
 -- Only pending rows are indexed, so claiming stays fast however many sent rows are kept.
 CREATE INDEX outbox_pending_v1 ON {{schema}}.outbox (id)
     WHERE published_at IS NULL AND dead_at IS NULL;
@@ -99,3 +105,39 @@ CREATE TABLE {{schema}}.outbox_relay_stats (
     published bigint      NOT NULL DEFAULT 0,
     dead      bigint      NOT NULL DEFAULT 0
 );
+
+-- Several active relays (see outbox_relay/relay/leases.py): the rows are split into partitions
+-- by aggregate, each leased to one relay at a time. One row per partition: its owner (NULL:
+-- free), the lease's end, and an epoch raised at every change of owner.
+CREATE TABLE {{schema}}.outbox_relay_leases (
+    -- 'partition' (table modes), or 'cdc-shard' (--mode cdc: one replication slot each).
+    scope      text        NOT NULL CHECK (scope IN ('partition', 'cdc-shard')),
+    partition  integer     NOT NULL CHECK (partition >= 0),
+    relay      text,
+    epoch      bigint      NOT NULL DEFAULT 0,
+    expires_at timestamptz,
+    changed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, partition)
+);
+-- 64 partitions by default (`outbox-relay migrate --partitions N` changes it).
+INSERT INTO {{schema}}.outbox_relay_leases (scope, partition)
+    SELECT 'partition', generate_series(0, 63);
+
+-- The relays at work on this outbox, each with its share of the partitions.
+CREATE TABLE {{schema}}.outbox_relay_members (
+    relay         text        PRIMARY KEY,
+    pid           integer     NOT NULL,
+    backend_start timestamptz NOT NULL,
+    joined_at     timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    -- The relay's claiming connections (pid and start, as pg_stat_activity shows them): ended
+    -- when the relay is removed as dead, which releases the locks its claims hold.
+    lane_pids     integer[]     NOT NULL DEFAULT '{}',
+    lane_starts   timestamptz[] NOT NULL DEFAULT '{}'
+);
+
+-- The ordering lock's bucket of an aggregate: writing several aggregates' events in ascending
+-- bucket order (each aggregate's own events in order) cannot deadlock on the ordering locks.
+CREATE FUNCTION {{schema}}.outbox_lock_bucket(aggregate_id text) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN hashtext(aggregate_id) & 1023;

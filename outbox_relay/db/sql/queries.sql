@@ -15,37 +15,43 @@ SELECT set_config('tcp_keepalives_idle', '30', false),
        set_config('tcp_keepalives_interval', '10', false),
        set_config('tcp_keepalives_count', '3', false);
 
--- name: try_lead
--- One relay per schema publishes at a time; the others wait as standbys. A session lock on the
--- relay's working connection: it dies with the connection, so a killed leader frees it at once.
-SELECT pg_try_advisory_lock(1868724339, hashtext(%(schema)s) & 2147483647);
-
 -- name: claim
--- Pending rows in id (= per-aggregate commit) order, skipping every aggregate whose earliest
--- pending event is backing off after a failure, so later events never overtake it, and the rows
--- of the batch this relay has in flight on its other connection. Rows locked by anyone else are
--- waited for, never skipped: skipping them could let a later event of their aggregate overtake.
-SELECT id, event_id::text, event_type, aggregate_type, aggregate_id, payload::text,
-       headers::text,
+-- Pending rows in id (= per-aggregate commit) order, of the partitions this relay leases,
+-- skipping every aggregate whose earliest pending event is backing off after a failure, so
+-- later events never overtake it, and the rows of the batches this relay has in flight on its
+-- other connections. Rows locked by anyone else are waited for, never skipped: skipping them
+-- could let a later event of their aggregate overtake. The lease rows are held FOR KEY SHARE
+-- until the batch settles: the lease cannot change hands meanwhile (relay/leases.py).
+WITH mine AS (
+    SELECT partition FROM {{schema}}.outbox_relay_leases
+    WHERE scope = %(scope)s AND relay = %(relay)s AND partition = ANY(%(partitions)s::integer[])
+      AND expires_at > now()
+    FOR KEY SHARE
+)
+SELECT o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id,
+       o.payload::text, o.headers::text,
        -- A timestamp Python cannot hold ('infinity', year 10000) comes as NULL plus its text,
        -- so the row is dead-lettered with a reason instead of failing the whole claim.
-       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
-            THEN created_at END,
-       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
-            THEN NULL ELSE created_at::text END,
-       attempts
-FROM {{schema}}.outbox
-WHERE published_at IS NULL AND dead_at IS NULL
+       CASE WHEN o.created_at >= '0001-01-02 00:00:00+00' AND o.created_at < '9999-12-30 00:00:00+00'
+            THEN o.created_at END,
+       CASE WHEN o.created_at >= '0001-01-02 00:00:00+00' AND o.created_at < '9999-12-30 00:00:00+00'
+            THEN NULL ELSE o.created_at::text END,
+       o.attempts
+FROM {{schema}}.outbox AS o
+WHERE o.published_at IS NULL AND o.dead_at IS NULL
+  -- The row's partition: its ordering bucket (the event id's hash without an aggregate).
+  AND mod(coalesce(hashtext(o.aggregate_id), uuid_hash(o.event_id)) & 1023, %(count)s)
+      IN (SELECT partition FROM mine)
   -- A hashed set: the batches in flight hold thousands of ids.
-  AND id NOT IN (SELECT unnest(%(in_flight)s::bigint[]))
-  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-  AND (aggregate_id IS NULL OR aggregate_id NOT IN (
+  AND o.id NOT IN (SELECT unnest(%(in_flight)s::bigint[]))
+  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+  AND (o.aggregate_id IS NULL OR o.aggregate_id NOT IN (
         SELECT aggregate_id FROM {{schema}}.outbox
         WHERE next_attempt_at > now() AND published_at IS NULL AND dead_at IS NULL
           AND aggregate_id IS NOT NULL))
-ORDER BY id
+ORDER BY o.id
 LIMIT %(limit)s
-FOR UPDATE;
+FOR UPDATE OF o;
 
 -- name: delete_sent
 DELETE FROM {{schema}}.outbox WHERE id = ANY(%(ids)s);
@@ -120,13 +126,47 @@ SELECT
        WHERE minute > now() - interval '1 minute'),
     (SELECT coalesce(sum(published), 0) FROM {{schema}}.outbox_relay_stats
        WHERE minute > now() - interval '1 hour'),
-    (SELECT count(*) FROM pg_stat_activity
-       WHERE datname = current_database() AND application_name = %(application_name)s),
-    (SELECT pid FROM pg_locks
-       WHERE locktype = 'advisory' AND granted AND classid = 1868724339
-         AND objid = (hashtext(%(schema)s) & 2147483647)::oid AND objsubid = 2
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())),
+    -- Relays at work (live members), and, for the leader_pid key kept from the one-leader
+    -- days, the lowest backend pid among them.
+    (SELECT count(*) FROM {{schema}}.outbox_relay_members AS m
+       WHERE m.heartbeat_at > now() - interval '10 seconds'
+         AND EXISTS (SELECT FROM pg_stat_activity AS a
+                     WHERE a.pid = m.pid AND a.backend_start = m.backend_start)),
+    (SELECT min(m.pid) FROM {{schema}}.outbox_relay_members AS m
+       WHERE m.heartbeat_at > now() - interval '10 seconds'
+         AND EXISTS (SELECT FROM pg_stat_activity AS a
+                     WHERE a.pid = m.pid AND a.backend_start = m.backend_start)),
     (SELECT max(version) FROM {{schema}}.outbox_schema_version);
+
+-- name: status_relays
+-- Each relay at work: its partitions (or CDC shards), and its lag: the age of the oldest pending
+-- event in them.
+WITH live AS (
+    SELECT m.relay, m.pid, m.joined_at, m.heartbeat_at
+    FROM {{schema}}.outbox_relay_members AS m
+    WHERE m.heartbeat_at > now() - interval '10 seconds'
+      AND EXISTS (SELECT FROM pg_stat_activity AS a
+                  WHERE a.pid = m.pid AND a.backend_start = m.backend_start)
+), counts AS (
+    SELECT scope, count(*)::integer AS n FROM {{schema}}.outbox_relay_leases GROUP BY scope
+)
+SELECT l.relay, l.pid, l.joined_at,
+       coalesce(array_agg(ls.partition ORDER BY ls.partition)
+                FILTER (WHERE ls.scope = 'partition'), '{}'),
+       coalesce(array_agg(ls.partition ORDER BY ls.partition)
+                FILTER (WHERE ls.scope = 'cdc-shard'), '{}'),
+       (SELECT extract(epoch FROM now() - min(o.created_at))::float8
+        FROM {{schema}}.outbox AS o
+        WHERE o.published_at IS NULL AND o.dead_at IS NULL
+          AND EXISTS (
+              SELECT FROM {{schema}}.outbox_relay_leases AS own JOIN counts AS c USING (scope)
+              WHERE own.relay = l.relay AND own.expires_at > now()
+                AND own.partition = mod(coalesce(hashtext(o.aggregate_id), uuid_hash(o.event_id))
+                                        & 1023, c.n)))
+FROM live AS l
+LEFT JOIN {{schema}}.outbox_relay_leases AS ls ON ls.relay = l.relay AND ls.expires_at > now()
+GROUP BY l.relay, l.pid, l.joined_at
+ORDER BY l.relay;
 
 -- name: dead_list
 SELECT event_id::text, event_type, aggregate_id, attempts, last_error, dead_at, created_at
@@ -147,20 +187,26 @@ RETURNING event_id::text;
 
 -- name: cdc_claim_ids
 -- The rows the WAL says were committed, if still pending (the table path may have published them
--- first), locked until settle() like claim.
-SELECT id, event_id::text, event_type, aggregate_type, aggregate_id, payload::text,
-       headers::text,
-       -- A timestamp Python cannot hold ('infinity', year 10000) comes as NULL plus its text,
-       -- so the row is dead-lettered with a reason instead of failing the whole claim.
-       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
-            THEN created_at END,
-       CASE WHEN created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00'
-            THEN NULL ELSE created_at::text END,
-       attempts
-FROM {{schema}}.outbox
-WHERE id = ANY(%(ids)s) AND published_at IS NULL AND dead_at IS NULL
-ORDER BY id
-FOR UPDATE;
+-- first), locked until settle() like claim, with the lease of their shard.
+WITH mine AS (
+    SELECT partition FROM {{schema}}.outbox_relay_leases
+    WHERE scope = %(scope)s AND relay = %(relay)s AND partition = ANY(%(partitions)s::integer[])
+      AND expires_at > now()
+    FOR KEY SHARE
+)
+SELECT o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id,
+       o.payload::text, o.headers::text,
+       CASE WHEN o.created_at >= '0001-01-02 00:00:00+00' AND o.created_at < '9999-12-30 00:00:00+00'
+            THEN o.created_at END,
+       CASE WHEN o.created_at >= '0001-01-02 00:00:00+00' AND o.created_at < '9999-12-30 00:00:00+00'
+            THEN NULL ELSE o.created_at::text END,
+       o.attempts
+FROM {{schema}}.outbox AS o
+WHERE o.id = ANY(%(ids)s) AND o.published_at IS NULL AND o.dead_at IS NULL
+  AND mod(coalesce(hashtext(o.aggregate_id), uuid_hash(o.event_id)) & 1023, %(count)s)
+      IN (SELECT partition FROM mine)
+ORDER BY o.id
+FOR UPDATE OF o;
 
 -- name: cdc_earliest_pending
 -- Per aggregate, its earliest pending event outside the batch that precedes one in it: such an
@@ -187,6 +233,12 @@ SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s);
 
 -- name: cdc_create_publication
 CREATE PUBLICATION {publication} FOR TABLE {{schema}}.outbox WITH (publish = 'insert');
+
+-- name: cdc_create_shard_publication
+-- One of several CDC shards: its rows only, by partition (the claim queries' expression).
+CREATE PUBLICATION {publication} FOR TABLE {{schema}}.outbox
+    WHERE (mod(coalesce(hashtext(aggregate_id), uuid_hash(event_id)) & 1023, {shards}) = {shard})
+    WITH (publish = 'insert');
 
 -- name: cdc_slot
 SELECT slot_type, plugin, database = current_database(), active, active_pid,

@@ -3,10 +3,16 @@
 -- the role held on the outbox objects, so the result is exact. {relay} is the role.
 
 GRANT USAGE ON SCHEMA {{schema}} TO {relay};
--- Claim pending rows (SELECT ... FOR UPDATE needs UPDATE), record attempts, mark or delete sent
--- rows, prune kept ones. No INSERT: the relay never writes events.
-GRANT SELECT, UPDATE, DELETE ON {{schema}}.outbox TO {relay};
+-- Claim pending rows (SELECT ... FOR UPDATE needs UPDATE on a column), record attempts, mark or
+-- delete sent rows, prune kept ones. It may change only the bookkeeping columns, never an
+-- event's type, payload or headers; no INSERT: the relay never writes events.
+GRANT SELECT, DELETE ON {{schema}}.outbox TO {relay};
+GRANT UPDATE (published_at, attempts, next_attempt_at, last_error, dead_at)
+    ON {{schema}}.outbox TO {relay};
 GRANT SELECT ON {{schema}}.outbox_schema_version TO {relay};
 -- Soft state: whether the relay is listening (wake-ups) and published counts per minute.
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_wakeup TO {relay};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_stats TO {relay};
+-- Its share of the outbox: leases on partitions and membership (see relay/leases.py).
+GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_leases TO {relay};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_members TO {relay};

@@ -4,5 +4,6 @@
 
 -- Events written straight to the WAL (pg_logical_emit_message) become outbox rows first, so
 -- they share the publish and retry path; the insert trigger draws their ids.
-GRANT INSERT ON {{schema}}.outbox TO {relay};
+GRANT INSERT (event_id, event_type, aggregate_type, aggregate_id, payload, headers, created_at)
+    ON {{schema}}.outbox TO {relay};
 GRANT USAGE ON SEQUENCE {{schema}}.outbox_id_seq TO {relay};

@@ -1,0 +1,111 @@
+"""A TCP proxy that can stop forwarding without closing anything: a link that hangs.
+
+A killed process or a stopped server closes its sockets, so the peer learns at once. A cut
+link or a frozen host leaves the connection open with nobody answering; this proxy reproduces
+that between a client and a server on this machine: ``freeze()`` stops reading and forwarding
+in both directions (the kernel buffers fill, writes stall, no reply ever comes), ``thaw()``
+resumes, nothing is closed either way. Runs its own event loop on a thread, so synchronous tests
+and relays on other threads or processes can use it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from types import TracebackType
+
+
+class HangingProxy:
+    """``with HangingProxy(5432) as proxy: connect to 127.0.0.1:proxy.port; proxy.freeze()``."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self._target = (target_host, target_port)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._flowing: asyncio.Event | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    def start(self) -> HangingProxy:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+        return self
+
+    async def _listen(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        await self._flowing.wait()  # a frozen link accepts but never gets anywhere
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+        )
+        for w in (writer, up_writer):
+            self._writers.discard(w)
+            w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        while True:
+            await self._flowing.wait()
+            data = await reader.read(65536)
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                return
+            await self._flowing.wait()  # data read just before a freeze is held too
+            writer.write(data)
+            await writer.drain()
+
+    def freeze(self) -> None:
+        """Stop forwarding: every connection through the proxy hangs, none is closed."""
+        assert self._flowing is not None
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def thaw(self) -> None:
+        assert self._flowing is not None
+        self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            if self._flowing is not None:
+                self._flowing.set()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> HangingProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
