@@ -31,7 +31,7 @@ from outbox_relay.cdc.pgoutput import (
     decode_message,
 )
 from outbox_relay.cdc.stream import ReplicationStream
-from outbox_relay.cdc.transactions import TransactionTracker
+from outbox_relay.cdc.transactions import TransactionTracker, WalTransaction
 from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.db.connect import connection
 from outbox_relay.errors import DatabaseUnavailableError, ReplicationError, SlotNotFoundError
@@ -50,10 +50,26 @@ STATUS_MIN_GAP = 1.0
 
 
 @dataclass(frozen=True, slots=True)
+class TransactionStart:
+    """Marks a transaction's start among the WAL items waiting to be claimed."""
+
+    xid: int
+
+
+@dataclass(frozen=True, slots=True)
 class TransactionEnd:
     """Marks a transaction's end (and its position) among the WAL items waiting to be claimed."""
 
     lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """Items taken from the stream for one batch."""
+
+    items: list[int | WalEvent]  # in WAL order
+    end: int | None  # the end of the last transaction they complete (None: they end mid-way)
+    xids: frozenset[int]  # the transactions they come from
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +92,9 @@ class SlotStream:
         self._stream: ReplicationStream | None = None
         self.tracker = TransactionTracker(settings.schema_name, settings.wal_message_prefix)
         self._reading: asyncio.Future[None] | None = None
-        # WAL items read and not yet claimed: row ids, events, and each transaction's end.
-        self.pending: deque[int | WalEvent | TransactionEnd] = deque()
+        # WAL items read and not yet claimed: row ids, events, each transaction's start and end.
+        self.pending: deque[int | WalEvent | TransactionStart | TransactionEnd] = deque()
+        self._taking: int | None = None  # the transaction the last take() ended inside
         # Batches of this slot in claim (= WAL) order, with the position each lets it confirm.
         self._unsettled: deque[tuple[object, int | None]] = deque()
         self._settled: set[int] = set()
@@ -185,7 +202,12 @@ class SlotStream:
             # and one bigger batch costs far fewer round trips than several small ones.
             for frame, message in await self._call(self._read_frames, GATHER_TIMEOUT):
                 tracker.feed(frame, message)
-        for transaction in tracker.take_ready():
+        self.enqueue(tracker.take_ready())
+
+    def enqueue(self, transactions: list[WalTransaction]) -> None:
+        """Committed transactions join the items waiting to be claimed."""
+        for transaction in transactions:
+            self.pending.append(TransactionStart(transaction.xid))
             self.pending.extend(transaction.ids)
             self.pending.append(TransactionEnd(transaction.end_lsn))
 
@@ -205,21 +227,25 @@ class SlotStream:
 
     # -- taking items and confirming -------------------------------------------------------
 
-    def take(self, limit: int) -> tuple[list[int | WalEvent], int | None]:
-        """Up to ``limit`` items in WAL order, and the end of the last transaction they
-        complete (None: they end mid-transaction; a bigger transaction spans batches)."""
+    def take(self, limit: int) -> Taken:
+        """Up to ``limit`` items in WAL order (a bigger transaction spans batches)."""
         pending = self.pending
         items: list[int | WalEvent] = []
         end: int | None = None
+        xids: set[int] = set() if self._taking is None else {self._taking}
         while pending and (len(items) < limit or isinstance(pending[0], TransactionEnd)):
             item = pending.popleft()
-            if isinstance(item, TransactionEnd):
+            if isinstance(item, TransactionStart):
+                self._taking = item.xid
+                xids.add(item.xid)
+            elif isinstance(item, TransactionEnd):
+                self._taking = None
                 end = item.lsn
             else:
                 items.append(item)
         if items:
             self.last_activity = time.monotonic()
-        return items, end
+        return Taken(items, end, frozenset(xids))
 
     def claimed(self, batch: object, end: int | None) -> None:
         self._unsettled.append((batch, end))

@@ -34,6 +34,7 @@ class WalTransaction:
 
     end_lsn: int
     ids: tuple[int | WalEvent, ...]
+    xid: int  # the transaction's (32-bit) id: when its rows are visible (slot_stream.py)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TransactionTracker:
     reply_requested: bool = False
     _current: list[int | WalEvent] = field(default_factory=list)
     _committed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _xid: int = 0
     _id_column: dict[int, int] = field(default_factory=dict)  # outbox relation oid -> index
 
     def feed(self, frame: ReplicationFrame, message: PgOutputMessage | None) -> None:
@@ -63,6 +65,7 @@ class TransactionTracker:
             self.in_transaction = True
             self._current = []
             self._committed_at = message.commit_ts
+            self._xid = message.xid
         elif isinstance(message, Relation):
             self._relation(message)
         elif isinstance(message, Insert):
@@ -72,7 +75,7 @@ class TransactionTracker:
                 if value is not None:
                     self._current.append(int(value))
         elif isinstance(message, Commit):
-            self.ready.append(WalTransaction(message.end_lsn, tuple(self._current)))
+            self.ready.append(WalTransaction(message.end_lsn, tuple(self._current), self._xid))
             self._current = []
             self.in_transaction = False
         elif isinstance(message, LogicalMessage):

@@ -37,8 +37,11 @@ def message_from_row(row: tuple[Any, ...]) -> OutboxMessage:
         try:
             headers = json.loads(headers_text)
             problem = _depth_problem(headers_text, headers)
-        except (ValueError, RecursionError):
+        except RecursionError:
             problem = f"headers are nested deeper than {MAX_HEADER_DEPTH} levels"
+            headers = {}
+        except ValueError as exc:  # valid jsonb Python will not read: an integer of 5,000 digits
+            problem = f"headers cannot be read: {exc}"
             headers = {}
     if created is None:
         problem = (
@@ -46,24 +49,30 @@ def message_from_row(row: tuple[Any, ...]) -> OutboxMessage:
             "(years 1 to 9999)"
         )
         created = _NO_TIME
+    body = payload.encode()
     return OutboxMessage(
         id=id_,
         event_id=event_id,
         event_type=event_type,
         aggregate_type=aggregate_type,
         aggregate_id=aggregate_id,
-        payload=payload.encode(),
+        payload=body,
         headers=headers,
         created_at=created,
         attempts=attempts,
         problem=problem,
-        size=len(payload)
-        + len(headers_text)
-        + len(event_type)
-        + len(aggregate_type or "")
-        + len(aggregate_id or "")
+        # In bytes, as brokers count: a character can take four.
+        size=len(body)
+        + _utf8_length(headers_text)
+        + _utf8_length(event_type)
+        + _utf8_length(aggregate_type or "")
+        + _utf8_length(aggregate_id or "")
         + _FIXED_SIZE,
     )
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _depth_problem(text: str, headers: Any) -> str | None:

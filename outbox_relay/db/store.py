@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,14 @@ from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import OnSent, RelaySettings
 
 log = logging.getLogger(__name__)
+
+# last_error is for people: a broker's reason can quote the message (a 300 kB header) or hold a
+# NUL, which a text column refuses; either would fail the settle and so the whole batch.
+MAX_REASON = 2000
+
+# Seconds to wait for a transaction the WAL says committed to become visible; a commit is
+# normally visible within microseconds of being sent, so this bound is never reached in practice.
+VISIBLE_TIMEOUT = 10.0
 
 # Seconds to end a transaction or a connection before dropping it (a link that hangs).
 CLOSE_TIMEOUT = 2.0
@@ -164,7 +173,7 @@ class OutboxStore:
                 "record_failures",
                 {
                     "ids": [f.id for f in failures],
-                    "reasons": [f.reason for f in failures],
+                    "reasons": [_storable(f.reason) for f in failures],
                     "permanent": [f.permanent for f in failures],
                     "max_attempts": self._settings.max_attempts,
                     "backoff_base": self._settings.retry_backoff,
@@ -229,6 +238,18 @@ class OutboxStore:
         rows = await self._fetch("cdc_claim_ids", {"ids": list(ids), **share.parameters()})
         return [message_from_row(row) for row in rows]
 
+    async def wait_visible(self, xids: Iterable[int]) -> None:
+        """Until these committed transactions (the WAL's 32-bit xids) show in new snapshots,
+        which takes at most a moment after the WAL tells of their commit."""
+        deadline = time.monotonic() + VISIBLE_TIMEOUT
+        pause = 0.001
+        while not (await self._fetch("cdc_transactions_visible", {"xids": list(xids)}))[0][0]:
+            if time.monotonic() >= deadline:
+                log.warning("transactions read from the WAL are still not visible: going on")
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
     async def earliest_pending(
         self, aggregates: Sequence[str], ids: Sequence[int], before: int
     ) -> dict[str, int]:
@@ -260,3 +281,8 @@ class OutboxStore:
         rows = await self._fetch("cdc_ids_of_events", {"event_ids": [e.event_id for e in events]})
         await self.commit()
         return {event_id: int(id_) for event_id, id_ in rows}
+
+
+def _storable(reason: str) -> str:
+    reason = reason.replace("\x00", "\\0")
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"

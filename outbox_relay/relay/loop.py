@@ -210,7 +210,10 @@ class Relay:
                 if len(free) == len(self._lanes) and time.monotonic() >= next_housekeeping:
                     await free[-1].housekeeping()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
-                if free:
+                # While a batch that held events back is committing, a claim would take those
+                # rows again and hold them again, becoming a holder itself: with several lanes
+                # the chain would never see all its holders committed (a livelock).
+                if free and not window.holders_settling():
                     lane = free.pop()
                     window.before_claim()
                     claimed_at = time.perf_counter()

@@ -48,8 +48,9 @@ class Batch:
     messages: list[OutboxMessage]
     lane: Any = None  # the connection holding the rows' locks (the relay's business)
     token: Any = None  # what the source needs back when it has settled (CDC: an LSN)
-    # Rows locked with the batch but not to be published by it (CDC: held back for the table).
-    locked: list[int] = field(default_factory=list)
+    # Rows locked with the batch but left for a later claim (CDC: held back for the table path).
+    # Their aggregates stay blocked until the batch has settled, like those of a failed event.
+    held_back: list[OutboxMessage] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)  # row ids the broker confirmed
     failures: list[Failure] = field(default_factory=list)
     held: int = 0  # events held back behind a failed one of their aggregate
@@ -129,7 +130,7 @@ class Window:
     def in_flight_ids(self) -> list[int]:
         """Rows of every batch not yet settled (a claim must pass over them)."""
         ids = [m.id for batch in self._batches for m in batch.messages]
-        ids.extend(id_ for batch in self._batches for id_ in batch.locked)
+        ids.extend(m.id for batch in self._batches for m in batch.held_back)
         return ids
 
     def unconfirmed(self) -> list[OutboxMessage]:
@@ -147,6 +148,10 @@ class Window:
 
     def notify(self) -> None:
         self._changed.set()
+
+    def holders_settling(self) -> bool:
+        """A finished batch that held events back has not committed its settle yet."""
+        return any(b.held and b.unresolved == -1 and not b.committed for b in self._batches)
 
     # -- adding batches ------------------------------------------------------------------------
 
@@ -179,6 +184,18 @@ class Window:
                 self._go(link)
             else:
                 chain.waiting.append(link)
+        # Whatever a later claim brings of a held-back row's aggregate must wait for that row,
+        # which is pending again only once this batch has settled.
+        for message in batch.held_back:
+            if message.aggregate_id is not None:
+                chain = chains.get(message.aggregate_id)
+                if chain is None:
+                    chain = chains[message.aggregate_id] = _Chain()
+                # Events of the chain already waiting are older than the held-back row: they
+                # still go in turn; only what is added from now on is held.
+                chain.blocked = True
+                chain.holders.append(batch)
+        batch.held += len(batch.held_back)
         self._maybe_done(batch)
 
     def settled(self, batch: Batch) -> None:

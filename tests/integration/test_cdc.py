@@ -7,6 +7,7 @@ the WAL.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 
 from outbox_relay.cdc.stream import ReplicationStream
+from outbox_relay.db.store import OutboxStore
 from outbox_relay.relay.settings import Mode, OnSent
 from tests.cdc_support import current_wal_lsn, drop_slot_eventually, slot_row, unique_slot_name
 from tests.conftest import RabbitQueue, wait_until
@@ -395,3 +397,34 @@ def test_cdc_mode_streams_many_events_of_few_aggregates_in_commit_order(
     for delivery in got:
         order.setdefault(str(delivery.aggregate_id), []).append(delivery.json()["seq"])
     assert order == {f"A-{k}": list(range(1, 41)) for k in range(3)}
+
+
+def test_rows_of_a_transaction_are_read_only_once_it_shows_as_committed(
+    database_url: str, broker_url: str, exchange: str
+) -> None:
+    # The walsender may send a commit a moment before the committing session makes it visible;
+    # the relay waits on the WAL's (32-bit) xid until snapshots show the transaction.
+    async def scenario() -> None:
+        store = OutboxStore(relay_settings(database_url, broker_url, exchange, mode=Mode.CDC))
+        await store.connect()
+        try:
+            with psycopg.connect(database_url) as writer:
+                xid = int(scalar_of(writer, "SELECT pg_current_xact_id()::text"))
+                wal_xid = xid & 0xFFFFFFFF
+                waiting = asyncio.ensure_future(store.wait_visible([wal_xid]))
+                await asyncio.sleep(0.3)
+                assert not waiting.done(), "an open transaction counted as visible"
+                writer.commit()
+            await asyncio.wait_for(waiting, timeout=5)
+            # Long committed and unknown-but-old transactions are visible at once.
+            await asyncio.wait_for(store.wait_visible([wal_xid, 3]), timeout=1)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def scalar_of(conn: psycopg.Connection[Any], query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return row[0]

@@ -32,7 +32,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +57,9 @@ pytestmark = pytest.mark.integration
 
 BROKERS = ("rabbitmq", "nats", "redis", "mqtt", "webhook")
 
-# Rows in flight: every row of the scenario fits in one claim (--batch-size / 3). Smaller
-# claims meet the livelock of test_rows_behind_a_dead_row_are_not_claimed_over_and_over; once
-# it is fixed, 60 here makes the scenario span many claims.
-BATCH_SIZE = 600
+# Claims of 20 rows (--batch-size / 3): the scenario spans many claims, so rows held back behind
+# a dead one meet later claims (see test_rows_behind_a_dead_row_are_not_claimed_over_and_over).
+BATCH_SIZE = 60
 MAX_ATTEMPTS = 2
 # Above NATS's max_payload (1 MiB), so that the broker's own limit is exercised too.
 MAX_MESSAGE_BYTES = 2_000_000
@@ -125,15 +123,6 @@ FRAME_MAX = "frame_max"
 OVER_LIMIT = "-byte limit"
 UNROUTABLE = "<the broker's own refusal>"  # BrokerUnderTest.unroutable_reason
 
-SIZE_IN_CHARACTERS = (
-    "db/rows.py measures OutboxMessage.size in characters (len of the decoded text), not bytes: "
-    "a payload of 4-byte characters over --max-message-bytes in bytes passes the size check"
-)
-DIGITS = (
-    "db/rows.py: json.loads raises ValueError for an integer of more than 4,300 digits "
-    "(sys.int_info.default_max_str_digits); the row is dead-lettered as 'nested deeper than 32 "
-    "levels', a wrong reason"
-)
 
 POISONS: tuple[Poison, ...] = (
     # The edges of what is read: AMQP timestamps are unsigned seconds since 1970.
@@ -198,7 +187,6 @@ POISONS: tuple[Poison, ...] = (
         "payload over --max-message-bytes in bytes, not in characters",
         payload=json.dumps("😀" * 600_000, ensure_ascii=False),
         dead=every(OVER_LIMIT),
-        xfail=dict.fromkeys(("rabbitmq", "redis", "mqtt", "webhook"), SIZE_IN_CHARACTERS),
     ),
     Poison(
         "payload over NATS max_payload",
@@ -302,7 +290,6 @@ POISONS: tuple[Poison, ...] = (
         "integer of 5,001 digits",
         headers='{"n": 1e5000}',
         dead=every("digits"),
-        xfail=every(DIGITS),
     ),
     Poison(
         "values of every JSON type",
@@ -803,20 +790,6 @@ def lost_connections(log: str) -> list[str]:
 # -- rows written before a constraint that now refuses them ------------------------------------
 
 
-def created_at_is_constrained() -> bool:
-    """Whether the schema refuses out-of-range created_at for new rows with a NOT VALID check
-    (migration 0004), which the relay's own UPDATE of such a row then fails too."""
-    schema = resources.files("outbox_relay.db") / "sql" / "outbox_schema.sql"
-    return "outbox_created_at_is_a_time" in schema.read_text()
-
-
-NOT_VALID_CHECK = (
-    "The NOT VALID check outbox_created_at_is_a_time is checked on UPDATE: record_failures "
-    "(dead-lettering the row) violates it, the settle fails and the relay exits (code 5)"
-)
-
-
-@pytest.mark.xfail(created_at_is_constrained(), strict=True, reason=NOT_VALID_CHECK)
 @pytest.mark.parametrize("broker", BROKERS)
 def test_rows_written_before_the_created_at_constraint_are_dead_lettered(
     database_url: str, services: Services, tmp_path: Path, broker: str
@@ -840,14 +813,7 @@ def test_rows_written_before_the_created_at_constraint_are_dead_lettered(
 
 # -- a long aggregate id on an event that is retried -------------------------------------------
 
-LONG_AGGREGATE_ID_INDEX = (
-    "record_failures sets next_attempt_at, which puts the row into the partial btree index "
-    "outbox_retrying_v1 on aggregate_id: an aggregate_id over 2704 bytes (after compression) "
-    "fails that UPDATE with 'index row size exceeds btree version 4 maximum'"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=LONG_AGGREGATE_ID_INDEX)
 def test_an_event_with_a_long_aggregate_id_is_retried_then_dead(
     database_url: str, services: Services, tmp_path: Path
 ) -> None:
@@ -876,18 +842,9 @@ def test_an_event_with_a_long_aggregate_id_is_retried_then_dead(
 
 # -- rows held back behind a dead one ------------------------------------------------------------
 
-HELD_BACK_LIVELOCK = (
-    "relay/window.py: a chain blocked by a failure is forgotten only when every batch holding "
-    "its events has committed, but each claim that meets its rows holds them again and joins "
-    "the holders before the previous ones commit; with several lanes claiming, the holders "
-    "never all commit at once and the same rows are claimed and held over and over"
-)
-
-
 EPISODES = 4
 
 
-@pytest.mark.xfail(strict=True, reason=HELD_BACK_LIVELOCK)
 def test_rows_behind_a_dead_row_are_not_claimed_over_and_over(
     database_url: str, services: Services, tmp_path: Path
 ) -> None:

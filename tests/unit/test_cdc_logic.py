@@ -17,9 +17,11 @@ from outbox_relay.cdc.pgoutput import (
     ValueKind,
     XLogData,
 )
+from outbox_relay.cdc.slot_stream import SlotNames, SlotStream, Taken
 from outbox_relay.cdc.transactions import TransactionTracker, WalTransaction, select_publishable
 from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.messages import OutboxMessage
+from outbox_relay.relay.settings import RelaySettings
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 OUTBOX, OTHER = 16384, 16400
@@ -57,7 +59,7 @@ def test_commits_become_transactions_with_the_outbox_ids_of_the_schema_only() ->
         *txn(200, insert(OTHER, 1)),
     )
 
-    assert tracker.take_ready() == [WalTransaction(108, (5, 3)), WalTransaction(208, ())]
+    assert tracker.take_ready() == [WalTransaction(108, (5, 3), 7), WalTransaction(208, (), 7)]
     assert tracker.ready == []
     assert tracker.ready_ids == 0
 
@@ -82,7 +84,7 @@ def test_a_relation_redefined_without_outbox_stops_matching() -> None:
     tracker = TransactionTracker("public")
     feed(tracker, relation(OUTBOX, "public", "outbox"), relation(OUTBOX, "public", "renamed"))
     feed(tracker, *txn(10, insert(OUTBOX, 1)))
-    assert tracker.take_ready() == [WalTransaction(18, ())]
+    assert tracker.take_ready() == [WalTransaction(18, (), 7)]
 
 
 def message(id_: int, aggregate: str | None, attempts: int = 0) -> OutboxMessage:
@@ -143,3 +145,16 @@ def test_events_written_to_the_wal_join_their_transaction_in_order() -> None:
     assert first == 1
     assert isinstance(second, WalEvent)
     assert (second.event_type, second.payload, second.created_at) == ("order.paid", '{"n": 2}', NOW)
+
+
+def test_batches_taken_from_a_slot_name_the_transactions_their_rows_come_from() -> None:
+    # The relay waits for exactly these transactions to be visible before reading their rows.
+    settings = RelaySettings(database_url="postgresql://localhost/app", mode="cdc")
+    stream = SlotStream(settings, SlotNames("slot", "publication", 0, 1))
+    stream.enqueue([WalTransaction(108, (1, 2, 3), 70), WalTransaction(208, (4,), 71)])
+    stream.enqueue([WalTransaction(308, (5,), 72)])
+
+    assert stream.take(2) == Taken([1, 2], None, frozenset({70}))
+    assert stream.take(2) == Taken([3, 4], 208, frozenset({70, 71}))
+    assert stream.take(2) == Taken([5], 308, frozenset({72}))
+    assert not stream.pending

@@ -188,6 +188,41 @@ def test_a_chain_stays_blocked_while_a_batch_holding_its_events_is_unsettled() -
     run(scenario)
 
 
+def test_rows_held_back_by_their_claim_block_their_aggregate_until_it_settles() -> None:
+    async def scenario() -> None:
+        broker, done = ScriptedBroker(), []
+        w = window(broker, done)
+        # CDC left event 2 of "a" to the table path (held back, still locked by this batch)
+        cdc = Batch([message(1, "a"), message(3, "b")], held_back=[message(2, "a")])
+        w.add(cdc)
+        await turn()
+        assert 2 in w.in_flight_ids()
+        # A claim meanwhile passes over event 2 and brings "a"'s later events: held, not sent
+        sweep = Batch([message(4, "a"), message(5, "c")])
+        w.add(sweep)
+        await turn()
+        await broker.answer(1)
+        await broker.answer(3)
+        await broker.answer(5)
+        assert broker.sent == [1, 3, 5]
+        assert sweep.held == 1
+        assert cdc.held == 1
+        # While the holders commit, no claim starts (it would take the held rows again)
+        assert w.holders_settling()
+        w.settled(cdc)
+        assert w.holders_settling()
+        w.settled(sweep)
+        assert not w.holders_settling()
+        # Then claims see the table: event 2 first, then 4
+        w.before_claim()
+        w.add(Batch([message(2, "a"), message(4, "a")]))
+        await turn()
+        await broker.answer(2)
+        assert broker.sent == [1, 3, 5, 2, 4]
+
+    run(scenario)
+
+
 def test_rows_that_cannot_be_messages_fail_at_once_without_being_sent() -> None:
     async def scenario() -> None:
         broker, done = ScriptedBroker(), []

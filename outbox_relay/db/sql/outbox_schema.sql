@@ -37,13 +37,16 @@ CREATE TABLE {{schema}}.outbox (
 -- A time no message can carry is refused for new rows (NOT VALID: rows from before the
 -- constraint are not checked; the relay dead-letters any such row).
 ALTER TABLE {{schema}}.outbox ADD CONSTRAINT outbox_created_at_is_a_time
-    CHECK (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00')
+    CHECK (
+        (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00')
+        OR dead_at IS NOT NULL
+    )
     NOT VALID;
 
 -- Only pending rows are indexed, so claiming stays fast however many sent rows are kept.
 CREATE INDEX outbox_pending_v1 ON {{schema}}.outbox (id)
     WHERE published_at IS NULL AND dead_at IS NULL;
-CREATE INDEX outbox_retrying_v1 ON {{schema}}.outbox (aggregate_id)
+CREATE INDEX outbox_retrying_v2 ON {{schema}}.outbox (next_attempt_at)
     WHERE next_attempt_at IS NOT NULL AND published_at IS NULL AND dead_at IS NULL;
 CREATE INDEX outbox_dead_v1 ON {{schema}}.outbox (id) WHERE dead_at IS NOT NULL;
 CREATE INDEX outbox_published_v1 ON {{schema}}.outbox (published_at) WHERE published_at IS NOT NULL;

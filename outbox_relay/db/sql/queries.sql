@@ -208,6 +208,23 @@ WHERE o.id = ANY(%(ids)s) AND o.published_at IS NULL AND o.dead_at IS NULL
 ORDER BY o.id
 FOR UPDATE OF o;
 
+-- name: cdc_transactions_visible
+-- Whether these transactions, committed by the WAL's account, show in a new snapshot: the
+-- walsender can send a commit a moment before the committing session makes it visible. The
+-- WAL's xids are 32 bits: each is put in the epoch that places it nearest the snapshot's xmax.
+WITH s AS (
+    SELECT pg_current_snapshot() AS snap,
+           pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax
+), wal AS (
+    SELECT (s.xmax & ~4294967295::bigint) | x AS xid FROM s, unnest(%(xids)s::bigint[]) AS x
+)
+SELECT coalesce(bool_and(pg_visible_in_snapshot(
+           greatest(0, CASE WHEN wal.xid > s.xmax + 2147483648 THEN wal.xid - 4294967296
+                            WHEN wal.xid < s.xmax - 2147483648 THEN wal.xid + 4294967296
+                            ELSE wal.xid END)::text::xid8,
+           s.snap)), true)
+FROM s, wal;
+
 -- name: cdc_earliest_pending
 -- Per aggregate, its earliest pending event outside the batch that precedes one in it: such an
 -- event (retrying, held back, or committed while no slot existed) must be published first, by

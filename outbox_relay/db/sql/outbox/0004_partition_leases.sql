@@ -48,7 +48,18 @@ CREATE FUNCTION {{schema}}.outbox_lock_bucket(aggregate_id text) RETURNS integer
     RETURN hashtext(aggregate_id) & 1023;
 
 -- A created_at no message can carry (Python, and most clients, stop at the year 9999): refused
--- for new rows; existing rows are not checked (NOT VALID) and the relay dead-letters any.
+-- for new rows; existing rows are not checked (NOT VALID) and the relay dead-letters any, which
+-- is why a dead row is exempt (the check applies to every UPDATE of a row, old ones included).
 ALTER TABLE {{schema}}.outbox ADD CONSTRAINT outbox_created_at_is_a_time
-    CHECK (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00')
+    CHECK (
+        (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-30 00:00:00+00')
+        OR dead_at IS NOT NULL
+    )
     NOT VALID;
+
+-- Backing-off rows by when they are due (the claim's skip list, next_retry_in), no longer by
+-- aggregate_id: an index entry is limited to about 2.7 kB, and an aggregate_id longer than that
+-- made recording the row's first failure fail, so its batch could never settle.
+DROP INDEX {{schema}}.outbox_retrying_v1;
+CREATE INDEX outbox_retrying_v2 ON {{schema}}.outbox (next_attempt_at)
+    WHERE next_attempt_at IS NOT NULL AND published_at IS NULL AND dead_at IS NULL;
