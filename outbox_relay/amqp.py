@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError, OutboxRelayError
-from outbox_relay.redact import redact_url
+from outbox_relay.redact import Scrubber, redact_url
 
 # Seconds for TCP, the AMQP handshake and authentication together: a host that answers
 # nothing, or a service of another kind that keeps the socket open, is given up on in time.
@@ -28,7 +29,9 @@ def parameters(url: str, *, timeout: float = CONNECT_TIMEOUT) -> pika.URLParamet
     try:
         params = pika.URLParameters(url)
     except Exception as exc:  # pika raises assorted errors for malformed URLs
-        raise ConfigError(f"--broker-url: invalid AMQP URL {redact_url(url)}: {exc}") from None
+        # Its message may quote a piece of the URL (a password misread as a port).
+        reason = Scrubber([url])(str(exc))
+        raise ConfigError(f"--broker-url: invalid AMQP URL ({reason}): {redact_url(url)}") from None
     params.socket_timeout = timeout
     # Ends pika's own connection workflow in time (rather than our closing it half-way).
     params.stack_timeout = timeout
@@ -53,9 +56,11 @@ def translate(exc: BaseException, url: str) -> OutboxRelayError:
             f"--broker-url: {where} did not answer like an AMQP 0-9-1 server (is the host or "
             "port that of another service?)"
         )
-    if "Timeout while setting up AMQP" in str(exc):
+    if isinstance(exc, AMQPConnectorStackTimeout) or "Timeout while setting up AMQP" in str(exc):
         return BrokerUnavailableError(
             f"no AMQP handshake from {where} within {CONNECT_TIMEOUT:g}s (is it a RabbitMQ "
             "server, and reachable?)"
         )
-    return BrokerUnavailableError(f"cannot connect to RabbitMQ at {where}: {exc!r}")
+    return BrokerUnavailableError(
+        f"cannot connect to RabbitMQ at {where}: {Scrubber([url])(repr(exc))}"
+    )

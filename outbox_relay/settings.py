@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -28,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.fields import FieldInfo
 
 from outbox_relay.errors import ConfigError
-from outbox_relay.redact import redact_url
+from outbox_relay.redact import Scrubber, redact_url
 
 ENV_PREFIX = "OUTBOX_RELAY_"
 
@@ -230,6 +231,10 @@ def describe_error(model: type[BaseModel], exc: ValidationError, *, where: str =
         text = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {given}"
     if not field:  # a rule across settings: its message names them
         name = ""
+    if info is not None and flag_of(info).secret and isinstance(error.get("input"), str):
+        # A parser's message may quote the value, or a piece of it (libpq quotes the token it
+        # could not decode): nothing of a secret reaches the message.
+        text = Scrubber([error["input"]])(text)
     prefix = ": ".join(part for part in (where, name) if part)
     return f"{prefix}: {text}" if prefix else text
 
@@ -302,6 +307,28 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_UNENCODED_USER = re.compile(r"[/?#@\s:]|%(?![0-9A-Fa-f]{2})")
+_UNENCODED_PASSWORD = re.compile(r"[/?#@\s]|%(?![0-9A-Fa-f]{2})")
+
+
+def unencoded_userinfo(url: str) -> str | None:
+    """Why ``url`` (one that did not parse) failed, when its user info holds characters a URL
+    must percent-encode: a parser then splits the password, and would quote a piece of it."""
+    _scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return None
+    user, _colon, password = rest[:at].partition(":")
+    if _UNENCODED_USER.search(user) or _UNENCODED_PASSWORD.search(password):
+        # The URL last: text after it on the line would be masked as if it were its password.
+        return (
+            "the user name or password holds characters a URL must percent-encode (/ as %2F, "
+            f"# as %23, ? as %3F, @ as %40, % as %25, a space as %20): {redact_url(url)!r}"
+        )
+    return None
+
+
 def check_database_url(url: str) -> str:
     if not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
         raise ValueError(
@@ -309,11 +336,19 @@ def check_database_url(url: str) -> str:
             "(expected postgresql://user@host:5432/dbname or a key=value conninfo)"
         )
     try:
-        conninfo_to_dict(url)
+        parameters = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        # libpq quotes the whole URL, password included, in its message.
-        reason = str(exc).replace(url, redact_url(url)).strip()
-        raise ValueError(f"cannot be parsed: {reason}") from None
+        # libpq quotes the URL, or the part it could not read, password included.
+        reason = Scrubber([url])(str(exc).replace(url, redact_url(url)).strip())
+        raise ValueError(unencoded_userinfo(url) or f"cannot be parsed: {reason}") from None
+    # What libpq would refuse only when connecting, refused here: before anything connects.
+    for port in str(parameters.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"the port must be a number from 1 to 65535, got {port!r}")
+    sslmode = parameters.get("sslmode")
+    if sslmode is not None and sslmode not in SSL_MODES:
+        # libpq's own words, and the choices.
+        raise ValueError(f'invalid sslmode value: "{sslmode}" (one of {", ".join(SSL_MODES)})')
     return url
 
 
@@ -321,6 +356,18 @@ def check_broker_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme or not rest:
         raise ValueError(f"{redact_url(url)!r} is not a URL (e.g. amqp://user:pass@host:5672/%2F)")
+    # Every client reads host and port the way urllib does; a port it cannot read is an error
+    # each would report differently, some quoting a piece of the password.
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        raise ValueError(
+            unencoded_userinfo(url)
+            or f"the port must be a number from 1 to 65535, and an IPv6 address in []: "
+            f"{redact_url(url)!r}"
+        ) from None
+    if port == 0:
+        raise ValueError(f"the port must be a number from 1 to 65535, got 0: {redact_url(url)!r}")
     return url
 
 

@@ -34,7 +34,7 @@ _SETTINGS_REFUSED = re.compile(
     r"no password supplied|role \"[^\"]*\" does not exist|database \"[^\"]*\" does not exist|"
     r"no pg_hba\.conf entry|server does not support SSL|certificate verify failed|"
     r"root certificate file|server certificate for \S+ does not match host name|"
-    r"permission denied for database|is not permitted to log in"
+    r"permission denied for database|is not permitted to log in|invalid port number"
 )
 # Another kind of server answered at the address.
 _NOT_POSTGRESQL = re.compile(
@@ -52,7 +52,9 @@ def translate(exc: BaseException, where: str) -> Exception:
     """psycopg's error as the project's: retryable, a configuration problem, or a schema problem."""
     if isinstance(exc, pg_errors.UndefinedTable | pg_errors.UndefinedFunction):
         return SchemaError(f"{exc.diag.message_primary}: run `outbox-relay migrate`")
-    text = str(exc).strip()
+    # One line: libpq's messages run on over several ("server closed the connection
+    # unexpectedly\n\tThis probably means...").
+    text = " ".join(str(exc).split())
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         if _NOT_POSTGRESQL.search(text):
             return ConfigError(

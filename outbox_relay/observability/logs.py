@@ -58,8 +58,9 @@ class JsonFormatter(_ScrubbingFormatter):
 class TextFormatter(_ScrubbingFormatter):
     def render(self, record: logging.LogRecord) -> str:
         context = " ".join(f"{k}={v}" for k, v in _context(record).items())
-        # One entry, one line: drivers' messages often carry newlines and tabs.
-        message = " ".join(record.getMessage().split())
+        # One entry, one line: drivers' messages often carry newlines and tabs. Masked first:
+        # a password holding two spaces or a tab would not be found once they are folded.
+        message = " ".join(self.scrubber(record.getMessage()).split())
         line = f"{_timestamp(record)} {record.levelname:<7} {message}"
         if context:
             line = f"{line}  {context}"
