@@ -76,6 +76,11 @@ def main() -> None:
         # A right the command needs and the role lacks, or a query the server refused.
         error = translate(exc, "the database")
         fail(error if isinstance(error, OutboxRelayError) else OutboxRelayError(str(exc)))
+    except typer.BadParameter as exc:
+        # A value the command line parser itself refused (a flag's variable set to "maybe"):
+        # a bad value like any other, exit 3.
+        sys.stderr.write(scrub(f"error: {exc.format_message()}") + "\n")
+        sys.exit(ExitCode.CONFIG)
     except typer.TyperException as exc:
         # Usage errors (an unknown option, a missing argument) in one line, then where to look.
         sys.stderr.write(scrub(f"error: {exc.format_message()} (see --help)") + "\n")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
 import typer
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from rich.console import Console
 from rich.table import Table
 
@@ -35,12 +35,14 @@ from outbox_relay.consumer.settings import (
 from outbox_relay.db.connect import connection
 from outbox_relay.errors import ConfigError
 from outbox_relay.observability.settings import ObservabilitySettings
+from outbox_relay.redact import redact_url
 from outbox_relay.settings import (
     DEFAULT_BROKER_URL,
     BrokerUrl,
     Flag,
     Schema,
     Settings,
+    check_broker_url,
     check_database_url,
 )
 
@@ -70,13 +72,15 @@ def load_consumer(spec: str) -> Consumer:
         sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"--handler: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module's own code may fail in any way while it is imported
+        raise ConfigError(
+            f"--handler: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     for part in attr.split("."):
         try:
             target = getattr(target, part)
-        except AttributeError as exc:
-            raise ConfigError(f"--handler: {module_name!r} has no attribute {attr!r}") from exc
+        except AttributeError:
+            raise ConfigError(f"--handler: {module_name!r} has no attribute {attr!r}") from None
     if isinstance(target, Consumer):
         return target
     if callable(target):
@@ -178,7 +182,9 @@ class DlqReplayOptions(DlqOptions):
         Flag(argument=True, metavar="[EVENT_ID]..."),
     ] = Field(default_factory=list)
     limit: Annotated[
-        int | None, Field(gt=0, description="Replay at most this many."), Flag(env=False)
+        int | None,
+        Field(gt=0, le=1_000_000, description="Replay at most this many."),
+        Flag(env=False),
     ] = None
 
 
@@ -302,6 +308,15 @@ def check_optional_database_url(url: str | None) -> str | None:
     return None if url is None else check_database_url(url)
 
 
+def check_management_url(url: str | None) -> str | None:
+    """The management API's base URL: http(s)://host[:port], checked like a broker URL."""
+    if url is None:
+        return None
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError(f"{redact_url(url)!r} is not an HTTP URL (e.g. http://localhost:15672)")
+    return check_broker_url(url)
+
+
 class ConsumerStatusOptions(RetrySettings):
     queue: QueueName
     broker_url: BrokerUrl = DEFAULT_BROKER_URL
@@ -318,6 +333,7 @@ class ConsumerStatusOptions(RetrySettings):
     consumer_name: ConsumerName = None
     management_url: Annotated[
         str | None,
+        AfterValidator(check_management_url),
         Field(
             description="RabbitMQ management API (e.g. http://localhost:15672) for unacked and "
             "redelivery rate."
@@ -332,6 +348,14 @@ class ConsumerStatusOptions(RetrySettings):
     as_json: Annotated[
         bool, Field(alias="json", description="Print JSON instead of a table."), Flag(env=False)
     ] = False
+
+    @model_validator(mode="after")
+    def _inbox_options_need_the_database(self) -> ConsumerStatusOptions:
+        if "consumer_name" in self.model_fields_set and self.database_url is None:
+            raise ValueError(
+                "--consumer-name: names the consumer in its inbox, which needs --database-url"
+            )
+        return self
 
 
 @settings_command(ConsumerStatusOptions)
@@ -407,18 +431,17 @@ def consumer_status(values: Values) -> None:
             else f"{value}{unit}"
         )
 
+    ordered = partitions is not None
     rows = [
         ("queue depth (ready)", show(report["ready"])),
-        ("consumers", show(report["consumers"])),
+        ("workers" if ordered else "consumers", show(report["consumers"])),
         ("unacked", show(report["unacked"])),
         ("redeliveries / s (broker)", show(report["redeliver_rate_per_s"])),
-        ("waiting in retry queues", show(retry_depth)),
+        ("waiting in retry queues", "n/a (retried in place)" if ordered else show(retry_depth)),
         ("DLQ depth", show(report["dlq_depth"])),
     ]
     if partitions is not None:
         claimed = sum(1 for p in partitions if p.consumers)
-        rows[1] = ("consumers (workers)", show(consumers))
-        rows[4] = ("waiting in retry queues", "n/a (ordered: retried in place)")
         rows.append(("partitions claimed", f"{claimed} of {len(partitions)}"))
     if inbox is not None:
         share = inbox.retried_or_redelivered / inbox.applied if inbox.applied else 0.0

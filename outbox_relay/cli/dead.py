@@ -60,6 +60,10 @@ class DeadRetryOptions(Settings):
     def _something_to_retry(self) -> DeadRetryOptions:
         if not self.event_ids and not self.all_events:
             raise ValueError("dead retry: give EVENT_ID... or --all")
+        if self.event_ids and self.all_events:
+            raise ValueError(
+                "--all: requeues every dead event; give EVENT_ID... or --all, not both"
+            )
         return self
 
 

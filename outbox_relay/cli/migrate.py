@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from outbox_relay.cdc import slots
 from outbox_relay.cli.common import setup_logging
@@ -86,6 +86,14 @@ class MigrateOptions(Settings):
             "password)."
         ),
     ] = outbox_grants.DEFAULT_RELAY_ROLE
+
+    @model_validator(mode="after")
+    def _cdc_options_need_cdc(self) -> MigrateOptions:
+        # Not --slot-name or --publication: they are also variables that the environment of a
+        # `serve --mode cdc` sets, and migrate may run there without --cdc.
+        if self.cdc_shards is not None and not self.cdc:
+            raise ValueError("--cdc-shards: applies to --cdc only (it shards the CDC slots)")
+        return self
 
 
 @settings_command(MigrateOptions)

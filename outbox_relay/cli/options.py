@@ -152,6 +152,8 @@ def settings_command(
         del command.__wrapped__  # Typer must read the generated signature, not fn's
         command.__signature__ = inspect.Signature([ctx_param, *seen.values()])  # type: ignore[attr-defined]
         command.__annotations__ = {}
+        # Which settings the command reads (tests cover every option of every command from it).
+        command.settings_models = models  # type: ignore[attr-defined]
         return command
 
     return decorate
@@ -164,3 +166,15 @@ def pick(values: Values, *models: type[BaseModel]) -> dict[str, Any]:
         for name, info in model.model_fields.items():
             keys.update({name, key_of(name, info)})
     return {key: value for key, value in values.items() if key in keys}
+
+
+def settings_models(command: Callable[..., Any]) -> tuple[type[Settings], ...]:
+    """The settings models a command made by :func:`settings_command` reads (also through the
+    wrappers Typer and click put around it); empty for any other command."""
+    seen: Callable[..., Any] | None = command
+    while seen is not None:
+        models: tuple[type[Settings], ...] | None = getattr(seen, "settings_models", None)
+        if models is not None:
+            return models
+        seen = getattr(seen, "__wrapped__", None)
+    return ()

@@ -31,6 +31,8 @@ class StatusOptions(Settings):
         float | None,
         Field(
             ge=0,
+            # A lag limit of more than ten years is a typo, not a limit.
+            le=10 * 366 * 86400,
             description="Exit with code 6 when the oldest pending event is older than this many "
             "seconds.",
         ),
