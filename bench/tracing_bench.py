@@ -182,7 +182,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"of {', '.join(MODES + EXTRA_MODES)}"
+        "--modes",
+        default=",".join(MODES),
+        # argparse %-formats help: "on-10%" must be escaped or --help fails.
+        help=f"of {', '.join(MODES + EXTRA_MODES)}".replace("%", "%%"),
     )
     parser.add_argument(
         "--admin-url",

@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from opentelemetry import baggage, context, trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_ON,
+    ParentBased,
+    SamplingResult,
+)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+from opentelemetry.util.types import Attributes
 
 from outbox_relay.messages import CONFIRMED, OutboxMessage, failed
 from outbox_relay.observability.tracing import (
+    INSTRUMENTATION,
     RelayTracing,
     emit_context,
     format_traceparent,
@@ -28,6 +48,7 @@ from tests.otel_helpers import global_memory_tracing
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 SPAN_ID = 0xB7AD6B7169203331
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+UNSAMPLED = TRACEPARENT[:-2] + "00"
 
 
 def message(n: int = 1, headers: dict[str, Any] | None = None) -> OutboxMessage:
@@ -205,7 +226,7 @@ def test_a_sampled_out_publish_forwards_the_producers_context_unchanged() -> Non
 
 def test_an_unsampled_producer_trace_costs_the_default_sampler_nothing() -> None:
     tracing, exporter = sdk_tracing()  # parentbased_always_on
-    unsampled = message(1, {"traceparent": TRACEPARENT[:-2] + "00"})
+    unsampled = message(1, {"traceparent": UNSAMPLED})
     sent = tracing.before_publish([unsampled, message(2, {"traceparent": TRACEPARENT})])
     tracing.after_publish(sent, [CONFIRMED, CONFIRMED], 0.01)
     assert sent[0] is unsampled
@@ -227,3 +248,143 @@ def test_a_no_op_tracer_leaves_the_producers_context_in_place() -> None:
     sent = tracing.before_publish([original])
     tracing.after_publish(sent, [CONFIRMED], 0.01)
     assert sent == [original]
+
+
+def test_a_sampler_that_records_unsampled_producer_traces_is_obeyed() -> None:
+    tracing, exporter = sdk_tracing(
+        sampler=ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
+    )
+    sent = tracing.before_publish([message(1, {"traceparent": UNSAMPLED})])
+    tracing.after_publish(sent, [CONFIRMED], 0.01)
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None
+    assert span.parent.span_id == SPAN_ID
+
+
+def test_a_nested_default_root_does_not_pass_for_default_remote_delegates() -> None:
+    # The root's description holds "remoteParentSampled:AlwaysOnSampler" too; the outer
+    # sampler's own delegate says drop, and wins.
+    tracing, exporter = sdk_tracing(
+        sampler=ParentBased(DEFAULT_ON, remote_parent_sampled=ALWAYS_OFF)
+    )
+    original = message(1, {"traceparent": TRACEPARENT})
+    sent = tracing.before_publish([original])
+    tracing.after_publish(sent, [CONFIRMED], 0.01)
+    assert exporter.get_finished_spans() == ()
+    assert sent == [original]
+
+
+@pytest.mark.parametrize(("name", "version"), [(INSTRUMENTATION, None), ("billing", "2.1")])
+def test_publish_spans_carry_the_tracers_instrumentation_scope(
+    name: str, version: str | None
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = RelayTracing(
+        provider.get_tracer(name, version),
+        system="rabbitmq",
+        destination="events",
+        tracer_name=name,
+        tracer_version=version,
+    )
+    tracing.after_claim([message(1)], 0.001)  # a span of the tracer's own making
+    sent = tracing.before_publish([message(1)])
+    tracing.after_publish(sent, [CONFIRMED], 0.01)
+    claim, publish = exporter.get_finished_spans()
+    assert publish.name == "publish order.created"
+    assert publish.instrumentation_scope == claim.instrumentation_scope
+    assert publish.instrumentation_scope is not None
+    assert publish.instrumentation_scope.name == name
+
+
+# -- no private SDK attributes --------------------------------------------------------------------
+
+
+class _PrivateAttributesAbsent:
+    """Reading any private attribute fails, as it would after the SDK renamed them."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") and not name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no (private) attribute {name!r}")
+        return super().__getattribute__(name)
+
+
+class PublicParentBased(_PrivateAttributesAbsent, ParentBased):
+    """The default parent-based sampler seen through its public face only; counts decisions."""
+
+    def __init__(self) -> None:  # no super().__init__(): no private delegates exist
+        self.decisions = 0
+
+    def get_description(self) -> str:
+        return str(DEFAULT_ON.get_description())
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        self.decisions += 1
+        return DEFAULT_ON.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+
+class PublicTracer(_PrivateAttributesAbsent, Tracer):
+    """An SDK tracer with its public attributes only (no instrumentation scope to borrow)."""
+
+    def __init__(self, provider: TracerProvider, sampler: ParentBased) -> None:
+        real = provider.get_tracer(INSTRUMENTATION)
+        assert isinstance(real, Tracer)
+        self.sampler = sampler
+        self.resource = real.resource
+        self.span_processor = real.span_processor
+        self.id_generator = real.id_generator
+
+
+def test_the_fast_path_needs_no_private_sdk_attribute() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sampler = PublicParentBased()
+    tracing = RelayTracing(PublicTracer(provider, sampler), system="rabbitmq", destination="events")
+    unsampled = message(2, {"traceparent": UNSAMPLED})
+    sent = tracing.before_publish([message(1, {"traceparent": TRACEPARENT}), unsampled])
+    tracing.after_publish(sent, [CONFIRMED, CONFIRMED], 0.01)
+
+    # Recognised as the default sampler: remote parents decided by their flag, no sampler call.
+    assert sampler.decisions == 0
+    assert sent[1] is unsampled
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None
+    assert span.parent.span_id == SPAN_ID
+    # The scope the tracer was obtained with, built rather than read from the tracer.
+    assert span.instrumentation_scope == InstrumentationScope(INSTRUMENTATION, "")
+    assert sent[0].headers["traceparent"] == format_traceparent(span.context)
+
+
+# -- the producer's imports -----------------------------------------------------------------------
+
+
+def test_the_producer_loads_no_span_code_no_sdk_and_no_broker_client() -> None:
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, outbox_relay.producer; print(*sorted(sys.modules), sep=chr(10))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "outbox_relay.observability.tracing.context" in loaded
+    heavy = (
+        "outbox_relay.observability.tracing.relay",
+        "outbox_relay.observability.tracing.consumer",
+        "opentelemetry.sdk",
+        "pika",
+    )
+    assert [m for m in loaded if m.startswith(heavy)] == []
