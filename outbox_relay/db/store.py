@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # NUL, which a text column refuses; either would fail the settle and so the whole batch.
 MAX_REASON = 2000
 
+# Ordering buckets: the insert trigger's hashtext(aggregate_id) & 1023 (queries.sql, claim).
+BUCKETS = 1024
+
 # Seconds to wait for a transaction the WAL says committed to become visible; a commit is
 # normally visible within microseconds of being sent, so this bound is never reached in practice.
 VISIBLE_TIMEOUT = 10.0
@@ -54,9 +57,16 @@ class Share:
         return {
             "relay": self.relay,
             "partitions": list(self.partitions),
+            "buckets": self.buckets,
             "count": self.count,
             "scope": self.scope,
         }
+
+    @property
+    def buckets(self) -> list[int]:
+        """The ordering buckets of the partitions (a bucket's partition: bucket mod count)."""
+        owned = set(self.partitions)
+        return [b for b in range(BUCKETS) if self.count and b % self.count in owned]
 
 
 class OutboxStore:
@@ -121,10 +131,10 @@ class OutboxStore:
                 await asyncio.wait_for(conn.close(), timeout=CLOSE_TIMEOUT)
 
     async def _fetch(
-        self, name: str, params: dict[str, Any] | None = None
+        self, name: str, params: dict[str, Any] | None = None, *, prepare: bool | None = None
     ) -> list[tuple[Any, ...]]:
         async with translate_errors_async(self._where), self._connection().cursor() as cur:
-            await cur.execute(self._queries[name], params)
+            await cur.execute(self._queries[name], params, prepare=prepare)
             return await cur.fetchall() if cur.description else []
 
     async def commit(self) -> None:
@@ -154,8 +164,12 @@ class OutboxStore:
         open until settle()."""
         if not share.partitions:
             return []
+        # Never prepared: a generic plan, blind to which partitions are asked for, sorts every
+        # pending row instead of walking the pending index (queries.sql, claim).
         rows = await self._fetch(
-            "claim", {"limit": limit, "in_flight": list(in_flight), **share.parameters()}
+            "claim",
+            {"limit": limit, "in_flight": list(in_flight), **share.parameters()},
+            prepare=False,
         )
         return [message_from_row(row) for row in rows]
 

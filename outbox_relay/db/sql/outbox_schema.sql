@@ -48,6 +48,11 @@ CREATE INDEX outbox_pending_v1 ON {{schema}}.outbox (id)
     WHERE published_at IS NULL AND dead_at IS NULL;
 CREATE INDEX outbox_retrying_v2 ON {{schema}}.outbox (next_attempt_at)
     WHERE next_attempt_at IS NOT NULL AND published_at IS NULL AND dead_at IS NULL;
+
+-- Statistics of the ordering bucket, so the planner knows how many pending rows a relay's
+-- partitions hold and reads them in id order from outbox_pending_v1 (queries.sql, claim).
+CREATE STATISTICS {{schema}}.outbox_bucket_v1
+    ON ((coalesce(hashtext(aggregate_id), uuid_hash(event_id)) & 1023)) FROM {{schema}}.outbox;
 CREATE INDEX outbox_dead_v1 ON {{schema}}.outbox (id) WHERE dead_at IS NOT NULL;
 CREATE INDEX outbox_published_v1 ON {{schema}}.outbox (published_at) WHERE published_at IS NOT NULL;
 

@@ -21,7 +21,12 @@ SELECT set_config('tcp_keepalives_idle', '30', false),
 -- later events never overtake it, and the rows of the batches this relay has in flight on its
 -- other connections. Rows locked by anyone else are waited for, never skipped: skipping them
 -- could let a later event of their aggregate overtake. The lease rows are held FOR KEY SHARE
--- until the batch settles: the lease cannot change hands meanwhile (relay/leases.py).
+-- until the batch settles: the lease cannot change hands meanwhile (relay/leases.py); unless
+-- every partition asked for is still leased, nothing is claimed. Rows are matched by their
+-- ordering bucket against the buckets of those partitions, given as values rather than joined
+-- from ``mine``: with the bucket's statistics (outbox_bucket_v1) the planner knows how many rows
+-- they hold and walks the pending index in id order, stopping at the limit, instead of sorting
+-- the whole backlog (the store runs this unprepared, so each claim is planned with its values).
 WITH mine AS (
     SELECT partition FROM {{schema}}.outbox_relay_leases
     WHERE scope = %(scope)s AND relay = %(relay)s AND partition = ANY(%(partitions)s::integer[])
@@ -38,10 +43,12 @@ SELECT o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id,
             THEN NULL ELSE o.created_at::text END,
        o.attempts
 FROM {{schema}}.outbox AS o
-WHERE o.published_at IS NULL AND o.dead_at IS NULL
-  -- The row's partition: its ordering bucket (the event id's hash without an aggregate).
-  AND mod(coalesce(hashtext(o.aggregate_id), uuid_hash(o.event_id)) & 1023, %(count)s)
-      IN (SELECT partition FROM mine)
+WHERE (SELECT count(*) FROM mine) = cardinality(%(partitions)s::integer[])
+  AND o.published_at IS NULL AND o.dead_at IS NULL
+  -- The row's ordering bucket (the event id's hash without an aggregate); its partition is
+  -- the bucket modulo the number of partitions.
+  AND (coalesce(hashtext(o.aggregate_id), uuid_hash(o.event_id)) & 1023)
+      = ANY(%(buckets)s::integer[])
   -- A hashed set: the batches in flight hold thousands of ids.
   AND o.id NOT IN (SELECT unnest(%(in_flight)s::bigint[]))
   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())

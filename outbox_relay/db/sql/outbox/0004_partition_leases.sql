@@ -63,3 +63,8 @@ ALTER TABLE {{schema}}.outbox ADD CONSTRAINT outbox_created_at_is_a_time
 DROP INDEX {{schema}}.outbox_retrying_v1;
 CREATE INDEX outbox_retrying_v2 ON {{schema}}.outbox (next_attempt_at)
     WHERE next_attempt_at IS NOT NULL AND published_at IS NULL AND dead_at IS NULL;
+
+-- Statistics of the ordering bucket, so the planner knows how many pending rows a relay's
+-- partitions hold and reads them in id order from outbox_pending_v1 (queries.sql, claim).
+CREATE STATISTICS {{schema}}.outbox_bucket_v1
+    ON ((coalesce(hashtext(aggregate_id), uuid_hash(event_id)) & 1023)) FROM {{schema}}.outbox;
