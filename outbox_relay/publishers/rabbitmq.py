@@ -99,6 +99,14 @@ class _CorkedConnection(AsyncioConnection):
         else:
             self._corked.append(data)
 
+    def _on_connection_workflow_done(self, conn_or_exc: Any) -> None:
+        # pika 1.3 reports a handshake aborted by close() with the exception's class rather than
+        # an instance, then fails its own assertion in a callback (and never reports the end):
+        # hand it an instance, so closing a connection still opening ends cleanly.
+        if isinstance(conn_or_exc, type) and issubclass(conn_or_exc, Exception):
+            conn_or_exc = conn_or_exc()
+        super()._on_connection_workflow_done(conn_or_exc)
+
 
 class RabbitMQOptions(BrokerOptions):
     """RabbitMQ needs nothing beyond the common settings (--exchange, --confirm-timeout, ...)."""
@@ -227,7 +235,8 @@ class RabbitMQPublisher:
         self._opening = opened
         try:
             # pika gives up itself after amqp.CONNECT_TIMEOUT (stack_timeout); this is a backstop.
-            await asyncio.wait_for(opened, timeout=amqp.CONNECT_TIMEOUT + 5)
+            # Shielded: when connecting is cancelled, close() waits on it for the handshake's end.
+            await asyncio.wait_for(asyncio.shield(opened), timeout=amqp.CONNECT_TIMEOUT + 5)
         except TimeoutError as exc:
             await self.close()
             raise BrokerUnavailableError(
@@ -249,11 +258,17 @@ class RabbitMQPublisher:
             return
         closed = asyncio.get_running_loop().create_future()
         self._closing = closed
+        # A connection still opening ends through on_open_error (settling ``opening``), not
+        # through on_close.
+        opening = self._opening
+        ends = [closed] if opening is None or opening.done() else [closed, opening]
         try:
             connection.close()
-            await asyncio.wait_for(closed, timeout=5)
-        except (TimeoutError, pika.exceptions.AMQPError):
+            await asyncio.wait(ends, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        except pika.exceptions.AMQPError:
             pass
+        if opening is not None and opening.done() and not opening.cancelled():
+            opening.exception()  # retrieved: it is the outcome of an attempt given up on
 
     def is_healthy(self) -> bool:
         return (

@@ -16,7 +16,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
@@ -103,9 +104,10 @@ class Relay:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                await self._connect()
-                await self._leases.join([lane.backend_pid for lane in self._lanes])
-                await self._source.open(self._store, self._stop)
+                # Nothing is in flight until the pump runs: a stop ends these steps at once,
+                # even while a silent server keeps a handshake waiting.
+                if not await self._unless_stopped(self._start()):
+                    break
                 await self._pump_while_leased()
                 # Stopped with everything in flight settled: hand the partitions over at once.
                 await self._leases.leave()
@@ -121,6 +123,27 @@ class Relay:
                 await self._sleep(min(10.0, 0.1 * 2**quick_failures))
             finally:
                 await self._disconnect()
+
+    async def _start(self) -> None:
+        await self._connect()
+        await self._leases.join([lane.backend_pid for lane in self._lanes])
+        await self._source.open(self._store, self._stop)
+
+    async def _unless_stopped(self, step: Coroutine[Any, Any, None]) -> bool:
+        """Run ``step``; False (and ``step`` cancelled) if the relay is stopped first."""
+        task = asyncio.ensure_future(step)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, stopped, return_exceptions=True)
+        if task.cancelled():
+            return False
+        task.result()
+        return True
 
     # -- connection management -------------------------------------------------------------
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -158,3 +161,49 @@ def test_an_unreachable_service_is_retried_without_crashing(
     assert "Traceback" not in log
     assert secret not in log
     assert "relay:***@127.0.0.1" in log
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A server that accepts connections and never says a word (a hung broker)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("scheme", ["amqp", "nats"])
+def test_sigterm_during_a_handshake_with_a_silent_broker_stops_at_once(
+    scheme: str, silent_port: int, database_url: str, relay_factory: Callable[..., RelayProcess]
+) -> None:
+    # Given a relay waiting for a broker's greeting that never comes (nothing is in flight)
+    url = f"{scheme}://guest:guest@127.0.0.1:{silent_port}" + ("/%2F" if scheme == "amqp" else "")
+    relay = relay_factory(
+        cli_env(database_url=database_url, broker_url=url, shutdown_timeout=20)
+    ).start()
+    relay.wait_for_log("connected to PostgreSQL", count=3)
+    time.sleep(1)
+    # When it is told to stop, it stops at once, not when the handshake or shutdown times out
+    started = time.monotonic()
+    assert relay.terminate(deadline=15) == 0
+    assert time.monotonic() - started < 3
+    log = relay.log()
+    assert "shutdown timed out" not in log
+    assert "ignored an error" not in log
+    assert "Traceback" not in log
