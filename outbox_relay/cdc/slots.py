@@ -40,6 +40,19 @@ class SlotStatus:
     retained_wal_bytes: int | None
 
 
+def shard_name(base: str, shard: int) -> str:
+    """A CDC shard's slot (or publication) name: shard 0 keeps the single-slot name, shard
+    s > 0 adds ``_s<s>`` (the base shortened so the name stays within 63 bytes)."""
+    suffix = f"_s{shard}" if shard else ""
+    return base[: 63 - len(suffix)] + suffix
+
+
+def shard_count(conn: psycopg.Connection[Any], schema: str) -> int:
+    """The outbox's CDC shards (``migrate --cdc --cdc-shards S``; 1 before it ever ran)."""
+    row = conn.execute(Queries(schema)["lease_count"], {"scope": "cdc-shard"}).fetchone()
+    return max(1, int(row[0]) if row else 0)
+
+
 def check_wal_level(conn: psycopg.Connection[Any], schema: str) -> None:
     row = conn.execute(Queries(schema)["cdc_wal_level"]).fetchone()
     level = row[0] if row else "unknown"

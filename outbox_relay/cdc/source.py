@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 
+from outbox_relay.cdc import slots
 from outbox_relay.cdc.slot_stream import READ_TIMEOUT, SlotNames, SlotStream
 from outbox_relay.cdc.transactions import select_publishable
 from outbox_relay.cdc.wal_events import WalEvent
@@ -46,11 +47,10 @@ SAFETY_SWEEP_EVERY = 30.0
 
 
 def slot_names(settings: RelaySettings, shard: int, shards: int) -> SlotNames:
-    """Shard 0 keeps the single-slot names (outbox_relay_<schema>); shard s > 0 adds ``_s<s>``."""
-    suffix = f"_s{shard}" if shard else ""
+    """The slot and publication of one shard (cdc/slots.py: shard_name)."""
     return SlotNames(
-        slot=settings.slot_name_or_default[: 63 - len(suffix)] + suffix,
-        publication=settings.publication_or_default[: 63 - len(suffix)] + suffix,
+        slot=slots.shard_name(settings.slot_name_or_default, shard),
+        publication=slots.shard_name(settings.publication_or_default, shard),
         shard=shard,
         shards=shards,
     )

@@ -1,10 +1,10 @@
-"""``outbox-relay slot status|drop``: the --mode cdc replication slot."""
+"""``outbox-relay slot status|drop``: the --mode cdc replication slot (one per CDC shard)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import Field
@@ -47,22 +47,39 @@ class SlotDropOptions(SlotOptions):
 @app.command("status")
 @settings_command(SlotStatusOptions)
 def slot_status(values: Values) -> None:
-    """Show whether the slot exists and streams, its confirmed position and retained WAL."""
+    """Show whether the slot exists and streams, its confirmed position and retained WAL (with
+    several CDC shards, each shard's slot: the JSON object is shard 0's, plus ``shards``)."""
     options = SlotStatusOptions.from_mapping(values)
     setup_logging(secrets=options.secrets())
-    slot = options.slot
+    schema = options.schema_name
     with connection(options.database_url, application_name="outbox-relay slot") as conn:
-        found = slots.slot_status(conn, options.schema_name, slot)
+        names = [slots.shard_name(options.slot, s) for s in range(slots.shard_count(conn, schema))]
+        found = [slots.slot_status(conn, schema, name) for name in names]
     if options.as_json:
-        typer.echo(json.dumps(None if found is None else dataclasses.asdict(found)))
-    elif found is None:
-        typer.echo(f"replication slot {slot!r}: none")
-    else:
-        state = f"active (pid {found.active_pid})" if found.active else "inactive"
-        typer.echo(
-            f"replication slot {slot!r}: {state}, confirmed flush LSN "
-            f"{found.confirmed_flush_lsn}, retains {found.retained_wal_bytes} bytes of WAL"
-        )
+        first = found[0]
+        report: dict[str, Any] | None = None if first is None else dataclasses.asdict(first)
+        if len(names) > 1:
+            report = {
+                **(report or {}),
+                "shards": [
+                    {"shard": shard, "slot": name, **(dataclasses.asdict(f) if f else {})}
+                    for shard, (name, f) in enumerate(zip(names, found, strict=True))
+                ],
+            }
+        typer.echo(json.dumps(report))
+        return
+    for name, slot in zip(names, found, strict=True):
+        typer.echo(_describe(name, slot))
+
+
+def _describe(name: str, found: slots.SlotStatus | None) -> str:
+    if found is None:
+        return f"replication slot {name!r}: none"
+    state = f"active (pid {found.active_pid})" if found.active else "inactive"
+    return (
+        f"replication slot {name!r}: {state}, confirmed flush LSN "
+        f"{found.confirmed_flush_lsn}, retains {found.retained_wal_bytes} bytes of WAL"
+    )
 
 
 @app.command("drop")
@@ -73,11 +90,14 @@ def slot_drop(values: Values) -> None:
     publishes them from there."""
     options = SlotDropOptions.from_mapping(values)
     setup_logging(secrets=options.secrets())
-    slot, schema = options.slot, options.schema_name
+    schema = options.schema_name
+    publication = options.publication or default_replication_name(schema)
     with connection(options.database_url, application_name="outbox-relay slot") as conn:
-        dropped = slots.drop_slot(conn, schema, slot)
-        typer.echo(f"replication slot {slot!r}: {'dropped' if dropped else 'none'}")
-        if options.with_publication:
-            pub = options.publication or default_replication_name(schema)
-            slots.drop_publication(conn, schema, pub)
-            typer.echo(f"publication {pub!r}: dropped")
+        for shard in range(slots.shard_count(conn, schema)):
+            slot = slots.shard_name(options.slot, shard)
+            dropped = slots.drop_slot(conn, schema, slot)
+            typer.echo(f"replication slot {slot!r}: {'dropped' if dropped else 'none'}")
+            if options.with_publication:
+                pub = slots.shard_name(publication, shard)
+                slots.drop_publication(conn, schema, pub)
+                typer.echo(f"publication {pub!r}: dropped")

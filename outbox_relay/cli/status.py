@@ -60,7 +60,8 @@ def status(values: Values) -> None:
         current = read_status(conn, options.schema_name, options.slot_name)
     limit = options.fail_on_lag
     lagging = limit is not None and current.oldest_pending_age_seconds > limit
-    retained = current.slot_retained_wal_bytes
+    most = current.most_retained_wal
+    retained = most.retained_wal_bytes if most is not None else None
     wal_limit = options.fail_on_wal_bytes
     wal_lagging = wal_limit is not None and (retained or 0) > wal_limit
     lagging = lagging or wal_lagging
@@ -71,9 +72,11 @@ def status(values: Values) -> None:
         console.print(_table(options.schema_name, current))
         if current.relays:
             console.print(_relays(current))
+        if len(current.slots) > 1:
+            console.print(_slots(current))
     if wal_lagging:
         typer.echo(
-            f"lagging: slot {current.slot_name!r} retains {retained} bytes of WAL "
+            f"lagging: slot {most.slot if most else None!r} retains {retained} bytes of WAL "
             f"(limit {wal_limit})",
             err=True,
         )
@@ -125,6 +128,22 @@ def _relays(current: OutboxStatus) -> Table:
             _ranges(relay.cdc_shards),
             f"{relay.lag_seconds:.1f}s",
             relay.joined_at[:19],
+        )
+    return table
+
+
+def _slots(current: OutboxStatus) -> Table:
+    table = Table(title=f"CDC shards ({len(current.slots)})")
+    for column in ("shard", "slot", "relay", "active", "confirmed flush LSN", "retained WAL bytes"):
+        table.add_column(column)
+    for slot in current.slots:
+        table.add_row(
+            str(slot.shard),
+            slot.slot,
+            slot.relay or "-",
+            str(slot.active),
+            slot.confirmed_flush_lsn or "-",
+            str(slot.retained_wal_bytes),
         )
     return table
 

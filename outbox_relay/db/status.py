@@ -27,6 +27,18 @@ class RelayStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class CdcSlotStatus:
+    """One CDC shard's replication slot (``status --json``: an item of ``slots``)."""
+
+    shard: int
+    slot: str
+    active: bool
+    confirmed_flush_lsn: str | None
+    retained_wal_bytes: int | None
+    relay: str | None  # the relay holding the shard (None: none does)
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     schema: str
     schema_version: int
@@ -40,8 +52,9 @@ class OutboxStatus:
     # backend pid among them (null when none runs).
     relays_connected: int
     leader_pid: int | None
-    # CDC (--mode cdc): the replication slot, all None when it does not exist. Retained WAL is
-    # what the server keeps for the slot (current WAL position minus its restart_lsn).
+    # CDC (--mode cdc): the replication slot (of shard 0, with several shards), all None when it
+    # does not exist. Retained WAL is what the server keeps for the slot (current WAL position
+    # minus its restart_lsn). ``slots`` lists every shard's slot that exists.
     slot_name: str | None = None
     slot_active: bool | None = None
     slot_confirmed_flush_lsn: str | None = None
@@ -49,6 +62,13 @@ class OutboxStatus:
     # Each relay with the partitions (or CDC shards) it holds and its lag.
     relays: list[RelayStatus] = field(default_factory=list)
     partitions: int = 0
+    slots: list[CdcSlotStatus] = field(default_factory=list)
+
+    @property
+    def most_retained_wal(self) -> CdcSlotStatus | None:
+        """The slot retaining the most WAL (what --fail-on-wal-bytes watches)."""
+        held = [slot for slot in self.slots if slot.retained_wal_bytes is not None]
+        return max(held, key=lambda slot: slot.retained_wal_bytes or 0, default=None)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +97,25 @@ def read_status(
         for name, pid, joined, partitions, shards, lag in conn.execute(queries["status_relays"])
     ]
     counted = conn.execute(queries["lease_count"], {"scope": "partition"}).fetchone()
-    slot = slots.slot_status(conn, schema, slot_name or default_replication_name(schema))
+    base = slot_name or default_replication_name(schema)
+    slot = slots.slot_status(conn, schema, base)
+    holders = {shard: member.relay for member in members for shard in member.cdc_shards}
+    shard_slots = []
+    for shard in range(slots.shard_count(conn, schema)):
+        found = (
+            slot if shard == 0 else slots.slot_status(conn, schema, slots.shard_name(base, shard))
+        )
+        if found is not None:
+            shard_slots.append(
+                CdcSlotStatus(
+                    shard=shard,
+                    slot=found.name,
+                    active=found.active,
+                    confirmed_flush_lsn=found.confirmed_flush_lsn,
+                    retained_wal_bytes=found.retained_wal_bytes,
+                    relay=holders.get(shard),
+                )
+            )
     return OutboxStatus(
         schema=schema,
         schema_version=int(version),
@@ -95,4 +133,5 @@ def read_status(
         slot_retained_wal_bytes=slot.retained_wal_bytes if slot else None,
         relays=members,
         partitions=int(counted[0]) if counted else 0,
+        slots=shard_slots,
     )

@@ -260,3 +260,40 @@ def test_a_role_without_replication_gets_a_clear_error_naming_the_fix(
     assert done.returncode == 3, done.stderr
     assert "ALTER ROLE <role> REPLICATION" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_status_and_slot_commands_cover_every_cdc_shard(
+    cdc_env: dict[str, str], database_url: str, slot: str
+) -> None:
+    # Given an outbox with 3 CDC shards (a slot and a publication each)
+    made = run_cli("migrate", "--cdc", "--cdc-shards", "3", env=cdc_env)
+    assert made.returncode == 0, made.stderr
+    names = [slot, f"{slot}_s1", f"{slot}_s2"]
+    try:
+        # Then status lists each shard's slot, and the WAL limit watches all of them
+        status = read_status(cdc_env)
+        assert [s["slot"] for s in status["slots"]] == names
+        assert [s["shard"] for s in status["slots"]] == [0, 1, 2]
+        assert status["slot_name"] == slot
+        over = run_cli("status", "--json", "--fail-on-wal-bytes", "0", env=cdc_env)
+        assert over.returncode == 6, over.stderr
+        shown = run_cli("slot", "status", "--json", env=cdc_env)
+        assert shown.returncode == 0, shown.stderr
+        report = json.loads(shown.stdout)
+        assert report["name"] == slot
+        assert [s["slot"] for s in report["shards"]] == names
+        text = run_cli("slot", "status", env=cdc_env)
+        assert all(f"replication slot {name!r}: inactive" in text.stdout for name in names)
+        # And slot drop --with-publication removes every shard's slot and publication
+        dropped = run_cli("slot", "drop", "--with-publication", env=cdc_env)
+        assert dropped.returncode == 0, dropped.stderr
+        assert all(slot_row(database_url, name) is None for name in names)
+        with psycopg.connect(database_url) as conn:
+            left = conn.execute(
+                "SELECT count(*) FROM pg_publication WHERE pubname = ANY(%s)", (names,)
+            ).fetchone()
+        assert left == (0,)
+        assert read_status(cdc_env)["slots"] == []
+    finally:
+        for name in names[1:]:
+            drop_slot_eventually(database_url, name)
