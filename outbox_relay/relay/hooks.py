@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from outbox_relay.hooks import HookDispatcher
 from outbox_relay.messages import Failure, OutboxMessage, PublishResult
 
 log = logging.getLogger(__name__)
@@ -81,26 +82,19 @@ class NoRelayHooks:
         pass
 
 
-class CompositeHooks:
-    """Calls several RelayHooks in order; each one's failure is logged and contained."""
+class CompositeHooks(HookDispatcher[RelayHooks]):
+    """Several RelayHooks as one (outbox_relay/hooks.py: each in turn, failures contained)."""
 
-    def __init__(self, hooks: Sequence[RelayHooks]) -> None:
-        self._hooks = tuple(hooks)
+    kind = "relay hook"
 
     def after_claim(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
-        for hook in self._hooks:
-            try:
-                hook.after_claim(messages, seconds)
-            except Exception:
-                log.exception("relay hook after_claim failed (ignored)")
+        self.call("after_claim", messages, seconds)
 
     def before_publish(self, messages: Sequence[OutboxMessage]) -> Sequence[OutboxMessage]:
-        for hook in self._hooks:
-            try:
+        for hook in self.hooks:
+            changed = messages
+            with self.contained("before_publish"):
                 changed = hook.before_publish(messages)
-            except Exception:
-                log.exception("relay hook before_publish failed (ignored)")
-                continue
             if len(changed) != len(messages):
                 # A hook may decorate messages, never drop or add them: that would lose events.
                 log.error("relay hook before_publish changed the batch size (ignored)")
@@ -114,31 +108,15 @@ class CompositeHooks:
         results: Sequence[PublishResult],
         seconds: float,
     ) -> None:
-        for hook in self._hooks:
-            try:
-                hook.after_publish(messages, results, seconds)
-            except Exception:
-                log.exception("relay hook after_publish failed (ignored)")
+        self.call("after_publish", messages, results, seconds)
 
     def on_publish_error(self, messages: Sequence[OutboxMessage], error: BaseException) -> None:
-        for hook in self._hooks:
-            try:
-                hook.on_publish_error(messages, error)
-            except Exception:
-                log.exception("relay hook on_publish_error failed (ignored)")
+        self.call("on_publish_error", messages, error)
 
     def after_settle(
         self, sent: Sequence[int], failures: Sequence[Failure], dead: int, seconds: float
     ) -> None:
-        for hook in self._hooks:
-            try:
-                hook.after_settle(sent, failures, dead, seconds)
-            except Exception:
-                log.exception("relay hook after_settle failed (ignored)")
+        self.call("after_settle", sent, failures, dead, seconds)
 
     def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
-        for hook in self._hooks:
-            try:
-                hook.after_rebalance(owned, gained, lost)
-            except Exception:
-                log.exception("relay hook after_rebalance failed (ignored)")
+        self.call("after_rebalance", owned, gained, lost)
