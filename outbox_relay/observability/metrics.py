@@ -158,9 +158,17 @@ class RelayMetrics:
     """RelayHooks counting what the relay publishes; the backlog gauges read :class:`Backlog`."""
 
     def __init__(
-        self, meter: metrics.Meter, *, system: str, destination: str, backlog: Backlog
+        self,
+        meter: metrics.Meter,
+        *,
+        system: str,
+        destination: str,
+        backlog: Backlog,
+        relay: str | None = None,
     ) -> None:
         self._attrs = {"messaging.system": system, "messaging.destination.name": destination}
+        # The share metrics say whose share they count (several relays, one dashboard).
+        self._share_attrs = {**self._attrs, **({"relay": relay} if relay else {})}
         self._backlog = backlog
         self._published = meter.create_counter(
             PREFIX + "events.published", unit="{event}", description="Events the broker confirmed."
@@ -226,13 +234,13 @@ class RelayMetrics:
         )
 
     def _observe_owned(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        return [metrics.Observation(self._owned, self._attrs)]
+        return [metrics.Observation(self._owned, self._share_attrs)]
 
     def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
         self._owned = owned
-        self._rebalances.add(1, self._attrs)
+        self._rebalances.add(1, self._share_attrs)
         if lost:
-            self._lease_losses.add(lost, self._attrs)
+            self._lease_losses.add(lost, self._share_attrs)
 
     def _observe_pending(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         value = self._backlog.pending

@@ -85,6 +85,7 @@ class RelayObservability:
                     system=publisher_name,
                     destination=settings.publisher.exchange,
                     backlog=backlog,
+                    relay=settings.relay_name_or_default,
                 )
             )
             self._sampler = BacklogSampler(

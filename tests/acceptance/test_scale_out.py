@@ -32,16 +32,20 @@ BATCH_SIZE = 200
 EVENTS = 10_000
 
 
-def published(port: int) -> float:
-    """What one relay published: its outbox_relay_events_published_total."""
+def metric(port: int, name: str, relay: str | None = None) -> float:
+    """A relay's metric summed over its series (only those labelled ``relay`` when given)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return sum(
-        float(match[1])
-        for match in re.finditer(
-            r"^outbox_relay_events_published_total\{[^}]*\} (\S+)$", text, re.M
-        )
+        float(match[2])
+        for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M)
+        if relay is None or f'relay="{relay}"' in match[1]
     )
+
+
+def published(port: int) -> float:
+    """What one relay published: its outbox_relay_events_published_total."""
+    return metric(port, "outbox_relay_events_published_total")
 
 
 def shares(env: dict[str, str]) -> dict[str, int]:
@@ -113,6 +117,13 @@ def test_three_relays_each_publish_a_fair_share_in_commit_order(
     relays = start_relays(relay_factory, env, ["relay-a", "relay-b", "relay-c"])
     total = 3 if mode == "cdc" else 64
     wait_until(lambda: sorted(shares(env).values()) == sorted(_split(total, 3)), timeout=30)
+    # Each relay's metrics say how much it holds, under its name.
+    held = shares(env)
+    for name, (_relay, port) in relays.items():
+        wait_until(
+            lambda n=name, p=port: metric(p, "outbox_relay_partitions_owned", n) == held[n],
+            timeout=10,
+        )
 
     load = workload(total=EVENTS, producers=8, aggregates=300).start()
     load.join()
