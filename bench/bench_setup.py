@@ -119,6 +119,52 @@ def _retrying(action: Callable[[], None], timeout: float = 120) -> None:
             time.sleep(1)
 
 
+def drop_replication_slot(database_url: str, slot: str, timeout: float = 60) -> bool:
+    """Drop ``slot`` if it exists (False if it did not). A slot is in use for a moment after
+    its relay stops (its walsender exits), and while a restarted server recovers: retried.
+    A slot left behind would keep WAL on a shared server for good, so this insists."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                ).fetchone()
+                if row is None:
+                    return False
+                if row[0] is None:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                    return True
+        except (
+            psycopg.OperationalError,
+            psycopg.errors.ObjectInUse,
+            psycopg.errors.UndefinedObject,
+        ):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replication slot {slot!r} still in use after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def _drop_slots_of(env: BenchEnv) -> None:
+    """Replication slots of the bench database (a CDC run interrupted midway): DROP DATABASE
+    refuses while one exists, and each keeps WAL on the shared server."""
+    with psycopg.connect(env.admin_url, autocommit=True) as admin:
+        names = [
+            row[0]
+            for row in admin.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (env.database,)
+            )
+        ]
+        admin.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL",
+            (env.database,),
+        )
+    for name in names:
+        drop_replication_slot(env.admin_url, name)
+
+
 def _teardown(env: BenchEnv) -> None:
     def remove_broker_objects() -> None:
         with _amqp(env.broker_url) as channel:
@@ -126,6 +172,7 @@ def _teardown(env: BenchEnv) -> None:
             channel.exchange_delete(env.exchange)
 
     def drop_database() -> None:
+        _drop_slots_of(env)
         with psycopg.connect(env.admin_url, autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(

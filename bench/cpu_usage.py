@@ -75,7 +75,11 @@ class CpuMeter:
     group, plus ``machine_busy`` (percent of all cores) and the 1-minute load average.
 
     A background thread samples /proc twice a second, so processes that exit before ``stop()``
-    (pgbench and its backends, the producers' backends) still count, up to their last sample.
+    (pgbench and its backends, the producers' backends, a relay killed on purpose) still count,
+    up to their last sample.
+
+    After ``stop()``, ``cpu_seconds`` holds each group's user+sys CPU seconds, ``pid_seconds``
+    each relay pid's, and ``wall`` the seconds measured (for CPU time per event).
     """
 
     def __init__(
@@ -93,6 +97,9 @@ class CpuMeter:
         self._machine = (0, 0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.cpu_seconds: dict[str, float] = {}
+        self.pid_seconds: dict[int, float] = {}
+        self.wall = 0.0
 
     def start(self) -> CpuMeter:
         self._start = _snapshot(self.relay_pids, self.database)
@@ -120,6 +127,10 @@ class CpuMeter:
         for pid, (group, ticks) in self._last.items():
             before = self._start.get(pid, (group, 0))[1]
             used[group] += (ticks - before) / _TICKS
+            if group == "relay":
+                self.pid_seconds[pid] = (ticks - before) / _TICKS
+        self.cpu_seconds = used
+        self.wall = wall
         percent = {group: round(100 * seconds / wall, 1) for group, seconds in used.items()}
         # Everything on the machine (other engineers' tests included), 100 = every core busy.
         spent = max(total - self._machine[1], 1)

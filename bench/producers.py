@@ -35,6 +35,23 @@ def insert_backlog(database_url: str, count: int, aggregates: int) -> float:
     return time.perf_counter() - started
 
 
+def insert_backlog_at_once(database_url: str, count: int, aggregates: int) -> float:
+    """Like ``insert_backlog``, but in one transaction that also ANALYZEs the outbox (ANALYZE
+    counts the transaction's own rows), so running relays see the whole backlog at once, with
+    fresh planner statistics, at the commit. Returns the seconds it took."""
+    started = time.perf_counter()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox (event_type, aggregate_type, aggregate_id, payload)"
+            f" SELECT %s, %s, mod(g, %s)::text, {PAYLOAD_SQL}"
+            " FROM generate_series(0::bigint, %s::bigint) AS g",
+            (EVENT_TYPE, AGGREGATE_TYPE, aggregates, count - 1),
+        )
+        conn.execute("ANALYZE outbox")
+        conn.commit()
+    return time.perf_counter() - started
+
+
 def pending(database_url: str) -> int:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(

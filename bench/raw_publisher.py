@@ -7,10 +7,10 @@ relay does beyond this is its overhead. Runs in a process of its own (see ``run_
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,11 +31,21 @@ class RawResult:
     nacked: int
     returned: int
     cpu_percent: float  # of one core, this publisher process alone
+    cpu_seconds: float  # user + sys of this process from first publish to last confirm
+    cpu_us_per_msg: float
 
 
 class _WindowedPublisher:
-    def __init__(self, url: str, exchange: str, count: int, window: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        count: int,
+        window: int,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
         self._parameters = pika.URLParameters(url)
+        self._on_start = on_start
         self._exchange = exchange
         self._count = count
         self._window = window
@@ -50,10 +60,11 @@ class _WindowedPublisher:
         self._connection: SelectConnection | None = None
         self._started = 0.0
         self._finished = 0.0
+        self._cpu_before = 0.0
+        self._cpu_after = 0.0
         self._error: str | None = None
 
     def run(self) -> RawResult:
-        cpu_before = sum(os.times()[:2])
         self._connection = SelectConnection(
             self._parameters,
             on_open_callback=self._on_open,
@@ -64,7 +75,7 @@ class _WindowedPublisher:
         if self._error is not None and self._confirmed < self._count:
             raise RuntimeError(f"raw publisher failed: {self._error}")
         seconds = self._finished - self._started
-        cpu = sum(os.times()[:2]) - cpu_before
+        cpu = self._cpu_after - self._cpu_before
         return RawResult(
             messages=self._count,
             window=self._window,
@@ -73,6 +84,8 @@ class _WindowedPublisher:
             nacked=self._nacked,
             returned=self._returned,
             cpu_percent=round(100 * cpu / seconds, 1),
+            cpu_seconds=round(cpu, 3),
+            cpu_us_per_msg=round(cpu * 1e6 / self._count, 2),
         )
 
     def _on_open(self, connection: Any) -> None:
@@ -95,6 +108,10 @@ class _WindowedPublisher:
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirming)
 
     def _on_confirming(self, _frame: Any) -> None:
+        # The clock (and the CPU count) starts connected, at the first publish.
+        if self._on_start is not None:
+            self._on_start()
+        self._cpu_before = time.process_time()
         self._started = time.perf_counter()
         self._fill()
 
@@ -140,6 +157,7 @@ class _WindowedPublisher:
             self._settled_early.discard(self._unconfirmed.popleft())
         if self._confirmed >= self._count:
             self._finished = time.perf_counter()
+            self._cpu_after = time.process_time()
             assert self._connection is not None
             self._connection.close()
             return
@@ -149,10 +167,25 @@ class _WindowedPublisher:
         self._returned += 1
 
 
-def run_in_child(url: str, exchange: str, count: int, window: int, pipe: Connection) -> None:
-    """Process target: publish ``count`` messages and send back a RawResult as a dict."""
+def run_in_child(
+    url: str,
+    exchange: str,
+    count: int,
+    window: int,
+    pipe: Connection,
+    announce_start: bool = False,
+) -> None:
+    """Process target: publish ``count`` messages and send back a RawResult as a dict. With
+    ``announce_start``, ("started", None) is sent first, the moment the first message goes out
+    (connected and in confirm mode), so the caller can start measuring the broker then."""
+
+    def started() -> None:
+        pipe.send(("started", None))
+
     try:
-        result = _WindowedPublisher(url, exchange, count, window).run()
+        result = _WindowedPublisher(
+            url, exchange, count, window, started if announce_start else None
+        ).run()
         pipe.send(("ok", asdict(result)))
     except Exception as exc:
         pipe.send(("error", repr(exc)))

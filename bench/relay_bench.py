@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 
 import pika.exceptions
 import psycopg
-from bench_setup import BenchEnv, bench_env
+from bench_setup import BenchEnv, bench_env, drop_replication_slot
 from consumer import Consumer
 from cpu_usage import CpuMeter
 from pgbench_runs import PLAIN_TABLE, PLAIN_TABLE_DDL, run_pgbench
@@ -38,6 +38,8 @@ from producers import PacedProducers, PublishedCounter, insert_backlog, pending
 from raw_publisher import run_in_child as raw_publisher_child
 from relay_process import RelayProcess
 
+from outbox_relay.cdc import slots
+from outbox_relay.db import leases
 from outbox_relay.db.queries import Queries
 from outbox_relay.relay.settings import DEFAULT_BATCH_SIZE
 
@@ -55,10 +57,35 @@ DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-PARTS = ("throughput", "steady", "latency", "producer")  # 1+2, 3, 4, 5
+PARTS = ("throughput", "drain", "steady", "latency", "producer")  # 1+2, 6, 3, 4, 5
 TARGET_RATIO = 0.85
 TARGET_P99_MS = 20.0
 TARGET_OVERHEAD_PCT = 10.0
+
+
+@dataclass(frozen=True)
+class DrainProfile:
+    """One backlog shape of the drain matrix (issue 12, point 4) and the raw ceiling it is held
+    against."""
+
+    key: str
+    label: str
+    aggregates: int  # 0: as many as events (every event its own aggregate)
+    window: int  # the raw publisher's unconfirmed window
+    target_ratio: float  # relay / raw, in the modes that have a target
+
+
+DRAIN_PROFILES = (
+    DrainProfile("a", "distinct aggregates", 0, 1000, 0.85),
+    DrainProfile("b", "10,000 aggregates", 10_000, 1000, 0.85),
+    DrainProfile("c", "1,000 aggregates", 1_000, 1000, 0.85),
+    DrainProfile("d", "200 aggregates", 200, 200, 0.90),
+)
+DRAIN_MODES = ("notify", "poll", "cdc")
+# Modes whose throughput ratio is a target (poll is there for contrast).
+DRAIN_RATIO_MODES = ("notify", "cdc")
+TARGET_BROKER_CPU_POINTS = 10.0  # the broker's CPU (% of a core) within this of raw's
+TARGET_RELAY_US_PER_EVENT = 70.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +100,13 @@ class Sizes:
     # for the whole run at 1.5 times the rate it drained the first backlog.
     busy_backlog: int
     pgbench_rounds: int  # alternating rounds of the plain and outbox pgbench runs
+    drain_events: int  # each backlog of the drain matrix (and its raw runs)
+    drain_rounds: int  # rounds of the drain matrix (raw and relay runs alternate in each)
     clients: int = 4
 
 
-FULL = Sizes(100_000, 3000, 20, 20, 1000, 15, 0, 2)
-QUICK = Sizes(20_000, 3000, 5, 5, 1000, 5, 0, 1)
+FULL = Sizes(100_000, 3000, 20, 20, 1000, 15, 0, 2, 100_000, 3)
+QUICK = Sizes(20_000, 3000, 5, 5, 1000, 5, 0, 1, 10_000, 1)
 
 
 def log(message: str) -> None:
@@ -126,6 +155,16 @@ def percentile(values: list[float], q: float) -> float:
 def sql(env: BenchEnv, statement: str) -> None:
     with psycopg.connect(env.database_url, autocommit=True) as conn:
         conn.execute(statement)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def quiet_database(env: BenchEnv) -> None:
@@ -183,29 +222,35 @@ class Bench:
 
     # -- 1. the ceiling ---------------------------------------------------------------------
 
-    def raw(self) -> dict[str, Any]:
+    def raw(self, window: int | None = None, events: int | None = None) -> dict[str, Any]:
+        """``events`` messages (default --events) with ``window`` unconfirmed (--window)."""
+        window = window or self.sizes.window
+        events = events or self.sizes.events
         context = multiprocessing.get_context("spawn")
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(
             target=raw_publisher_child,
-            args=(
-                self.env.broker_url,
-                self.env.exchange,
-                self.sizes.events,
-                self.sizes.window,
-                sender,
-            ),
+            args=(self.env.broker_url, self.env.exchange, events, window, sender, True),
             name="bench-raw",
         )
         process.start()
         sender.close()
-        meter = CpuMeter(database=self.env.database).start()
-        if not receiver.poll(self.sizes.events / 200 + 60):
-            process.kill()
-            raise RuntimeError("the raw publisher did not finish")
-        kind, value = receiver.recv()
-        process.join(10)
-        cpu = meter.stop()
+        try:
+            # The broker is measured from the first publish (the publisher connected) to the
+            # last confirm, as the publisher times itself.
+            kind, value = self._receive(receiver, 60, "start")
+            if kind != "started":
+                raise RuntimeError(f"raw publisher: {value}")
+            meter = CpuMeter(database=self.env.database).start()
+            try:
+                kind, value = self._receive(receiver, events / 200 + 60, "finish")
+            finally:
+                cpu = meter.stop()
+            process.join(10)
+        finally:
+            if process.is_alive():
+                process.kill()
+                process.join(10)
         if kind != "ok":
             raise RuntimeError(f"raw publisher: {value}")
         depth = self.env.queue_depth()
@@ -214,48 +259,92 @@ class Bench:
         cpu.pop("relay")
         cpu["publisher"] = result["cpu_percent"]  # measured by the publisher itself
         result.update(queued=depth, cpu_percent=cpu)
-        log(f"raw pika publisher: {result['msg_per_s']:.0f} msg/s")
+        log(f"raw pika publisher (window {window}): {result['msg_per_s']:.0f} msg/s")
         return result
+
+    @staticmethod
+    def _receive(receiver: Any, timeout: float, what: str) -> tuple[str, Any]:
+        if not receiver.poll(timeout):
+            raise RuntimeError(f"the raw publisher did not {what} within {timeout:.0f}s")
+        kind, value = receiver.recv()
+        return str(kind), value
 
     # -- 2. backlog -------------------------------------------------------------------------
 
     def backlog(self, aggregates: int, ceiling: float) -> dict[str, Any]:
+        result = self.drain(self.sizes.events, aggregates, "notify", f"backlog_{aggregates}")
+        result["raw_msg_per_s"] = ceiling
+        result["ratio_vs_raw"] = round(result["events_per_s"] / ceiling, 3)
+        return result
+
+    def drain(self, events: int, aggregates: int, mode: str, profile_name: str) -> dict[str, Any]:
+        """A real relay (``--mode mode``) started on a backlog of ``events`` rows over
+        ``aggregates`` aggregates, timed until it has committed every row as sent. In cdc mode
+        the publication and a fresh slot are made first (what ``migrate --cdc`` does), so the
+        backlog is in the slot's WAL, and the slot is dropped afterwards."""
         quiet_database(self.env)
-        events = self.sizes.events
+        settings = self.relay_settings(mode=mode)
+        if mode == "cdc":
+            settings.update(slot_name=self.slot_name, publication=self.slot_name)
+            self.create_slot()
+        try:
+            return self._drain(events, aggregates, mode, settings, profile_name)
+        finally:
+            if mode == "cdc":
+                drop_replication_slot(self.env.database_url, self.slot_name)
+
+    def _drain(
+        self,
+        events: int,
+        aggregates: int,
+        mode: str,
+        settings: dict[str, Any],
+        profile_name: str,
+    ) -> dict[str, Any]:
         inserted_in = insert_backlog(self.env.database_url, events, aggregates)
         sql(self.env, "ANALYZE outbox")
         sql(self.env, "CHECKPOINT")
         counter = PublishedCounter(self.env.database_url)
-        base = counter.published()
-        with RelayProcess(self.relay_settings()) as relay:
-            meter = CpuMeter({relay.pid or -1}, self.env.database).start()
-            with self.profiling(relay.pid, f"backlog_{aggregates}"):
-                started = time.perf_counter()
-                relay.go()
-                relay.wait_leading()
-                leading_after = time.perf_counter() - started
-                finished = counter.wait_for(base + events, timeout=events / 100 + 120)
-                cpu = meter.stop()
-            relay.stop()
-            steps = relay.steps
-        counter.close()
+        try:
+            base = counter.published()
+            with RelayProcess(settings) as relay:
+                pid = relay.pid or -1
+                with self.profiling(relay.pid, profile_name):
+                    started = time.perf_counter()
+                    relay.go()
+                    relay.wait_leading()
+                    leading_after = time.perf_counter() - started
+                    # CPU from the moment it leads (connected): the drain, not the start-up.
+                    meter = CpuMeter({pid}, self.env.database).start()
+                    try:
+                        finished = counter.wait_for(base + events, timeout=events / 100 + 120)
+                    finally:
+                        cpu = meter.stop()
+                relay.stop()
+                steps = relay.steps
+        finally:
+            counter.close()
         if finished is None:
             raise RuntimeError(f"backlog of {events} not drained: {pending(self.env.database_url)}")
         seconds = finished - started
         depth = self.env.queue_depth()
         self.env.purge_queue()
         rate = events / seconds
+        relay_cpu = meter.pid_seconds.get(pid, 0.0)
         result = {
             "events": events,
             "aggregates": aggregates,
+            "mode": mode,
             "batch_size": self.batch_size,
             "insert_seconds": round(inserted_in, 3),
             "seconds": round(seconds, 3),
             "startup_seconds": round(leading_after, 3),
             "events_per_s": round(rate, 1),
-            "raw_msg_per_s": ceiling,
-            "ratio_vs_raw": round(rate / ceiling, 3),
             "queued": depth,
+            # user + sys seconds of the relay process (all its threads), leading to drained.
+            "relay_cpu_seconds": round(relay_cpu, 3),
+            "relay_cpu_us_per_event": round(relay_cpu * 1e6 / events, 2),
+            "broker_cpu_percent": cpu["rabbitmq"],
             "cpu_percent": cpu,
             # Where the relay's wall time went (sums may exceed it when batches overlap).
             "relay_steps": {
@@ -263,8 +352,79 @@ class Bench:
                 for step, spent in steps.items()
             },
         }
-        log(f"backlog {events} over {aggregates} aggregates: {rate:.0f} events/s")
+        log(
+            f"{mode} relay, backlog {events} over {aggregates} aggregates: {rate:.0f} events/s, "
+            f"{result['relay_cpu_us_per_event']} us/event"
+        )
         return result
+
+    # -- 6. drain matrix --------------------------------------------------------------------
+
+    @property
+    def slot_name(self) -> str:
+        return self.env.database  # bench_<random>: a valid slot and publication name
+
+    def create_slot(self) -> None:
+        """What ``outbox-relay migrate --cdc`` does: the publication and the slot (one shard).
+        Creating a logical slot waits for the transactions running on the whole server to
+        end; a minute without that counts as an interruption (the run is tried again)."""
+        try:
+            with psycopg.connect(
+                self.env.database_url, autocommit=True, options="-c statement_timeout=60000"
+            ) as conn:
+                slots.check_wal_level(conn, "public")
+                slots.ensure_publication(conn, "public", self.slot_name)
+                slots.ensure_slot(conn, "public", self.slot_name)
+                leases.set_lease_count(conn, "public", "cdc-shard", 1)
+        except psycopg.errors.QueryCanceled as exc:
+            raise RuntimeError(f"creating the replication slot timed out: {exc}") from exc
+
+    def drain_matrix(
+        self, profiles: list[DrainProfile], modes: list[str], rounds: int
+    ) -> dict[str, Any]:
+        """Issue 12, point 4: each profile's backlog drained in each mode, every relay run right
+        after a raw run with the profile's window; ``rounds`` rounds, the order of the modes
+        turning each round so that none always runs first."""
+        events = self.sizes.drain_events
+        matrix: dict[str, Any] = {}
+        for profile in profiles:
+            matrix[profile.key] = {
+                "label": profile.label,
+                "aggregates": profile.aggregates or events,
+                "raw_window": profile.window,
+                "target_ratio": profile.target_ratio,
+                "raw": {"runs": []},
+                "relay": {mode: {"runs": []} for mode in modes},
+            }
+        for round_ in range(1, rounds + 1):
+            for profile in profiles:
+                entry = matrix[profile.key]
+                shift = (round_ - 1) % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
+                    name = f"drain {profile.key} round {round_}"
+                    raw = self.phase(f"{name} raw", self.raw, profile.window, events)
+                    raw["round"] = round_
+                    entry["raw"]["runs"].append(raw)
+                    run = self.phase(
+                        f"{name} {mode}",
+                        self.drain,
+                        events,
+                        entry["aggregates"],
+                        mode,
+                        f"drain_{profile.key}_{mode}_{round_}",
+                    )
+                    run["round"] = round_
+                    run["raw_just_before"] = raw["msg_per_s"]
+                    entry["relay"][mode]["runs"].append(run)
+        for entry in matrix.values():
+            summarise_drain(entry)
+        return {
+            "events": events,
+            "rounds": rounds,
+            "modes": modes,
+            "batch_size": self.batch_size,
+            "profiles": matrix,
+        }
 
     # -- 3. steady state --------------------------------------------------------------------
 
@@ -546,6 +706,52 @@ class Bench:
                     recorder.kill()
 
 
+def summarise_drain(entry: dict[str, Any]) -> None:
+    """Medians of one drain profile, each relay run's ratio to the raw median, and verdicts."""
+    raw_runs = entry["raw"]["runs"]
+    raw_rate = median([r["msg_per_s"] for r in raw_runs])
+    raw_broker = median([r["cpu_percent"]["rabbitmq"] for r in raw_runs])
+    entry["raw"]["median"] = {
+        "msg_per_s": round(raw_rate, 1),
+        "publisher_cpu_us_per_msg": round(median([r["cpu_us_per_msg"] for r in raw_runs]), 2),
+        "broker_cpu_percent": round(raw_broker, 1),
+    }
+    for mode, relay in entry["relay"].items():
+        runs = relay["runs"]
+        for run in runs:
+            run["ratio_vs_raw_median"] = round(run["events_per_s"] / raw_rate, 3)
+            run["ratio_vs_raw_just_before"] = round(run["events_per_s"] / run["raw_just_before"], 3)
+        rate = median([r["events_per_s"] for r in runs])
+        us = median([r["relay_cpu_us_per_event"] for r in runs])
+        broker = median([r["broker_cpu_percent"] for r in runs])
+        relay["median"] = {
+            "events_per_s": round(rate, 1),
+            "ratio_vs_raw_median": round(rate / raw_rate, 3),
+            "relay_cpu_us_per_event": round(us, 2),
+            "broker_cpu_percent": round(broker, 1),
+        }
+        verdicts: dict[str, Any] = {}
+        if mode in DRAIN_RATIO_MODES:
+            target = entry["target_ratio"]
+            verdicts["ratio"] = {
+                "value": round(rate / raw_rate, 3),
+                "target": f">= {target} of raw (window {entry['raw_window']})",
+                "met": rate / raw_rate >= target,
+            }
+        verdicts["broker_cpu"] = {
+            "value": round(broker - raw_broker, 1),
+            "target": f"within {TARGET_BROKER_CPU_POINTS:.0f} points of raw's "
+            f"{raw_broker:.1f} % of a core",
+            "met": abs(broker - raw_broker) <= TARGET_BROKER_CPU_POINTS,
+        }
+        verdicts["relay_cpu_us_per_event"] = {
+            "value": round(us, 2),
+            "target": f"<= {TARGET_RELAY_US_PER_EVENT:.0f}",
+            "met": us <= TARGET_RELAY_US_PER_EVENT,
+        }
+        relay["verdicts"] = verdicts
+
+
 def _summary(latencies: list[float]) -> dict[str, float]:
     return {
         "p50": round(percentile(latencies, 50), 2),
@@ -574,6 +780,19 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             "value": p99,
             "target": f"< {TARGET_P99_MS}",
             "met": p99 < TARGET_P99_MS,
+        }
+    if "drain" in results:
+        verdicts_ = [
+            verdict
+            for entry in results["drain"]["profiles"].values()
+            for relay in entry["relay"].values()
+            for verdict in relay["verdicts"].values()
+        ]
+        met = sum(1 for verdict in verdicts_ if verdict["met"])
+        checks["drain_matrix"] = {
+            "value": f"{met} of {len(verdicts_)}",
+            "target": "every drain verdict met (drain.profiles.*.relay.*.verdicts)",
+            "met": met == len(verdicts_),
         }
     if "producer" in results:
         overhead = results["producer"]["outbox"]["overhead_pct_vs_plain"]
@@ -666,19 +885,112 @@ def render_table(results: dict[str, Any]) -> str:
                 value += f", {run['notifying_share']:.0%} of tx NOTIFY"
             value += ")"
         add(f"5. pgbench {producer['clients']}c {label}", value, target)
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    header = ("measurement", "result", "target")
-    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    if "drain_matrix" in checks:
+        drain = results["drain"]
+        add(
+            f"6. drain matrix, {drain['events']:,} events x {drain['rounds']} round(s)",
+            f"{checks['drain_matrix']['value']} verdicts met (table below)",
+            f"all: {mark(checks['drain_matrix']['met'])}",
+        )
+    return _columns(("measurement", "result", "target"), rows)
+
+
+def _columns(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
 
+def render_drain(drain: dict[str, Any]) -> str:
+    """The drain matrix: per profile the raw ceiling and each mode, medians first and every
+    run's figure after them, in round order."""
+
+    def runs(values: list[float], fmt: str) -> str:
+        return " / ".join(format(v, fmt) for v in values)
+
+    def verdict(checks: dict[str, Any]) -> str:
+        names = {"ratio": "ratio", "broker_cpu": "broker", "relay_cpu_us_per_event": "cpu"}
+        return " ".join(
+            f"{names[name]} {'MET' if check['met'] else 'MISSED'}" for name, check in checks.items()
+        )
+
+    rows: list[tuple[str, ...]] = []
+    for key, entry in drain["profiles"].items():
+        profile = f"({key}) {entry['label']}"
+        raw = entry["raw"]
+        rows.append(
+            (
+                profile,
+                f"raw w{entry['raw_window']}",
+                f"{raw['median']['msg_per_s']:,.0f} ({runs([r['msg_per_s'] for r in raw['runs']], ',.0f')})",
+                "-",
+                f"pub {raw['median']['publisher_cpu_us_per_msg']:.1f} "
+                f"({runs([r['cpu_us_per_msg'] for r in raw['runs']], '.1f')})",
+                f"{raw['median']['broker_cpu_percent']:.0f} "
+                f"({runs([r['cpu_percent']['rabbitmq'] for r in raw['runs']], '.0f')})",
+                "ceiling",
+            )
+        )
+        for mode, relay in entry["relay"].items():
+            done, middle = relay["runs"], relay["median"]
+            rows.append(
+                (
+                    "",
+                    mode,
+                    f"{middle['events_per_s']:,.0f} ({runs([r['events_per_s'] for r in done], ',.0f')})",
+                    f"{middle['ratio_vs_raw_median']:.2f} "
+                    f"({runs([r['ratio_vs_raw_median'] for r in done], '.2f')})",
+                    f"{middle['relay_cpu_us_per_event']:.1f} "
+                    f"({runs([r['relay_cpu_us_per_event'] for r in done], '.1f')})",
+                    f"{middle['broker_cpu_percent']:.0f} "
+                    f"({runs([r['broker_cpu_percent'] for r in done], '.0f')})",
+                    verdict(relay["verdicts"]),
+                )
+            )
+    header = (
+        "profile",
+        "run",
+        "events/s median (runs)",
+        "vs raw median",
+        "CPU us/event",
+        "broker CPU %",
+        "verdicts",
+    )
+    title = (
+        f"Drain matrix: {drain['events']:,}-event backlogs, {drain['rounds']} round(s), relay "
+        f"--batch-size {drain['batch_size']}; targets: ratio >= 0.85 ((d): 0.90 vs raw window "
+        f"200) in {' and '.join(DRAIN_RATIO_MODES)}, broker CPU within "
+        f"{TARGET_BROKER_CPU_POINTS:.0f} points of raw's, relay <= "
+        f"{TARGET_RELAY_US_PER_EVENT:.0f} us/event"
+    )
+    return title + "\n" + _columns(header, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes, whole run < 2 minutes")
-    parser.add_argument("--events", type=int, help="raw publisher messages and each backlog")
+    parser.add_argument("--quick", action="store_true", help="small sizes, whole run < 3 minutes")
+    parser.add_argument(
+        "--events", type=int, help="raw publisher messages and each backlog (drain matrix too)"
+    )
+    parser.add_argument(
+        "--drain-events", type=int, help="each backlog of the drain matrix (default --events)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="drain matrix rounds, raw and relay runs alternating (3)"
+    )
+    parser.add_argument(
+        "--drain-modes",
+        default=",".join(DRAIN_MODES),
+        help=f"drain matrix modes (default {','.join(DRAIN_MODES)})",
+    )
+    parser.add_argument(
+        "--drain-profiles",
+        default=",".join(p.key for p in DRAIN_PROFILES),
+        help="drain matrix profiles: a distinct aggregates, b 10,000, c 1,000 (raw window "
+        "1,000), d 200 (raw window 200); default all",
+    )
     parser.add_argument("--window", type=int, help="raw publisher's unconfirmed window")
     parser.add_argument("--seconds", type=int, help="steady-state and each latency run")
     parser.add_argument("--pgbench-seconds", type=int, help="each pgbench run")
@@ -710,6 +1022,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
+    modes = [mode.strip() for mode in args.drain_modes.split(",") if mode.strip()]
+    if not modes or set(modes) - set(DRAIN_MODES):
+        parser.error(f"--drain-modes: choose among {', '.join(DRAIN_MODES)}")
+    by_key = {profile.key: profile for profile in DRAIN_PROFILES}
+    keys = [key.strip() for key in args.drain_profiles.split(",") if key.strip()]
+    if not keys or set(keys) - set(by_key):
+        parser.error(f"--drain-profiles: choose among {', '.join(by_key)}")
+    profiles = [by_key[key] for key in keys]
+    for name in ("events", "drain_events", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1")
 
     base = QUICK if args.quick else FULL
     overrides = {
@@ -721,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
         "busy_backlog": args.busy_backlog,
         "rate": args.rate,
         "pgbench_rounds": args.pgbench_rounds,
+        "drain_events": args.drain_events or args.events,
+        "drain_rounds": args.rounds,
     }
     sizes = Sizes(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -742,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with bench_env(args.admin_url, args.broker_url) as env:
         bench = Bench(env, sizes, args.batch_size, args.profile)
+        results["meta"]["database"] = env.database  # and the slot name of the CDC runs
         relay_rate = 5000.0  # sizes the "relay busy" backlog when throughput is not measured
         if "throughput" in parts:
             raws: list[dict[str, Any]] = []
@@ -755,6 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
             results["raw"] = raws
             results["relay_backlog"] = backlogs
             relay_rate = backlogs[0]["events_per_s"]
+        if "drain" in parts:
+            results["drain"] = bench.drain_matrix(profiles, modes, sizes.drain_rounds)
         if "steady" in parts:
             results["relay_steady"] = bench.phase("steady", bench.steady)
         if "latency" in parts:
@@ -772,6 +1100,9 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(render_table(results))
+    if "drain" in results:
+        print()
+        print(render_drain(results["drain"]))
     print(f"\nload before: {load_before}\nload after:  {results['meta']['uptime_after']}")
     print(f"took {results['meta']['seconds']} s; results in {args.output}")
     return 0

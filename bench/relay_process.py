@@ -79,7 +79,8 @@ class ConfirmClock:
 class Stopwatch:
     """Time spent in the relay's steps, to explain its throughput: claiming rows, publishing
     them (send + wait for confirms) and settling them (mark sent + commit); and, for latency,
-    the idle path (commits, asking producers to ring, waiting for in-progress writers).
+    the idle path (commits, asking producers to ring, waiting for in-progress writers). In
+    ``--mode cdc``, ``claim`` is the table path and ``claim_ids`` the WAL path.
 
     The store's methods are wrapped in this bench process only; the relay is unchanged. With
     pipelined batches the steps overlap, so their sum may exceed the wall time."""
@@ -95,6 +96,11 @@ class Stopwatch:
             "stop_listening",
             "all_ended",
             "next_retry_in",
+            # --mode cdc: transactions read from the WAL, claimed by id.
+            "materialize",
+            "claim_ids",
+            "wait_visible",
+            "earliest_pending",
         )
     )
 

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.services import Services
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "relay_bench.py"
 EVENTS = 2000
+DRAIN_EVENTS = 1000
 MAY_BE_ZERO = {
     "cpu_percent",
     # The per-step time breakdown: in a short run a step (stop_listening, say) may never happen.
@@ -23,6 +25,8 @@ MAY_BE_ZERO = {
     "catch_up_seconds",
     "notifications",
     "notifying_share",
+    # Drain matrix verdicts: the broker's CPU difference to raw's may be 0 or negative.
+    "verdicts",
 }
 
 
@@ -56,6 +60,9 @@ def test_bench_quick_mode_reports_every_figure(services: Services, tmp_path: Pat
             "--pgbench-seconds=1",
             "--busy-backlog=3000",
             "--rate=200",
+            f"--drain-events={DRAIN_EVENTS}",
+            "--drain-profiles=a,d",
+            "--rounds=1",
             f"--admin-url={services.postgres_admin_url}",
             f"--broker-url={services.rabbitmq_url}",
             f"--output={output}",
@@ -76,6 +83,7 @@ def test_bench_quick_mode_reports_every_figure(services: Services, tmp_path: Pat
         "relay_steady",
         "latency",
         "producer",
+        "drain",
         "targets",
     }
     assert [run["aggregates"] for run in results["relay_backlog"]] == [EVENTS, 200]
@@ -92,6 +100,7 @@ def test_bench_quick_mode_reports_every_figure(services: Services, tmp_path: Pat
         "relay_throughput_ratio",
         "p99_commit_to_confirm_ms_notify",
         "producer_overhead_pct",
+        "drain_matrix",
     }
     bad = _positive_numbers({k: v for k, v in results.items() if k not in {"meta", "targets"}})
     assert not bad, f"non-positive figures: {bad}"
@@ -103,6 +112,44 @@ def test_bench_quick_mode_reports_every_figure(services: Services, tmp_path: Pat
     for run in results["latency"].values():
         assert run["events"] > 0
         assert run["confirmed"] == run["received"] == run["events"]
+    # The drain matrix: each profile held against its raw window, in every mode, one relay run
+    # per raw run, every event drained and queued once, with the figures the verdicts use.
+    drain = results["drain"]
+    assert (drain["events"], drain["rounds"], drain["modes"]) == (
+        DRAIN_EVENTS,
+        1,
+        ["notify", "poll", "cdc"],
+    )
+    profiles = drain["profiles"]
+    assert {key: (p["aggregates"], p["raw_window"]) for key, p in profiles.items()} == {
+        "a": (DRAIN_EVENTS, 1000),
+        "d": (200, 200),
+    }
+    for profile in profiles.values():
+        assert len(profile["raw"]["runs"]) == 3  # one right before each relay run
+        assert all(run["queued"] == DRAIN_EVENTS for run in profile["raw"]["runs"])
+        assert profile["raw"]["median"]["publisher_cpu_us_per_msg"] > 0
+        for mode, relay in profile["relay"].items():
+            (run,) = relay["runs"]
+            assert run["mode"] == mode
+            assert run["queued"] == DRAIN_EVENTS
+            assert run["relay_cpu_us_per_event"] > 0
+            assert run["ratio_vs_raw_median"] == round(
+                run["events_per_s"] / profile["raw"]["median"]["msg_per_s"], 3
+            )
+            expected = {"broker_cpu", "relay_cpu_us_per_event"}
+            if mode != "poll":
+                expected.add("ratio")
+            assert set(relay["verdicts"]) == expected
+    # CDC runs leave no replication slot behind.
+    with psycopg.connect(services.postgres_admin_url, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE slot_name = %s",
+            (results["meta"]["database"],),
+        ).fetchall()
+    assert left == []
+    assert "Drain matrix" in done.stdout
+
     # The worst-case scenario really made every producer transaction NOTIFY.
     assert results["producer"]["outbox_notify_every_tx"]["notifying_share"] > 0.8
     assert "measurement" in done.stdout  # the table was printed
