@@ -7,9 +7,10 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
-from outbox_relay.settings import Flag, Port, Settings
+from outbox_relay.observability.metrics import metrics_exporter_names
+from outbox_relay.settings import Flag, Port, Settings, env_name, option_name
 
 
 class LogLevel(enum.StrEnum):
@@ -65,7 +66,8 @@ class ObservabilitySettings(Settings):
         Flag(panel="Observability"),
     ] = None
     metrics_host: Annotated[
-        ListenHost, Field(description="Address the metrics endpoint listens on.")
+        ListenHost,
+        Field(description="Address the metrics endpoint listens on (with --metrics-port)."),
     ] = DEFAULT_LISTEN_HOST
     health_port: Annotated[
         Port | None,
@@ -73,5 +75,28 @@ class ObservabilitySettings(Settings):
         Flag(panel="Observability"),
     ] = None
     health_host: Annotated[
-        ListenHost, Field(description="Address the health endpoint listens on.")
+        ListenHost,
+        Field(description="Address the health endpoint listens on (with --health-port)."),
     ] = DEFAULT_LISTEN_HOST
+
+    @model_validator(mode="after")
+    def _hosts_need_their_ports(self) -> ObservabilitySettings:
+        # An address without a port serves nothing: a mistake worth one line, not silence.
+        # (The deploy manifests set both.) Except --metrics-host with OTEL_METRICS_EXPORTER=
+        # prometheus: that exporter's endpoint (OTEL_EXPORTER_PROMETHEUS_PORT) listens on it.
+        given = self.model_fields_set
+        prometheus = "prometheus" in metrics_exporter_names()
+        if "metrics_host" in given and self.metrics_port is None and not prometheus:
+            raise ValueError(host_without_port("metrics_host", "metrics_port"))
+        if "health_host" in given and self.health_port is None:
+            raise ValueError(host_without_port("health_host", "health_port"))
+        return self
+
+
+def host_without_port(host: str, port: str) -> str:
+    """The one line for a listen address given without its port, naming both options."""
+    host_flag, port_flag = option_name(host), option_name(port)
+    return (
+        f"{host_flag} ({env_name(host)}) applies only with {port_flag} ({env_name(port)}): "
+        f"nothing listens without a port; set {port_flag} too, or drop {host_flag}"
+    )

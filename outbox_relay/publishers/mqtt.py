@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import re
+import socket
 import ssl
 import struct
 import threading
@@ -69,6 +70,29 @@ _MESSAGE_FAULTS = frozenset({0x81, 0x82, 0x95, 0x99})
 MAX_PACKET = 268_435_455
 # Room for the fixed header, topic and properties length fields of a PUBLISH packet.
 PACKET_OVERHEAD = 65_536
+# A CONNACK's fixed header: packet type 2, no flags (MQTT 5 section 3.2.1, 3.1.1 section 3.2.1).
+CONNACK = 0x20
+# Bytes of a first answer looked at (and quoted) before paho reads it.
+FIRST_ANSWER_BYTES = 16
+# paho's reasons for a connection that ended before the CONNACK: the peer hung up (paho's
+# "Unspecified error"), or sent something that is no MQTT packet (malformed, protocol error).
+_CONNECTION_LOST = 0x80
+_NOT_A_PACKET = frozenset({0x81, 0x82})
+
+
+def connack_problem(head: bytes, mqtt5: bool) -> str | None:
+    """Why ``head``, the first bytes a server answered to CONNECT, cannot start a CONNACK (so
+    the server is no MQTT broker), or None (also for nothing: no answer yet).
+
+    A CONNACK is ``0x20`` and its remaining length: exactly 2 in MQTT 3.1.1, at least 2 in
+    MQTT 5 (flags, reason code, then properties). RabbitMQ answers its AMQP header, NATS its
+    INFO line, Redis an error line starting with ``-`` (0x2D: type 2, but with flags)."""
+    if not head:
+        return None
+    length = head[1] if len(head) > 1 else None
+    if head[0] == CONNACK and (length is None or length == 2 or (mqtt5 and length > 2)):
+        return None
+    return f"it answered {head[:FIRST_ANSWER_BYTES]!r} to CONNECT, not a CONNACK"
 
 
 class MqttOptions(BrokerOptions):
@@ -160,6 +184,9 @@ class MqttPublisher:
         self._housekeeping: asyncio.Task[None] | None = None
         self._loop_thread: int | None = None
         self._max_packet = MAX_PACKET
+        # Once a CONNACK came from the URL, it is an MQTT broker's: later odd answers (a broker
+        # restarting, a proxy without a backend) are retried, not called a wrong URL.
+        self._answered = False
 
     @property
     def mqtt5(self) -> bool:
@@ -217,11 +244,15 @@ class MqttPublisher:
             )
         except TimeoutError as exc:
             await self.close()
-            raise BrokerUnavailableError(f"no CONNACK from the MQTT broker at {where}") from exc
+            # Silence is no proof of another service (a broker may be starting): retried.
+            raise BrokerUnavailableError(
+                f"no CONNACK from the MQTT broker at {where} within "
+                f"{self._settings.confirm_timeout:g}s (is it an MQTT broker?)"
+            ) from exc
         except BaseException:
             await self.close()
             raise
-        self._connected = True
+        self._connected = self._answered = True
         log.info("connected to broker", extra={"broker": "mqtt", "url": where})
 
     async def close(self) -> None:
@@ -373,7 +404,7 @@ class MqttPublisher:
     # callback of a closed client must not touch the state of the one that replaced it.
 
     def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
-        self._on_loop(self._watch, sock, "r", client.loop_read)
+        self._on_loop(self._watch, sock, "r", functools.partial(self._readable, client, sock))
 
     def _on_socket_close(self, _client: paho.Client, _u: Any, sock: Any) -> None:
         self._on_loop(self._watch, sock, "r", None)
@@ -393,6 +424,41 @@ class MqttPublisher:
         else:
             with contextlib.suppress(RuntimeError):  # the relay's loop already closed
                 loop.call_soon_threadsafe(function, *args)
+
+    def _readable(self, client: paho.Client, sock: Any) -> None:
+        """paho's loop_read; until the CONNACK, a look at the answer first (paho would read
+        another service's bytes as packets: a PUBACK of 77 bytes for RabbitMQ's AMQP header,
+        then wait for the rest, or call the garbage a protocol error of a broker)."""
+        connack = self._connack
+        if (
+            client is self._client
+            and connack is not None
+            and not connack.done()
+            # Peeking needs the bytes as received: through TLS they are records, not packets
+            # (and a peer closing before the CONNACK is caught by _lost either way).
+            and isinstance(sock, socket.socket)
+            and not isinstance(sock, ssl.SSLSocket)
+        ):
+            try:
+                head = sock.recv(FIRST_ANSWER_BYTES, socket.MSG_PEEK)
+            except OSError:
+                head = b""  # a reset: paho's read below finds out too, and _lost reports it
+            # Nothing (the peer hung up) is left to paho too: _lost reports it.
+            problem = connack_problem(head, self.mqtt5)
+            if problem is not None:
+                self._watch(sock, "r", None)
+                connack.set_exception(self._not_a_broker(problem))
+                return
+        client.loop_read()
+
+    def _not_a_broker(self, why: str) -> Exception:
+        where = redact_url(self._settings.broker_url)
+        if self._answered:
+            return BrokerUnavailableError(f"the MQTT broker at {where} sent no CONNACK: {why}")
+        return ConfigError(
+            f"--broker-url: {where} did not answer like an MQTT broker ({why}; is the host or "
+            "port that of another service?)"
+        )
 
     def _watch(self, sock: Any, kind: str, callback: Callable[[], Any] | None) -> None:
         """Add or drop (callback None) the loop's read or write watch on paho's socket."""
@@ -457,16 +523,32 @@ class MqttPublisher:
         if client is not self._client:
             return
         self._connected = False
-        exc = (
-            BrokerRejectedMessageError(f"the MQTT broker closed the connection: {reason}")
-            if getattr(reason, "value", None) in _MESSAGE_FAULTS
-            else BrokerUnavailableError(f"lost the MQTT connection: {reason}")
-        )
-        self._failure = exc
+        exc: Exception
         connack = self._connack
         if connack is not None and not connack.done():
+            exc = self._before_connack(reason)
             connack.set_exception(exc)
+        elif getattr(reason, "value", None) in _MESSAGE_FAULTS:
+            exc = BrokerRejectedMessageError(f"the MQTT broker closed the connection: {reason}")
+        else:
+            exc = BrokerUnavailableError(f"lost the MQTT connection: {reason}")
+        self._failure = exc
         self._fail_pending(exc)
+
+    def _before_connack(self, reason: ReasonCode) -> Exception:
+        """The connection ended before any CONNACK. An MQTT broker answers CONNECT with one,
+        even to refuse it: a peer that hangs up on a CONNECT (PostgreSQL does) or answers what
+        is no MQTT packet (paho: malformed packet, protocol error) is another kind of service.
+        paho's own keepalive timer ending a silent connection proves nothing: retried."""
+        value = getattr(reason, "value", None)
+        if value == _CONNECTION_LOST:
+            return self._not_a_broker("it closed the connection without a CONNACK")
+        if value in _NOT_A_PACKET:
+            return self._not_a_broker(f"its answer to CONNECT was not a CONNACK: {reason}")
+        where = redact_url(self._settings.broker_url)
+        return BrokerUnavailableError(
+            f"no CONNACK from the MQTT broker at {where}: {reason} (is it an MQTT broker?)"
+        )
 
     def _acked(self, client: paho.Client, mid: int, reason_code: ReasonCode) -> None:
         if client is not self._client:

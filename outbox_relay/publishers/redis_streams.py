@@ -9,6 +9,7 @@ so the event id is a field for consumers to dedupe on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
@@ -40,6 +41,13 @@ log = logging.getLogger(__name__)
 
 # Redis's default proto-max-bulk-len: a larger field ends the connection ("invalid bulk length").
 PROTO_MAX_BULK_LEN = 512 * 1024 * 1024
+# The probe at connect time: PING, the one command every Redis answers, even before AUTH (with
+# +PONG, or an error such as -NOAUTH, -DENIED or -LOADING: all in the protocol).
+PING = b"*1\r\n$4\r\nPING\r\n"
+# RESP2 and RESP3 reply types: the first byte of anything a Redis server sends.
+RESP_TYPES = frozenset(b"+-:$*_,#!=(%~>|")
+# Bytes of a first answer read (and quoted when it is not Redis's).
+FIRST_ANSWER_BYTES = 16
 
 
 class StreamMode(enum.StrEnum):
@@ -90,6 +98,16 @@ def stream_fields(message: OutboxMessage) -> dict[str, str | bytes]:
     return fields
 
 
+def reply_problem(answer: bytes) -> str | None:
+    """Why ``answer``, the first bytes a server sent back to PING, is no Redis reply (so the
+    server is another kind of service), or None."""
+    if not answer:
+        return "it closed the connection without answering PING"
+    if answer[0] not in RESP_TYPES:
+        return f"it answered {answer[:FIRST_ANSWER_BYTES]!r} to PING"
+    return None
+
+
 class RedisStreamsPublisher:
     """Appends events to Redis streams with ``XADD`` (optionally ``MAXLEN ~``)."""
 
@@ -102,6 +120,9 @@ class RedisStreamsPublisher:
         # and the two disagree (generic or not, aclose or close).
         self._client: Any = None
         self._healthy = False
+        # Once the URL answered like Redis, it is Redis: a later connection dropped before any
+        # reply (a restart, a proxy without a backend) is retried, not called a wrong URL.
+        self._answered = False
 
     def stream(self, event_type: str) -> str:
         if self._options.redis_stream_mode is StreamMode.SINGLE:
@@ -125,12 +146,21 @@ class RedisStreamsPublisher:
             raise ConfigError(f"--broker-url: invalid Redis URL {where}: {exc}") from exc
         self._client = client
         try:
+            if not self._answered:
+                await self._check_server(client, where)
             await client.ping()
+        except ConfigError:
+            await self.close()
+            raise
         except redis.exceptions.AuthenticationError as exc:
             await self.close()
             raise ConfigError(f"Redis at {where} refused the credentials: {exc}") from exc
         except redis.exceptions.InvalidResponse as exc:
             await self.close()
+            if self._answered:
+                raise BrokerUnavailableError(
+                    f"cannot connect to Redis at {where}: its answer was no Redis reply"
+                ) from exc
             raise ConfigError(
                 f"--broker-url: {where} did not answer like a Redis server (is the host or port "
                 "that of another service?)"
@@ -138,8 +168,55 @@ class RedisStreamsPublisher:
         except _ANY_FAILURE as exc:
             await self.close()
             raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc}") from exc
-        self._healthy = True
+        self._healthy = self._answered = True
         log.info("connected to broker", extra={"broker": "redis", "url": where})
+
+    async def _check_server(self, client: Any, where: str) -> None:
+        """One PING on a connection of its own, before the client's first, its answer read raw.
+
+        redis-py cannot say whether a connection it lost was ever answered: RabbitMQ resetting
+        the connection after Redis's first command, PostgreSQL or Mosquitto closing it, read as
+        "Connection reset by peer" or "Connection closed by server", like a Redis that went
+        away. Here a peer that accepts the connection and then hangs up or answers anything
+        but a Redis reply is another kind of service; one that cannot be reached, or says
+        nothing (a broker may be starting), stays a retried error. Done until the URL has
+        answered like Redis once."""
+        pool = client.connection_pool
+        # The client's own connection settings (host, port, TLS context), not connected.
+        connection = pool.connection_class(**pool.connection_kwargs)
+        ssl_context = getattr(connection, "ssl_context", None)
+        timeout = min(self._settings.confirm_timeout, 10.0)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    connection.host,
+                    connection.port,
+                    ssl=ssl_context.get() if ssl_context is not None else None,
+                ),
+                timeout=timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc!r}") from exc
+        try:
+            writer.write(PING)
+            await asyncio.wait_for(writer.drain(), timeout=timeout)
+            answer = await asyncio.wait_for(reader.read(FIRST_ANSWER_BYTES), timeout=timeout)
+        except TimeoutError as exc:
+            raise BrokerUnavailableError(
+                f"no answer to PING from {where} within {timeout:g}s (is it a Redis server?)"
+            ) from exc
+        except OSError:
+            answer = b""  # reset: hung up without answering
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), timeout=timeout)
+        problem = reply_problem(answer)
+        if problem is not None:
+            raise ConfigError(
+                f"--broker-url: {where} did not answer like a Redis server ({problem}; is the "
+                "host or port that of another service?)"
+            )
 
     async def close(self) -> None:
         client, self._client = self._client, None

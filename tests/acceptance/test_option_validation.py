@@ -458,19 +458,16 @@ COMBINATIONS = [
         ["serve", "--metrics-host=0.0.0.0"],
         "--metrics-host",
         id="metrics-host without metrics-port",
-        marks=owned_elsewhere(
-            "outbox_relay/observability/settings.py",
-            "--metrics-host without --metrics-port is accepted (and nothing is served)",
-        ),
     ),
     pytest.param(
         ["serve", "--health-host=0.0.0.0"],
         "--health-host",
         id="health-host without health-port",
-        marks=owned_elsewhere(
-            "outbox_relay/observability/settings.py",
-            "--health-host without --health-port is accepted (and nothing is served)",
-        ),
+    ),
+    pytest.param(
+        ["consume", f"--handler={HANDLER}", "--queue=q", "--health-host=0.0.0.0"],
+        "--health-port",
+        id="consume health-host without health-port",
     ),
     pytest.param(
         ["topology", "apply", "--queue=q", "--partitions=4"],
@@ -610,29 +607,16 @@ def test_a_database_url_pointing_at_rabbitmq_is_named_at_once() -> None:
         ),
         (["serve"], "redis://127.0.0.1:4222/0", "did not answer like a Redis server"),
         (["serve"], "http://127.0.0.1:5672/hook", "did not answer like an HTTP server"),
-        pytest.param(
-            ["serve"],
-            "mqtt://127.0.0.1:5672",
-            "did not answer like an MQTT",
-            marks=owned_elsewhere(
-                "outbox_relay/publishers/mqtt.py",
-                "RabbitMQ's answer to an MQTT CONNECT (its AMQP header) is retried forever as "
-                "'lost the MQTT connection: Unspecified error'; a first packet that is not a "
-                "CONNACK should be a ConfigError 'did not answer like an MQTT broker'",
-            ),
-        ),
-        pytest.param(
-            ["serve"],
-            "redis://127.0.0.1:5672/0",
-            "did not answer like a Redis server",
-            marks=owned_elsewhere(
-                "outbox_relay/publishers/redis_streams.py",
-                "RabbitMQ resetting the connection after Redis's first command is retried "
-                "forever as 'Connection reset by peer'; a peer that accepts the connection and "
-                "drops it before any reply should be a ConfigError 'did not answer like a Redis "
-                "server'",
-            ),
-        ),
+        # RabbitMQ answers an MQTT CONNECT with its AMQP header, NATS with its INFO line;
+        # PostgreSQL hangs up on it.
+        (["serve"], "mqtt://127.0.0.1:5672", "did not answer like an MQTT"),
+        (["serve"], "mqtt://127.0.0.1:4222", "did not answer like an MQTT"),
+        (["serve"], "mqtt://127.0.0.1:5432?version=3.1.1", "did not answer like an MQTT"),
+        # RabbitMQ resets the connection after Redis's first command, Mosquitto and PostgreSQL
+        # hang up on it: before any reply.
+        (["serve"], "redis://127.0.0.1:5672/0", "did not answer like a Redis server"),
+        (["serve"], "redis://127.0.0.1:1883/0", "did not answer like a Redis server"),
+        (["serve"], "redis://127.0.0.1:5432/0", "did not answer like a Redis server"),
     ],
     ids=[
         "serve-amqp-at-postgresql",
@@ -640,7 +624,11 @@ def test_a_database_url_pointing_at_rabbitmq_is_named_at_once() -> None:
         "serve-redis-at-nats",
         "serve-http-at-rabbitmq",
         "serve-mqtt-at-rabbitmq",
+        "serve-mqtt-at-nats",
+        "serve-mqtt-at-postgresql",
         "serve-redis-at-rabbitmq",
+        "serve-redis-at-mosquitto",
+        "serve-redis-at-postgresql",
     ],
 )
 def test_a_broker_url_pointing_at_another_service_exits_3_naming_it(
