@@ -105,13 +105,19 @@ class PartitionedSession:
         # Membership (the workers and hungry queues) lives on the session's first channel.
         self.control = channel
         self.partitions: dict[int, Partition] = {}
+        # Sorted indexes of ``partitions``, replaced (never mutated) on every change: the turn
+        # order, and a snapshot other threads may read (Worker.partitions).
+        self._held: tuple[int, ...] = ()
         self._probe: BlockingChannel | None = None
         self._hungry_tag: str | None = None
         self._next_rebalance = 0.0
         self._turn = 0
 
     def held(self) -> list[int]:
-        return sorted(self.partitions)
+        return list(self._held)
+
+    def _changed(self) -> None:
+        self._held = tuple(sorted(self.partitions))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -148,7 +154,7 @@ class PartitionedSession:
 
     def _next_ready(self, now: float) -> Partition | None:
         """Round robin over the held partitions with an event ready to handle."""
-        held = self.held()
+        held = self._held
         for offset in range(len(held)):
             index = held[(self._turn + offset) % len(held)]
             partition = self.partitions[index]
@@ -221,6 +227,7 @@ class PartitionedSession:
             # Closing the channel returns its unacked messages to the head of the queue, in
             # order, and only then frees the queue for another consumer.
             del self.partitions[partition.index]
+            self._changed()
             if partition.channel.is_open:
                 partition.channel.close()
             released.append(partition.index)
@@ -243,6 +250,7 @@ class PartitionedSession:
             # The broker ended the consumer (the queue was deleted): the partition is not ours.
             if self.partitions.get(index) is partition:
                 del self.partitions[index]
+                self._changed()
                 log.warning("partition consumer cancelled by RabbitMQ", extra={"queue": queue})
 
         channel.add_on_cancel_callback(on_cancel)
@@ -254,10 +262,11 @@ class PartitionedSession:
             if exc.reply_code == 404:
                 raise ConfigError(
                     f"partition queue {queue!r} does not exist: run `outbox-relay topology apply "
-                    f"--ordered --partitions {self.topology.partitions}` (or consume with --declare)"
+                    f"--ordered --partition-queues {self.topology.partitions}` (or consume with --declare)"
                 ) from exc
             raise BrokerUnavailableError(f"claiming {queue!r} failed: {exc}") from exc
         self.partitions[index] = partition
+        self._changed()
         return True
 
     def _set_hungry(self, hungry: bool) -> None:

@@ -99,12 +99,13 @@ class TopologySettings(RetrySettings):
             "RabbitMQ's rabbitmq_consistent_hash_exchange plugin)."
         ),
     ] = False
-    partitions: Annotated[
+    # Not "partitions": `migrate --partitions` (OUTBOX_RELAY_PARTITIONS) is the relay's.
+    partition_queues: Annotated[
         Count,
         Field(
             le=MAX_PARTITIONS,
-            description="With --ordered: partition queues, the most workers that share the "
-            "work. Fixed once events flow (a new count moves aggregates).",
+            description="With --ordered: how many partition queues, the most workers that share "
+            "the work. Fixed once events flow (a new count moves aggregates).",
         ),
     ] = 16
 
@@ -116,7 +117,7 @@ class TopologySettings(RetrySettings):
             queue_type=self.queue_type,
             delays=self.delays(),
             ordered=self.ordered,
-            partitions=self.partitions,
+            partitions=self.partition_queues,
         )
 
 
@@ -171,5 +172,5 @@ class ConsumerSettings(TopologySettings):
             "max_attempts": self.max_attempts,
             "queue_type": str(self.queue_type),
             "ordered": self.ordered,
-            **({"partitions": self.partitions} if self.ordered else {}),
+            **({"partition_queues": self.partition_queues} if self.ordered else {}),
         }

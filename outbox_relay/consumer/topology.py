@@ -94,7 +94,7 @@ class Topology:
             raise ConfigError(f"--queue: {self.queue!r} is not a usable queue name")
         if not 1 <= self.partitions <= MAX_PARTITIONS:
             raise ConfigError(
-                f"--partitions: must be between 1 and {MAX_PARTITIONS}, got {self.partitions}"
+                f"--partition-queues: must be between 1 and {MAX_PARTITIONS}, got {self.partitions}"
             )
         if self.ordered and self.queue_type is QueueType.QUORUM:
             # Measured on RabbitMQ 3.10: quorum queues accept a second "exclusive" consumer, and
@@ -215,7 +215,7 @@ class Topology:
         if found and found != self.partitions:
             raise ConfigError(
                 f"the ordered topology of {self.queue!r} has {found} partition(s), not "
-                f"--partitions {self.partitions}: changing the count moves aggregates to other "
+                f"--partition-queues {self.partitions}: changing the count moves aggregates to other "
                 "partitions and would reorder their events in flight. Keep the count, or drain "
                 "and delete the ordered topology first"
             )

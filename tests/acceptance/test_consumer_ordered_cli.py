@@ -59,7 +59,7 @@ def ordered_env(env: ConsumerEnv, queue: str, **app: str) -> dict[str, str]:
         exchange=env.exchange,
         queue=queue,
         ordered="true",
-        partitions=PARTITIONS,
+        partition_queues=PARTITIONS,
         rebalance_interval=0.5,
         max_attempts=3,
         retry_delay=0.1,
@@ -146,13 +146,13 @@ def test_ordered_workers_killed_and_restarted_apply_every_event_once_in_publish_
     env: ConsumerEnv, workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
     # Given the ordered topology, applied as an operator would.
-    settings = env.settings(ordered=True, partitions=PARTITIONS)
+    settings = env.settings(ordered=True, partition_queues=PARTITIONS)
     with psycopg.connect(env.database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE switches (poison_fails boolean NOT NULL)")
         conn.execute("INSERT INTO switches VALUES (true)")
     admin = cli_env(broker_url=env.broker_url, exchange=env.exchange, queue=settings.queue)
     applied = run_cli(
-        "topology", "apply", "--ordered", "--partitions", str(PARTITIONS), "--binding", "order.*",
+        "topology", "apply", "--ordered", "--partition-queues", str(PARTITIONS), "--binding", "order.*",
         env=admin,
     )  # fmt: skip
     assert applied.returncode == 0, applied.stderr
@@ -184,6 +184,8 @@ def test_ordered_workers_killed_and_restarted_apply_every_event_once_in_publish_
     assert report["ordered"] is True
     assert len(report["partitions"]) == PARTITIONS
     assert report["retrying"] is None
+    table = run_cli("consumer-status", env=status_env)
+    assert f"{PARTITIONS} of {PARTITIONS}" in table.stdout, table.stdout + table.stderr
 
     # When the relay publishes 5,000 events of 300 aggregates
     position, poison = write_outbox(env.database_url)

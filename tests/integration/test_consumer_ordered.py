@@ -108,7 +108,7 @@ class Recorder(NoHooks):
 def test_ordered_topology_sends_each_aggregate_to_one_partition_in_publish_order(
     env: ConsumerEnv,
 ) -> None:
-    settings = env.settings(ordered=True, partitions=4, bindings=("order.*",))
+    settings = env.settings(ordered=True, partition_queues=4, bindings=("order.*",))
     topology = settings.topology()
     topo.apply(env.broker_url, topology)
     topo.apply(env.broker_url, topology)  # again: nothing changes
@@ -151,13 +151,13 @@ def test_ordered_and_unordered_topologies_of_one_queue_refuse_each_other(
     with pytest.raises(ConfigError, match="declared without --ordered"):
         topo.apply(env.broker_url, env.settings(plain.queue, ordered=True).topology())
 
-    ordered = env.settings(ordered=True, partitions=4)
+    ordered = env.settings(ordered=True, partition_queues=4)
     topo.apply(env.broker_url, ordered.topology())
     with pytest.raises(ConfigError, match="was declared --ordered"):
         topo.apply(env.broker_url, env.settings(ordered.queue).topology())
     with pytest.raises(ConfigError, match="has 4 partition"):
         topo.apply(
-            env.broker_url, env.settings(ordered.queue, ordered=True, partitions=8).topology()
+            env.broker_url, env.settings(ordered.queue, ordered=True, partition_queues=8).topology()
         )
 
 
@@ -172,7 +172,7 @@ def test_a_failing_event_is_retried_in_place_before_the_next_of_its_aggregate(
     failures = {}
     attempts: list[tuple[int, float]] = []
 
-    settings = env.settings(ordered=True, partitions=4, max_attempts=4, retry_delay=0.3)
+    settings = env.settings(ordered=True, partition_queues=4, max_attempts=4, retry_delay=0.3)
     topology = settings.topology()
     topo.apply(env.broker_url, topology)
     slow, other = aggregates_on_distinct_partitions(env, topology, 2)
@@ -217,7 +217,7 @@ def test_a_dead_lettered_event_lets_later_ones_go_on_and_its_replay_runs_after_t
             raise RuntimeError("cannot compute the tax")
         record_effect(event, db)
 
-    settings = env.settings(ordered=True, partitions=2, max_attempts=3, retry_delay=0.05)
+    settings = env.settings(ordered=True, partition_queues=2, max_attempts=3, retry_delay=0.05)
     env.declare(settings)
     published = [event("o-7", seq) for seq in range(4)]
     ids = [event_id for event_id, _ in published]
@@ -252,7 +252,7 @@ def test_permanent_failures_are_dead_lettered_at_once_in_ordered_mode(env: Consu
         raise ValueError("not retried: only ConnectionError is transient")
 
     consumer.add_handler("order.*", record_effect)
-    settings = env.settings(ordered=True, partitions=2, max_attempts=5)
+    settings = env.settings(ordered=True, partition_queues=2, max_attempts=5)
     env.declare(settings)
     bad, bad_message = event("o-1", 0, "order.refused")
     good, good_message = event("o-1", 1)
@@ -273,7 +273,7 @@ def test_partitions_spread_over_workers_and_move_when_workers_come_and_go(
 ) -> None:
     consumer = Consumer()
     consumer.add_handler("order.*", record_effect)
-    settings = env.settings(ordered=True, partitions=8, rebalance_interval=0.1)
+    settings = env.settings(ordered=True, partition_queues=8, rebalance_interval=0.1)
     env.declare(settings)
     threads = [WorkerThread(consumer, settings, name=f"w{n}") for n in range(3)]
 
@@ -302,7 +302,7 @@ def test_four_workers_apply_every_aggregate_in_order_exactly_once_while_workers_
     def handle(event: Event, db: psycopg.Connection[Any]) -> None:
         record_effect(event, db, threading.current_thread().name)
 
-    settings = env.settings(ordered=True, partitions=16, prefetch=50, rebalance_interval=0.2)
+    settings = env.settings(ordered=True, partition_queues=16, prefetch=50, rebalance_interval=0.2)
     env.declare(settings)
     position: dict[str, tuple[str, int]] = {}
     streams: dict[str, list[Message]] = {}

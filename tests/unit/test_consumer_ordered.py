@@ -22,11 +22,11 @@ def test_ordered_is_off_by_default_and_leaves_the_topology_as_it_was() -> None:
     assert topology.retry_queues == ["order.events.retry.500ms", "order.events.retry.1000ms"]
     assert topology.consumed_queues == ["order.events"]
     assert topology.partition_queues == []
-    assert "partitions" not in settings.describe()
+    assert "partition_queues" not in settings.describe()
 
 
 def test_the_ordered_topology_is_partitions_behind_a_hash_exchange_without_retry_queues() -> None:
-    settings = ConsumerSettings(queue="order.events", ordered=True, partitions=4)
+    settings = ConsumerSettings(queue="order.events", ordered=True, partition_queues=4)
     topology = settings.topology()
     assert topology.hash_exchange == "order.events.hash"
     assert topology.partition_queues == [f"order.events.p0{n}" for n in range(4)]
@@ -37,7 +37,7 @@ def test_the_ordered_topology_is_partitions_behind_a_hash_exchange_without_retry
         "order.events.workers",
         "order.events.workers.hungry",
     )
-    assert settings.describe()["partitions"] == 4
+    assert settings.describe()["partition_queues"] == 4
 
 
 def test_ordered_quorum_queues_and_bad_partition_counts_are_refused() -> None:
@@ -46,8 +46,10 @@ def test_ordered_quorum_queues_and_bad_partition_counts_are_refused() -> None:
     with pytest.raises(ConfigError, match="--ordered needs classic"):
         Topology("q", ordered=True, queue_type=QueueType.QUORUM)
     for bad in ("0", "101", "many"):
-        with pytest.raises(ConfigError, match=r"^--partitions \(OUTBOX_RELAY_PARTITIONS\): "):
-            ConsumerSettings.from_mapping({"queue": "q", "partitions": bad})
+        with pytest.raises(
+            ConfigError, match=r"^--partition-queues \(OUTBOX_RELAY_PARTITION_QUEUES\): "
+        ):
+            ConsumerSettings.from_mapping({"queue": "q", "partition_queues": bad})
     # Quorum without --ordered works as before.
     assert Topology("q", queue_type=QueueType.QUORUM).queue_type is QueueType.QUORUM
 
@@ -61,7 +63,8 @@ def test_the_switch_is_a_flag_and_a_variable_of_consume_and_topology_apply() -> 
         options = {p.name: p for p in target.params}
         assert "--ordered" in options["ordered"].opts
         assert options["ordered"].envvar == "OUTBOX_RELAY_ORDERED"
-        assert options["partitions"].envvar == "OUTBOX_RELAY_PARTITIONS"
+        # Not OUTBOX_RELAY_PARTITIONS: that is `migrate --partitions`, the relay's own.
+        assert options["partition_queues"].envvar == "OUTBOX_RELAY_PARTITION_QUEUES"
     assert ConsumerSettings.from_mapping({"queue": "q", "ordered": "true"}).ordered is True
 
 
