@@ -23,9 +23,9 @@ When nothing is in flight it follows the server's keepalives and our own heartbe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from typing import Any
 
 from outbox_relay.cdc import slots
 from outbox_relay.cdc.slot_stream import READ_TIMEOUT, SlotNames, SlotStream
@@ -74,6 +74,8 @@ class CdcSource:
         self._streams: dict[int, SlotStream] = {}
         self._said_in_use: set[int] = set()
         self._stopping = asyncio.Event()
+        self._nudged = asyncio.Event()
+        self._draining_table = False  # a slot was created: sweep until the table is empty
         now = time.monotonic()
         self._next_sweep = now
         self._next_retry_check = now
@@ -128,6 +130,7 @@ class CdcSource:
                     stream.names.slot,
                 )
                 self._next_sweep = time.monotonic()
+                self._draining_table = True
             log.info(
                 "streaming replication slot %r (publication %r)",
                 stream.names.slot,
@@ -152,16 +155,24 @@ class CdcSource:
     async def wait(self, store: OutboxStore, seconds: float) -> None:
         """Idle: read the WAL for up to ``seconds``; keep the slots moving with the server's
         keepalives and our own heartbeats."""
+        if self._nudged.is_set():  # a shard gained: its slot is opened by the next claim
+            self._nudged.clear()
+            return
         readers = [stream.reader(min(seconds, READ_TIMEOUT)) for stream in self._streams.values()]
-        if readers:
+        nudged = asyncio.ensure_future(self._nudged.wait())
+        ended = asyncio.ensure_future(self._stopping.wait())
+        try:
+            waits: list[asyncio.Future[Any]] = [asyncio.shield(r) for r in readers]
             await asyncio.wait(
-                [asyncio.shield(r) for r in readers],
+                [*waits, nudged, ended],
                 timeout=seconds,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        finally:
+            nudged.cancel()
+            ended.cancel()
+            await asyncio.gather(nudged, ended, return_exceptions=True)
+        self._nudged.clear()
         for stream in self._streams.values():
             stream.collect()
             stream.confirm_idle()
@@ -185,7 +196,13 @@ class CdcSource:
             # The table path: retries, held-back rows, rows made pending without an insert.
             messages = await store.claim(limit, share, in_flight=exclude)
             if messages:
+                # One claim per occasion: the rows after these are mostly the WAL's to bring
+                # (reading them twice halves a backlog's speed), unless a new slot means the
+                # table alone holds what came before it.
+                if not self._draining_table:
+                    self._next_sweep = now + SAFETY_SWEEP_EVERY
                 return Batch(messages)
+            self._draining_table = False
             self._next_sweep = now + SAFETY_SWEEP_EVERY
         shards = [s for s in sorted(self._streams) if self._streams[s].pending]
         if not shards:
@@ -234,6 +251,11 @@ class CdcSource:
             self.settled(batch)
             return None
         return batch
+
+    def nudge(self) -> None:
+        # Shards gained: rows their previous owner left to the table path are swept once.
+        self._next_sweep = time.monotonic()
+        self._nudged.set()
 
     def settled(self, batch: Batch) -> None:
         if batch.failures or batch.held:

@@ -76,6 +76,7 @@ class OutboxStore:
         # status counts relays by the application name of their first connection only.
         self._application_name = self._queries.application_name + (f":{role}" if role else "")
         self._where = redact_url(settings.database_url)
+        self._relay = settings.relay_name_or_default
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     @property
@@ -215,7 +216,7 @@ class OutboxStore:
 
     async def start_listening(self, seconds: float) -> list[int]:
         """Ask producers to NOTIFY; returns the transactions that may not have seen the request."""
-        await self._fetch("start_listening", {"seconds": seconds})
+        await self._fetch("start_listening", {"seconds": seconds, "relay": self._relay})
         await self.commit()
         rows = await self._fetch("transactions_in_progress")
         await self.commit()
@@ -227,7 +228,7 @@ class OutboxStore:
         return bool(rows[0][0])
 
     async def stop_listening(self, *, commit: bool = True) -> None:
-        await self._fetch("stop_listening")
+        await self._fetch("stop_listening", {"relay": self._relay})
         if commit:
             await self.commit()
 

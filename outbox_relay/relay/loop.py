@@ -182,6 +182,8 @@ class Relay:
         await self._publisher.close()
 
     def _rebalanced(self, owned: int, gained: int, lost: int) -> None:
+        if gained:
+            self._source.nudge()
         if self._hooks is not None:
             self._hooks.after_rebalance(owned, gained, lost)
 
@@ -227,6 +229,7 @@ class Relay:
         next_housekeeping = time.monotonic()
         try:
             while not self._stop.is_set():
+                window.watch()
                 self._tick(window, settling)
                 if free:
                     await self._source.housekeeping(free[-1])
@@ -260,6 +263,7 @@ class Relay:
                 await self._wait_for(self._source.wait(idle, await self._idle_timeout(idle)))
             # Stopping: finish what is in flight.
             while window.batches or settling:
+                window.watch()
                 self._tick(window, settling)
                 await self._wait_for(window.changed())
         except TRANSIENT as exc:

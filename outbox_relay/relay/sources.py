@@ -51,6 +51,11 @@ class Source(Protocol):
         """``batch`` is published and its outcome committed."""
         ...
 
+    def nudge(self) -> None:
+        """End a wait at once: the relay's share grew, and its new partitions may hold rows
+        whose wake-ups went to their previous owner."""
+        ...
+
     async def housekeeping(self, store: OutboxStore) -> None:
         """Called at every turn of the loop with a free connection: periodic duties that are
         due (CDC: progress to the server, heartbeats); cheap when nothing is."""
@@ -74,6 +79,7 @@ class TableSource:
             else None
         )
         self._listening = False
+        self._nudged = asyncio.Event()
         # Writers in progress when producers were asked to ring; see _await_unringing_writers.
         self._unringing: list[int] = []
         self._asked_on: OutboxStore | None = None  # the connection that asked them
@@ -105,10 +111,18 @@ class TableSource:
             self._listening = False
         return Batch(messages)
 
+    def nudge(self) -> None:
+        self._nudged.set()
+
     async def wait(self, store: OutboxStore, seconds: float) -> None:
+        if self._nudged.is_set():
+            self._nudged.clear()
+            return
         waker = self._waker
         if waker is None:
-            await asyncio.sleep(seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudged.wait(), seconds)
+            self._nudged.clear()
             return
         if not self._listening:
             # Ask producers to ring, then let the relay look once more: a row committed before
@@ -120,9 +134,24 @@ class TableSource:
         if self._unringing:
             await self._await_unringing_writers(store, waker, seconds)
             return
-        if not await waker.wait(seconds):
+        if not await self._woken(waker, seconds):
             # Still listening: renew the request so it does not lapse while nothing happens.
             await store.start_listening(self._listening_ttl)
+
+    async def _woken(self, waker: Waker, seconds: float) -> bool:
+        """A notification or a nudge within ``seconds``."""
+        notified = asyncio.ensure_future(waker.wait(seconds))
+        nudged = asyncio.ensure_future(self._nudged.wait())
+        try:
+            await asyncio.wait((notified, nudged), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (notified, nudged):
+                task.cancel()
+            await asyncio.gather(notified, nudged, return_exceptions=True)
+        if self._nudged.is_set():
+            self._nudged.clear()
+            return True
+        return not notified.cancelled() and notified.result()
 
     @property
     def _listening_ttl(self) -> float:

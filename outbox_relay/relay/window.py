@@ -141,9 +141,13 @@ class Window:
     def on_wire(self) -> int:
         return len(self._on_wire)
 
-    async def changed(self) -> None:
-        """Wait until a batch is done or settled, or a publish failed."""
+    def watch(self) -> None:
+        """Start watching for changes: call before looking at the window's state, then wait with
+        changed(). (Clearing when the wait starts would lose a change made in between.)"""
         self._changed.clear()
+
+    async def changed(self) -> None:
+        """Wait until a batch is done or settled, or a publish failed, since watch()."""
         await self._changed.wait()
 
     def notify(self) -> None:

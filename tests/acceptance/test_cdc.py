@@ -108,7 +108,9 @@ def test_10k_events_survive_a_sigkill_and_a_broker_restart_in_cdc_mode(
     relay.kill()
     relay.restart()
     wait_until(lambda: consumer.unique_count() >= 4_000, timeout=90)
-    broker_stopped_mid_stream = load.produced_count() < TOTAL
+    # Mid-stream: events still to deliver (producers may or may not be done by now: how fast
+    # the relay catches up after the SIGKILL depends on the machine's load).
+    broker_stopped_mid_stream = consumer.unique_count() < TOTAL
     try:
         rabbitmq_stop_app()
         relay.wait_for_log("cannot connect, retrying", timeout=60)
@@ -117,7 +119,7 @@ def test_10k_events_survive_a_sigkill_and_a_broker_restart_in_cdc_mode(
 
     report = finish(relay, load, consumer, queue, cdc_env)
 
-    assert broker_stopped_mid_stream, "RabbitMQ stopped after producers had finished"
+    assert broker_stopped_mid_stream, "RabbitMQ stopped after every event had arrived"
     assert consumer.reconnects > 0  # the broker really went away
     assert relay.starts == 2  # the broker restart was ridden out without a restart
     assert report.relay_duplicates <= BATCH_SIZE * 2

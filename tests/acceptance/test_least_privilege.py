@@ -78,6 +78,7 @@ def test_the_app_role_may_only_insert_events(database_url: str, roles: Roles) ->
         "TRUNCATE outbox",
         "SELECT * FROM outbox_relay_stats",
         "INSERT INTO outbox_relay_wakeup VALUES (true, now())",
+        "INSERT INTO outbox_relay_listeners VALUES ('app', now() + interval '1 hour')",
         "CREATE TABLE outbox_shadow (id int)",
         # Only the producer's columns: no explicit id (it would collide with a later one), no
         # relay bookkeeping (an event born sent, dead or backing off).

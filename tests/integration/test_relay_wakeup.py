@@ -30,7 +30,7 @@ def listening(database_url: str) -> bool:
     return bool(
         scalar(
             database_url,
-            "SELECT coalesce(bool_or(listening_until > now()), false) FROM outbox_relay_wakeup",
+            "SELECT coalesce(bool_or(listening_until > now()), false) FROM outbox_relay_listeners",
         )
     )
 
@@ -97,7 +97,9 @@ def test_producers_ring_only_while_a_relay_is_listening(
         with RelayThread(settings):
             collect(queue, 1)
             wait_until(lambda: listening(database_url))
-            until = scalar(database_url, "SELECT listening_until - now() FROM outbox_relay_wakeup")
+            until = scalar(
+                database_url, "SELECT max(listening_until) - now() FROM outbox_relay_listeners"
+            )
             assert until.total_seconds() > 0
             emit_one(database_url, 2)
             assert notified(listener, 5)
@@ -121,7 +123,8 @@ def test_a_killed_relays_request_to_ring_lapses_by_itself(
         kill(relay)
     # Nothing withdrew the request: it is still there right after the crash...
     ttl = scalar(
-        database_url, "SELECT extract(epoch FROM listening_until - now()) FROM outbox_relay_wakeup"
+        database_url,
+        "SELECT extract(epoch FROM max(listening_until) - now()) FROM outbox_relay_listeners",
     )
     assert ttl is not None
     assert 0 < float(ttl) <= 0.2 * 3 + 5
@@ -131,3 +134,21 @@ def test_a_killed_relays_request_to_ring_lapses_by_itself(
         listener.execute(f'LISTEN "{CHANNEL}"')
         emit_one(database_url, 1)
         assert not notified(listener, 0.5)
+
+
+def test_a_relay_turning_busy_leaves_the_other_relays_wake_up_requests_in_place(
+    database_url: str, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
+) -> None:
+    # Given two idle relays on one outbox, each having asked producers to ring
+    queue = bind_queue("order.*")
+    first = relay_settings(
+        database_url, broker_url, exchange, mode=Mode.NOTIFY, poll_interval=30, relay_name="a"
+    )
+    second = first.model_copy(update={"relay_name": "b"})
+    with RelayThread(first), RelayThread(second):
+        requests = "SELECT count(*) FROM outbox_relay_listeners WHERE listening_until > now()"
+        wait_until(lambda: scalar(database_url, requests) == 2)
+        # When events keep one of them busy for a moment, then both idle again, every event
+        # still comes at once: no relay's turn to busy withdrew the other's request
+        for n in range(20):
+            assert seconds_to_arrive(database_url, queue, n) < 2

@@ -223,6 +223,20 @@ def test_rows_held_back_by_their_claim_block_their_aggregate_until_it_settles() 
     run(scenario)
 
 
+def test_a_change_between_looking_at_the_window_and_waiting_is_not_lost() -> None:
+    # The relay looks at the window (watch), then waits (changed): a batch settling in between
+    # must end the wait at once, not after the poll interval.
+    async def scenario() -> None:
+        broker, done = ScriptedBroker(), []
+        w = window(broker, done)
+        w.watch()
+        waiting = asyncio.ensure_future(w.changed())  # created, not yet running
+        w.notify()  # e.g. a settle finishing before the waiting task first runs
+        await asyncio.wait_for(waiting, timeout=1)
+
+    run(scenario)
+
+
 def test_rows_that_cannot_be_messages_fail_at_once_without_being_sent() -> None:
     async def scenario() -> None:
         broker, done = ScriptedBroker(), []

@@ -58,8 +58,14 @@ CREATE INDEX outbox_published_v1 ON {{schema}}.outbox (published_at) WHERE publi
 
 -- Wake-up. NOTIFY takes a global lock at commit, so producers ring only while a relay has said
 -- it is idle and listening (listening_until in the future). A relay busy draining, or no relay
--- at all, costs producers one read of this one-row table; the relay's polling fallback bounds
+-- at all, costs producers a read of these small tables; the relay's polling fallback bounds
 -- any wake-up missed in the moment it goes idle. Unlogged: it is soft state, never WAL-logged.
+-- One request per idle relay; the one-row outbox_relay_wakeup serves relays of earlier
+-- versions during a rollout.
+CREATE UNLOGGED TABLE {{schema}}.outbox_relay_listeners (
+    relay           text        PRIMARY KEY,
+    listening_until timestamptz NOT NULL
+);
 CREATE UNLOGGED TABLE {{schema}}.outbox_relay_wakeup (
     singleton       boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
     listening_until timestamptz NOT NULL
@@ -81,7 +87,8 @@ BEGIN
     END IF;
     -- Wake-up: ring only while a relay has said it is idle and listening. PostgreSQL folds the
     -- repeated notifications of a transaction into one.
-    IF EXISTS (SELECT FROM {{schema}}.outbox_relay_wakeup WHERE listening_until > now()) THEN
+    IF EXISTS (SELECT FROM {{schema}}.outbox_relay_listeners WHERE listening_until > now())
+       OR EXISTS (SELECT FROM {{schema}}.outbox_relay_wakeup WHERE listening_until > now()) THEN
         PERFORM pg_notify('outbox_relay_v1.{{schema}}', '');
     END IF;
     RETURN NEW;

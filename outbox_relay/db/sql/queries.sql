@@ -91,9 +91,10 @@ SET published = outbox_relay_stats.published + EXCLUDED.published,
     dead = outbox_relay_stats.dead + EXCLUDED.dead;
 
 -- name: start_listening
-INSERT INTO {{schema}}.outbox_relay_wakeup (singleton, listening_until)
-VALUES (true, now() + make_interval(secs => %(seconds)s))
-ON CONFLICT (singleton) DO UPDATE SET listening_until = EXCLUDED.listening_until;
+-- This relay's own request: another relay turning busy leaves it in place.
+INSERT INTO {{schema}}.outbox_relay_listeners (relay, listening_until)
+VALUES (%(relay)s, now() + make_interval(secs => %(seconds)s))
+ON CONFLICT (relay) DO UPDATE SET listening_until = EXCLUDED.listening_until;
 
 -- name: transactions_in_progress
 -- Writers that may have read the wake-up flag before the relay set it; once they have all ended,
@@ -105,7 +106,7 @@ SELECT coalesce(bool_and(pg_xact_status(x::text::xid8) IS DISTINCT FROM 'in prog
 FROM unnest(%(xids)s::bigint[]) AS x;
 
 -- name: stop_listening
-DELETE FROM {{schema}}.outbox_relay_wakeup;
+DELETE FROM {{schema}}.outbox_relay_listeners WHERE relay = %(relay)s;
 
 -- name: next_retry_in
 SELECT extract(epoch FROM min(next_attempt_at) - now())::float8

@@ -11,7 +11,7 @@ GRANT INSERT (event_id, event_type, aggregate_type, aggregate_id, payload, heade
 -- The insert trigger draws the id under the ordering lock (nextval) and reads whether a relay is
 -- listening before it rings; it runs with the inserting role's rights.
 GRANT USAGE ON SEQUENCE {{schema}}.outbox_id_seq TO {app};
-GRANT SELECT ON {{schema}}.outbox_relay_wakeup TO {app};
+GRANT SELECT ON {{schema}}.outbox_relay_wakeup, {{schema}}.outbox_relay_listeners TO {app};
 REVOKE EXECUTE ON FUNCTION {{schema}}.outbox_emit(text, text, jsonb, text, jsonb, uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION {{schema}}.outbox_emit(text, text, jsonb, text, jsonb, uuid) TO {app};
 GRANT EXECUTE ON FUNCTION {{schema}}.outbox_lock_bucket(text) TO {app};

@@ -11,7 +11,8 @@ GRANT UPDATE (published_at, attempts, next_attempt_at, last_error, dead_at)
     ON {{schema}}.outbox TO {relay};
 GRANT SELECT ON {{schema}}.outbox_schema_version TO {relay};
 -- Soft state: whether the relay is listening (wake-ups) and published counts per minute.
-GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_wakeup TO {relay};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_wakeup, {{schema}}.outbox_relay_listeners
+    TO {relay};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_stats TO {relay};
 -- Its share of the outbox: leases on partitions and membership (see relay/leases.py).
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_leases TO {relay};

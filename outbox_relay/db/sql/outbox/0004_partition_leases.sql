@@ -68,3 +68,27 @@ CREATE INDEX outbox_retrying_v2 ON {{schema}}.outbox (next_attempt_at)
 -- partitions hold and reads them in id order from outbox_pending_v1 (queries.sql, claim).
 CREATE STATISTICS {{schema}}.outbox_bucket_v1
     ON ((coalesce(hashtext(aggregate_id), uuid_hash(event_id)) & 1023)) FROM {{schema}}.outbox;
+
+-- Wake-up requests, one per idle relay: with several relays, one turning busy withdraws only its
+-- own request, not the others' (the one-row outbox_relay_wakeup stays for relays of earlier
+-- versions during a rollout). Producers ring while any request is current.
+CREATE UNLOGGED TABLE {{schema}}.outbox_relay_listeners (
+    relay           text        PRIMARY KEY,
+    listening_until timestamptz NOT NULL
+);
+
+CREATE OR REPLACE FUNCTION {{schema}}.outbox_before_insert_v2() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Commit order per aggregate: see 0001 (lock the aggregate's bucket, then draw the id).
+    IF NEW.aggregate_id IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(1868724338, hashtext(NEW.aggregate_id) & 1023);
+        NEW.id := nextval('{{schema}}.outbox_id_seq');
+    END IF;
+    -- Wake-up: ring only while a relay has said it is idle and listening; see 0001.
+    IF EXISTS (SELECT FROM {{schema}}.outbox_relay_listeners WHERE listening_until > now())
+       OR EXISTS (SELECT FROM {{schema}}.outbox_relay_wakeup WHERE listening_until > now()) THEN
+        PERFORM pg_notify('outbox_relay_v1.{{schema}}', '');
+    END IF;
+    RETURN NEW;
+END
+$$;
