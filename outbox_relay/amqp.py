@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import pika
 import pika.exceptions
-from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from outbox_relay.errors import BrokerUnavailableError, ConfigError, OutboxRelayError
 from outbox_relay.redact import Scrubber, redact_url
+
+# What opening a blocking connection can raise: pika lets some connector failures (a server
+# that hangs up mid-handshake) escape as AMQPConnectorException, outside AMQPError.
+CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException)
 
 # Seconds for TCP, the AMQP handshake and authentication together: a host that answers
 # nothing, or a service of another kind that keeps the socket open, is given up on in time.

@@ -66,7 +66,14 @@ def provide_services() -> Iterator[Services]:
                 )
                 postgres = pg.get_connection_url()
             if "RabbitMQ" in missing:
-                rmq = stack.enter_context(RabbitMqContainer("rabbitmq:3.13"))
+                # The ordered consumer's partition exchange needs this plugin.
+                rmq = stack.enter_context(
+                    RabbitMqContainer("rabbitmq:3.13").with_command(
+                        "sh -c 'rabbitmq-plugins enable --offline "
+                        "rabbitmq_consistent_hash_exchange && exec docker-entrypoint.sh "
+                        "rabbitmq-server'"
+                    )
+                )
                 host, port = rmq.get_container_host_ip(), rmq.get_exposed_port(5672)
                 rabbitmq = f"amqp://guest:guest@{host}:{port}/%2F"
             missing = []

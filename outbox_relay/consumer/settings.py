@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from outbox_relay.consumer.topology import MAX_PARTITIONS, QueueType, Topology, retry_delays
 from outbox_relay.redact import redact_url
@@ -73,6 +73,10 @@ class RetrySettings(Settings):
         return retry_delays(self.max_attempts, self.retry_delay, self.retry_delay_max)
 
 
+# Options that only shape an --ordered consumer: given without it, they would be silently ignored.
+ORDERED_ONLY = frozenset({"partition_queues", "rebalance_interval"})
+
+
 class TopologySettings(RetrySettings):
     """One consumer queue, its bindings, retry queues and dead-letter queue."""
 
@@ -108,6 +112,16 @@ class TopologySettings(RetrySettings):
             "the work. Fixed once events flow (a new count moves aggregates).",
         ),
     ] = 16
+
+    @model_validator(mode="after")
+    def _ordered_options_need_ordered(self) -> TopologySettings:
+        if not self.ordered:
+            for name in sorted(self.model_fields_set & ORDERED_ONLY):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag}: applies with --ordered only (it shapes partition queues)"
+                )
+        return self
 
     def topology(self) -> Topology:
         return Topology(

@@ -322,7 +322,7 @@ def connect(broker_url: str, *, heartbeat: int | None = None) -> BlockingConnect
         parameters.heartbeat = heartbeat
     try:
         return BlockingConnection(parameters)
-    except pika.exceptions.AMQPError as exc:
+    except amqp.CONNECT_ERRORS as exc:
         raise amqp.translate(exc, broker_url) from exc
 
 

@@ -429,11 +429,6 @@ AMQP = "--broker-url=amqp://guest:guest@rabbit:5672/%2F"
 NATS = "--broker-url=nats://nats:4222"
 
 
-def owned_elsewhere(module: str, what: str) -> Any:
-    """A case whose fix belongs to a module this suite's author does not own."""
-    return pytest.mark.xfail(strict=True, reason=f"{module}: {what}")
-
-
 # Refused when they cannot take effect: options of the command itself. Not refused: a variable
 # another command shares (OUTBOX_RELAY_SLOT_NAME set for `serve --mode cdc` must not stop
 # `migrate` or `slot drop` run in the same environment without --cdc or --with-publication).
@@ -470,22 +465,19 @@ COMBINATIONS = [
         id="consume health-host without health-port",
     ),
     pytest.param(
-        ["topology", "apply", "--queue=q", "--partitions=4"],
-        "--partitions",
-        id="topology partitions without ordered",
-        marks=owned_elsewhere(
-            "outbox_relay/consumer/settings.py",
-            "--partitions without --ordered is accepted (and ignored)",
-        ),
+        ["topology", "apply", "--queue=q", "--partition-queues=4"],
+        "--partition-queues",
+        id="topology partition-queues without ordered",
+    ),
+    pytest.param(
+        ["consume", f"--handler={HANDLER}", "--queue=q", "--partition-queues=4"],
+        "--partition-queues",
+        id="consume partition-queues without ordered",
     ),
     pytest.param(
         ["consume", f"--handler={HANDLER}", "--queue=q", "--rebalance-interval=5"],
         "--rebalance-interval",
         id="consume rebalance-interval without ordered",
-        marks=owned_elsewhere(
-            "outbox_relay/consumer/settings.py",
-            "--rebalance-interval without --ordered is accepted (and ignored)",
-        ),
     ),
     pytest.param(["migrate", "--cdc-shards=2"], "--cdc-shards", id="migrate shards without cdc"),
     pytest.param(
