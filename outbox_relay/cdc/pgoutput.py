@@ -393,13 +393,15 @@ def _read_tuple(reader: _Reader) -> tuple[TupleValue, ...]:
             size = reader.i32()
             if size < 0:
                 raise PgOutputDecodeError(f"negative value length {size} in TupleData")
-            values.append(TupleValue(ValueKind(kind), reader.raw(size)))
+            values.append(TupleValue(_VALUE_KINDS[kind], reader.raw(size)))
         else:
             raise PgOutputDecodeError(f"unknown TupleData column kind {kind!r}")
     return tuple(values)
 
 
 _NULL = TupleValue(ValueKind.NULL)
+# A dict lookup: calling the enum costs more than the rest of reading a value.
+_VALUE_KINDS = {"t": ValueKind.TEXT, "b": ValueKind.BINARY}
 _UNCHANGED = TupleValue(ValueKind.UNCHANGED_TOAST)
 
 

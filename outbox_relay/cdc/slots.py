@@ -8,6 +8,7 @@ the outbox table (or superuser).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from outbox_relay.errors import (
     SlotNotFoundError,
     WalLevelError,
 )
+
+log = logging.getLogger(__name__)
 
 WAL_LEVEL_FIX = (
     "logical replication needs wal_level = logical (the server runs with {level!r}): run "
@@ -64,19 +67,19 @@ def ensure_publication(
     conn: psycopg.Connection[Any], schema: str, publication: str, *, shard: int = 0, shards: int = 1
 ) -> bool:
     """Create the insert-only publication on ``<schema>.outbox`` unless it exists; True if made.
-    With several shards, it carries only its shard's rows (a row filter on their partition)."""
+    With several shards, it carries only its shard's rows (a row filter on their partition).
+    It streams the id column only; one made by an earlier version is narrowed when the role may."""
     queries = Queries(schema)
+    shard_literals = {"shard": sql.Literal(shard), "shards": sql.Literal(shards)}
     row = conn.execute(queries["cdc_publication_exists"], {"publication": publication}).fetchone()
     if row and row[0]:
+        _narrow(conn, schema, publication, shard_literals if shards > 1 else None)
         return False
+    name = sql.Identifier(publication)
     if shards > 1:
-        create = queries["cdc_create_shard_publication"].format(
-            publication=sql.Identifier(publication),
-            shard=sql.Literal(shard),
-            shards=sql.Literal(shards),
-        )
+        create = queries["cdc_create_shard_publication"].format(publication=name, **shard_literals)
     else:
-        create = queries["cdc_create_publication"].format(publication=sql.Identifier(publication))
+        create = queries["cdc_create_publication"].format(publication=name)
     try:
         conn.execute(create)
     except pg_errors.DuplicateObject:  # another relay created it a moment ago
@@ -87,6 +90,35 @@ def ensure_publication(
             f"`outbox-relay migrate --cdc` once as the owner of {schema}.outbox (or a superuser)"
         ) from exc
     return True
+
+
+def _narrow(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    publication: str,
+    shard_literals: dict[str, sql.Literal] | None,
+) -> None:
+    """Narrow an existing publication to the id column (it works either way, only slower)."""
+    queries = Queries(schema)
+    row = conn.execute(queries["cdc_publication_columns"], {"publication": publication}).fetchone()
+    if row is None or list(row[0] or ()) == ["id"]:
+        return
+    name = sql.Identifier(publication)
+    if shard_literals is not None:
+        narrow = queries["cdc_narrow_shard_publication"].format(publication=name, **shard_literals)
+    else:
+        narrow = queries["cdc_narrow_publication"].format(publication=name)
+    try:
+        with conn.transaction():
+            conn.execute(narrow)
+    except pg_errors.InsufficientPrivilege:
+        log.info(
+            "publication %r streams every outbox column; `outbox-relay migrate --cdc` as the "
+            "table's owner narrows it to the id column (less WAL decoding per event)",
+            publication,
+        )
+    else:
+        log.info("publication %r narrowed to the outbox id column", publication)
 
 
 def drop_publication(conn: psycopg.Connection[Any], schema: str, publication: str) -> None:

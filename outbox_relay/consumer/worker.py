@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Protocol
@@ -43,7 +43,7 @@ from outbox_relay.consumer.events import (
     decode,
     str_or_none,
 )
-from outbox_relay.consumer.hooks import ConsumerHooks, NoHooks
+from outbox_relay.consumer.hooks import ConsumerHooks, dispatcher
 from outbox_relay.consumer.inbox import Delivery, Inbox, PsycopgInbox
 from outbox_relay.consumer.partitions import PartitionedSession
 from outbox_relay.consumer.settings import ConsumerSettings
@@ -83,7 +83,8 @@ class Worker:
         self.consumer = consumer
         self.settings = settings
         self.topology = settings.topology()
-        self.hooks: ConsumerHooks = hooks or NoHooks()
+        # Every callback goes through one dispatcher: a failing hook is logged, never fatal.
+        self.hooks = dispatcher(hooks)
         self.inbox: Inbox = inbox or PsycopgInbox(
             settings.database_url,
             settings.inbox_consumer,
@@ -240,7 +241,7 @@ class Worker:
     ) -> float | None:
         """One delivery, inside the hooks' context (the tracing span); see ``_handle``."""
         delay = None
-        with self._handling(method, properties):
+        with self.hooks.handling(method, properties):
             delay = self._handle(channel, method, properties, body, retries)
         return delay
 
@@ -263,7 +264,7 @@ class Worker:
         event_id = properties.message_id or str_or_none(headers.get("event_id"))
         event_type = properties.type or method.routing_key
         if method.redelivered and not retries:
-            self._hook("on_redelivered", event_id, event_type)
+            self.hooks.on_redelivered(event_id, event_type)
         try:
             event = decode(event_id, event_type, properties, headers, body, attempt, method)
             route = self.consumer.route(event.event_type)
@@ -281,7 +282,7 @@ class Worker:
                 extra={"event_id": event_id, "event_type": event_type},
             )
             self._dead_letter(channel, method, properties, body, headers, attempt, str(exc))
-            self._hook("on_dead_lettered", event_id, event_type, str(exc))
+            self.hooks.on_dead_lettered(event_id, event_type, str(exc))
             return None
 
         started = time.perf_counter()
@@ -294,16 +295,16 @@ class Worker:
             raise  # not the handler's fault: reconnect; the unacked message is redelivered
         except Exception as exc:
             elapsed = time.perf_counter() - started
-            self._hook("on_handler_latency", event.event_type, elapsed)
+            self.hooks.on_handler_latency(event.event_type, elapsed)
             return self._failed(channel, method, properties, body, headers, event, exc)
         elapsed = time.perf_counter() - started
         channel.basic_ack(method.delivery_tag)
         if applied:
-            self._hook("on_handler_latency", event.event_type, elapsed)
-            self._hook("on_handled", event, elapsed)
+            self.hooks.on_handler_latency(event.event_type, elapsed)
+            self.hooks.on_handled(event, elapsed)
         else:
             log.debug("duplicate event skipped", extra={"event_id": event.event_id})
-            self._hook("on_deduped", event)
+            self.hooks.on_deduped(event)
         return None
 
     def _failed(
@@ -325,19 +326,19 @@ class Worker:
         if not self.consumer.is_transient(exc):
             log.warning("handler rejected the event: %s", reason, extra=context)
             self._dead_letter(channel, method, properties, body, headers, event.attempt, reason)
-            self._hook("on_dead_lettered", event.event_id, event.event_type, reason)
+            self.hooks.on_dead_lettered(event.event_id, event.event_type, reason)
             return None
         if event.attempt >= self.settings.max_attempts:
             reason = f"gave up after {event.attempt} attempt(s): {reason}"[:MAX_REASON]
             log.error("handler failed, dead-lettering: %s", reason, extra=context)
             self._dead_letter(channel, method, properties, body, headers, event.attempt, reason)
-            self._hook("on_dead_lettered", event.event_id, event.event_type, reason)
+            self.hooks.on_dead_lettered(event.event_id, event.event_type, reason)
             return None
         delay = self.topology.delays[event.attempt - 1]
         log.warning("handler failed, retrying in %ss: %s", delay, reason, extra=context)
         if self.topology.ordered:
             # In place: a retry queue would put it behind later events of its aggregate.
-            self._hook("on_retried", event, delay, reason)
+            self.hooks.on_retried(event, delay, reason)
             return delay
         retry_headers = {**headers, ATTEMPT_HEADER: event.attempt + 1, LAST_ERROR_HEADER: reason}
         self._publish(
@@ -350,7 +351,7 @@ class Worker:
             event.event_type,
         )
         channel.basic_ack(method.delivery_tag)
-        self._hook("on_retried", event, delay, reason)
+        self.hooks.on_retried(event, delay, reason)
         return None
 
     def _dead_letter(
@@ -401,24 +402,3 @@ class Worker:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not accept the message for {exchange or routing_key!r}: {exc!r}"
             ) from exc
-
-    def _handling(
-        self, method: Basic.Deliver, properties: BasicProperties
-    ) -> AbstractContextManager[object]:
-        """The hooks' optional context around one message (tracing: the consumer span, so the
-        other hooks' calls and the handler run inside it)."""
-        handling = getattr(self.hooks, "handling", None)
-        if handling is None:
-            return nullcontext()
-        try:
-            context: AbstractContextManager[object] = handling(method, properties)
-        except Exception:
-            log.exception("consumer hook handling failed (ignored)")
-            return nullcontext()
-        return context
-
-    def _hook(self, name: str, *args: Any) -> None:
-        try:
-            getattr(self.hooks, name)(*args)
-        except Exception:
-            log.exception("consumer hook %s failed (ignored)", name)

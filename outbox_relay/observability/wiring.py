@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from outbox_relay.consumer.hooks import CompositeConsumerHooks, ConsumerHooks
 from outbox_relay.observability.health import HealthServer, HealthThread
 from outbox_relay.observability.metrics import (
     Backlog,
@@ -31,10 +30,6 @@ from outbox_relay.observability.tracing import (
 from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
 
 if TYPE_CHECKING:
-    from pika.spec import Basic, BasicProperties
-
-    from outbox_relay.consumer.events import Event
-    from outbox_relay.consumer.hooks import ConsumerHooks
     from outbox_relay.consumer.worker import Worker
     from outbox_relay.relay.loop import Relay
     from outbox_relay.relay.settings import RelaySettings
@@ -125,51 +120,6 @@ class RelayObservability:
             await asyncio.to_thread(self.tracer_provider.shutdown)
         if self.meter_provider is not None:
             await asyncio.to_thread(self.meter_provider.shutdown)
-
-
-class CompositeConsumerHooks:
-    """Several consumer hooks as one; each callback's failure is logged and contained."""
-
-    def __init__(self, hooks: Sequence[ConsumerHooks]) -> None:
-        self._hooks = tuple(hooks)
-
-    def handling(
-        self, method: Basic.Deliver, properties: BasicProperties
-    ) -> AbstractContextManager[object]:
-        stack = ExitStack()
-        for hook in self._hooks:
-            handling = getattr(hook, "handling", None)
-            if handling is not None:
-                try:
-                    stack.enter_context(handling(method, properties))
-                except Exception:
-                    log.exception("consumer hook handling failed (ignored)")
-        return stack
-
-    def _each(self, name: str, *args: Any) -> None:
-        for hook in self._hooks:
-            try:
-                getattr(hook, name)(*args)
-            except Exception:
-                log.exception("consumer hook %s failed (ignored)", name)
-
-    def on_handled(self, event: Event, seconds: float) -> None:
-        self._each("on_handled", event, seconds)
-
-    def on_deduped(self, event: Event) -> None:
-        self._each("on_deduped", event)
-
-    def on_retried(self, event: Event, delay: float, reason: str) -> None:
-        self._each("on_retried", event, delay, reason)
-
-    def on_dead_lettered(self, event_id: str | None, event_type: str | None, reason: str) -> None:
-        self._each("on_dead_lettered", event_id, event_type, reason)
-
-    def on_redelivered(self, event_id: str | None, event_type: str | None) -> None:
-        self._each("on_redelivered", event_id, event_type)
-
-    def on_handler_latency(self, event_type: str, seconds: float) -> None:
-        self._each("on_handler_latency", event_type, seconds)
 
 
 class ConsumerObservability:

@@ -299,3 +299,45 @@ def test_status_and_slot_commands_cover_every_cdc_shard(
     finally:
         for name in names[1:]:
             drop_slot_eventually(database_url, name)
+
+
+def published_columns(database_url: str, publication: str) -> tuple[list[str], str | None]:
+    """The outbox columns a publication streams, and its row filter."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT attnames, rowfilter FROM pg_publication_tables"
+            " WHERE pubname = %s AND tablename = 'outbox'",
+            (publication,),
+        ).fetchone()
+    assert row is not None, f"publication {publication!r} does not cover the outbox"
+    return list(row[0]), row[1]
+
+
+def test_publications_stream_the_id_column_only_and_old_ones_are_narrowed(
+    cdc_env: dict[str, str], database_url: str, slot: str
+) -> None:
+    # Given a publication as an earlier version made it (every column) for shard 1 of 2
+    old = f"{slot}_s1"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE PUBLICATION {} FOR TABLE public.outbox WHERE (mod(coalesce("
+                "hashtext(aggregate_id), uuid_hash(event_id)) & 1023, 2) = 1)"
+                " WITH (publish = 'insert')"
+            ).format(sql.Identifier(old))
+        )
+    assert len(published_columns(database_url, old)[0]) > 1
+    try:
+        # When migrate --cdc makes shard 0's and meets shard 1's
+        made = run_cli("migrate", "--cdc", "--cdc-shards", "2", env=cdc_env)
+        assert made.returncode == 0, made.stderr
+
+        # Then both stream the id only, each keeping its shard's row filter
+        for name, shard in ((slot, 0), (old, 1)):
+            columns, row_filter = published_columns(database_url, name)
+            assert columns == ["id"]
+            assert row_filter is not None
+            assert f"= {shard})" in row_filter
+    finally:
+        dropped = run_cli("slot", "drop", "--with-publication", env=cdc_env)
+        assert dropped.returncode == 0, dropped.stderr

@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from outbox_relay.consumer import Event
+from outbox_relay.consumer.hooks import CompositeConsumerHooks
 from outbox_relay.messages import CONFIRMED, Failure, OutboxMessage, failed
 from outbox_relay.observability.health import HealthServer, HealthThread
 from outbox_relay.observability.metrics import (
@@ -25,7 +26,6 @@ from outbox_relay.observability.metrics import (
     RelayMetrics,
     failure_reason,
 )
-from outbox_relay.observability.wiring import CompositeConsumerHooks
 from outbox_relay.relay.hooks import CompositeHooks, NoRelayHooks
 
 
