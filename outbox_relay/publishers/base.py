@@ -9,6 +9,8 @@ from typing import Annotated, Any, ClassVar, Protocol, Self, runtime_checkable
 from pydantic import AfterValidator, Field, model_validator
 
 from outbox_relay.messages import OutboxMessage, PublishResult
+from outbox_relay.redact import redact_url
+from outbox_relay.routing import Router, parse_route
 from outbox_relay.settings import (
     DEFAULT_BROKER_URL,
     BrokerUrl,
@@ -17,6 +19,7 @@ from outbox_relay.settings import (
     Flag,
     Seconds,
     Settings,
+    check_exchange,
     route,
 )
 
@@ -31,6 +34,22 @@ def check_topic_prefix(prefix: str) -> str:
 
 
 TOPIC_PREFIX = re.compile(r"(?=.{1,100}$)[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def check_route(rule: str) -> str:
+    parse_route(rule)
+    return rule
+
+
+def check_destination(scheme: str, destination: str) -> None:
+    """A route's destination must be something the broker routes by."""
+    if scheme in ("amqp", "amqps"):
+        check_exchange(destination)
+    elif scheme in PREFIXED_SCHEMES:
+        check_topic_prefix(destination)
+    elif not destination.lower().startswith(("http://", "https://")):
+        raise ValueError(f"{destination!r} is not a webhook URL (http:// or https://)")
+
 
 # Larger messages are dead-lettered at once; RabbitMQ's own default limit (3.8 to 3.13).
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
@@ -68,6 +87,17 @@ class PublisherSettings(Settings):
         ),
         Flag(metavar="PREFIX"),
     ] = "events"
+    routes: Annotated[
+        tuple[Annotated[str, AfterValidator(check_route)], ...],
+        Field(
+            alias="route",
+            description="Routing rule MATCH=DESTINATION, first match wins (repeatable): "
+            "'order.*=orders', 'aggregate:customer=customers', 'header.tenant:acme=acme'. The "
+            "destination is an exchange (RabbitMQ), subject/stream/topic prefix (NATS, Redis, "
+            "MQTT) or URL (webhook); unmatched events go to the default one.",
+        ),
+        Flag(metavar="RULE"),
+    ] = ()
     # Unacknowledged messages a client may hold (MQTT's in-flight window); not a CLI option.
     max_in_flight: ClassVar[int] = 5000
     # The broker's own options by key (e.g. {"nats_stream": "EVENTS"}), validated by its
@@ -88,7 +118,25 @@ class PublisherSettings(Settings):
             )
         if "exchange" in given and scheme not in ("amqp", "amqps"):
             raise ValueError(f"--exchange: applies to RabbitMQ (amqp://) only, not {scheme}://")
+        for rule in self.routes:
+            destination = parse_route(rule).destination
+            try:
+                check_destination(scheme, destination)
+            except ValueError as exc:
+                raise ValueError(f"--route {rule!r}: {exc}") from None
         return self
+
+    @property
+    def default_destination(self) -> str:
+        """Where an event no --route matches goes: the exchange, the prefix or the URL."""
+        if self.scheme in ("amqp", "amqps"):
+            return self.exchange
+        if self.scheme in PREFIXED_SCHEMES:
+            return self.topic_prefix
+        return self.broker_url
+
+    def router(self) -> Router:
+        return Router.of(self.routes, self.default_destination)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
@@ -101,6 +149,20 @@ class PublisherSettings(Settings):
         for key, value in self.options.items():
             if SECRET_OPTION.search(key) and isinstance(value, str) and value:
                 yield value
+        for rule in self.router().routes:  # webhook URLs may carry credentials
+            if "://" in rule.destination:
+                yield rule.destination
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.routes:
+            described["routes"] = [
+                rule.partition("=")[0] + "=" + redact_url(rule.partition("=")[2])
+                if "://" in rule
+                else rule
+                for rule in self.routes
+            ]
+        return described
 
     @property
     def scheme(self) -> str:

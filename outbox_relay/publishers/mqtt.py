@@ -174,6 +174,7 @@ class MqttPublisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
         self._options = MqttOptions.of(settings)
+        self._router = settings.router()
         self._target = _Target(settings.broker_url)
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -292,10 +293,14 @@ class MqttPublisher:
         """The broker's Maximum Packet Size (MQTT 5 CONNACK), else the protocol's own limit."""
         return min(self._settings.max_message_bytes, self._max_packet - PACKET_OVERHEAD)
 
+    def topic(self, message: OutboxMessage) -> str:
+        """Its --route's prefix (or --topic-prefix), then the event type, dots as slashes."""
+        return mqtt_topic(self._router.destination(message), message.event_type)
+
     def message_problem(self, message: OutboxMessage) -> str | None:
         """MQTT strings are length-prefixed UTF-8 without control characters or
         non-characters (a broker drops the connection over one, Mosquitto does)."""
-        topic = mqtt_topic(self._settings.topic_prefix, message.event_type)
+        topic = self.topic(message)
         problem = string_problem("topic", topic)
         if problem or not self.mqtt5:
             return problem
@@ -340,7 +345,7 @@ class MqttPublisher:
                     properties.UserProperty = user_properties(message)
                 try:
                     info = client.publish(
-                        mqtt_topic(self._settings.topic_prefix, message.event_type),
+                        self.topic(message),
                         message.payload,
                         qos=self._options.mqtt_qos,
                         properties=properties,

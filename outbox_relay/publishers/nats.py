@@ -125,12 +125,16 @@ class NatsPublisher:
         self._settings = settings
         self._options = NatsOptions.of(settings)
         self._prefix = settings.topic_prefix
+        self._router = settings.router()
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._lost: asyncio.Future[None] | None = None
 
-    def subject(self, event_type: str) -> str:
-        return f"{self._prefix}.{event_type}"
+    def subject_of(self, message: OutboxMessage) -> str:
+        """The message's subject: its --route's prefix (or --topic-prefix), then its type."""
+        if not self._router:
+            return f"{self._prefix}.{message.event_type}"
+        return f"{self._router.destination(message)}.{message.event_type}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -236,14 +240,30 @@ class NatsPublisher:
                 "nats:// deliberately)"
             )
 
+    async def _routed_elsewhere(self, js: JetStreamContext) -> list[str]:
+        """The --route prefixes another stream already listens on (they stay its)."""
+        taken = []
+        for prefix in self._router.destinations()[1:]:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.find_stream_name_by_subject(f"{prefix}.>")
+                taken.append(prefix)
+        return taken
+
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         stream = self._options.nats_stream
         wanted = f"{self._prefix}.>"
         try:
             info = await js.stream_info(stream)
         except nats.js.errors.NotFoundError:
+            # The stream also takes the routes' prefixes that no other stream listens on.
+            elsewhere = await self._routed_elsewhere(js)
+            routed = [
+                f"{prefix}.>"
+                for prefix in self._router.destinations()[1:]
+                if prefix not in elsewhere
+            ]
             try:
-                await js.add_stream(name=stream, subjects=[wanted])
+                await js.add_stream(name=stream, subjects=[wanted, *routed])
             except nats.js.errors.BadRequestError as exc:
                 # Typically: the subjects overlap another stream's.
                 raise ConfigError(
@@ -261,6 +281,14 @@ class NatsPublisher:
                 f"cannot read JetStream stream {stream!r}: {exc!r}"
             ) from exc
         subjects = list(info.config.subjects or [])
+        elsewhere = await self._routed_elsewhere(js)
+        for prefix in self._router.destinations()[1:]:
+            if f"{prefix}.>" not in subjects and ">" not in subjects and prefix not in elsewhere:
+                log.warning(
+                    "no JetStream stream listens on %r (a --route destination): events routed "
+                    "there will fail as unroutable; add it to a stream's subjects",
+                    f"{prefix}.>",
+                )
         if wanted not in subjects and ">" not in subjects:
             # Narrower subjects may be on purpose; events outside them fail with a clear reason.
             log.warning(
@@ -333,7 +361,7 @@ class NatsPublisher:
         try:
             for index, message in enumerate(messages):
                 future = await js.publish_async(
-                    self.subject(message.event_type),
+                    self.subject_of(message),
                     message.payload,
                     # No stall timeout: nats-py would then await each message through a task,
                     # and every message would be flushed in a socket write of its own.
@@ -396,7 +424,7 @@ class NatsPublisher:
         exc = future.exception()
         if exc is None:
             return CONFIRMED  # a duplicate ack (ack.duplicate) also means: the stream has it
-        subject = self.subject(message.event_type)
+        subject = self.subject_of(message)
         if isinstance(exc, nats.js.errors.NoStreamResponseError):
             return failed(
                 f"unroutable: no JetStream stream is bound to subject {subject!r}; add it to the "

@@ -161,6 +161,8 @@ class RabbitMQPublisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
         RabbitMQOptions.of(settings)
+        self._router = settings.router()
+        self._declaring = settings.exchange  # the exchange being declared, for errors
         self._parameters = amqp.parameters(settings.broker_url)
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
@@ -208,18 +210,26 @@ class RabbitMQPublisher:
 
             channel.confirm_delivery(ack_nack_callback=on_confirm, callback=on_confirming)
 
+        # Every exchange an event may go to (--exchange, then each --route's), one at a time.
+        undeclared: list[str] = []
+
         def on_confirming(_frame: Any) -> None:
+            undeclared[:] = self._router.destinations()
+            declare_next(None)
+
+        def declare_next(_frame: Any) -> None:
+            if not undeclared:
+                if not opened.done():
+                    opened.set_result(None)
+                return
             assert self._channel is not None
+            self._declaring = undeclared.pop(0)
             self._channel.exchange_declare(
-                exchange=self._settings.exchange,
+                exchange=self._declaring,
                 exchange_type="topic",
                 durable=True,
-                callback=on_declared,
+                callback=declare_next,
             )
-
-        def on_declared(_frame: Any) -> None:
-            if not opened.done():
-                opened.set_result(None)
 
         self._failure = None
         self._next_tag = 1
@@ -334,6 +344,7 @@ class RabbitMQPublisher:
         wave = _Wave(messages, on_result)
         self._waves.add(wave)
         exchange = self._settings.exchange
+        router = self._router if self._router else None
         connection = self._connection
         assert connection is not None
         try:
@@ -349,7 +360,7 @@ class RabbitMQPublisher:
                     connection.cork()
                 try:
                     channel.basic_publish(
-                        exchange,
+                        exchange if router is None else router.destination(message),
                         message.event_type,
                         message.payload,
                         self._properties(message),
@@ -453,7 +464,7 @@ class RabbitMQPublisher:
         text = getattr(exc, "reply_text", "")
         if opening and isinstance(exc, pika.exceptions.ChannelClosedByBroker) and code == 406:
             return ConfigError(
-                f"RabbitMQ refused the exchange {self._settings.exchange!r}: {text} (it exists "
+                f"RabbitMQ refused the exchange {self._declaring!r}: {text} (it exists "
                 "with another type or flags; it must be a durable topic exchange)"
             )
         if opening:

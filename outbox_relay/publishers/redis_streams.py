@@ -116,6 +116,7 @@ class RedisStreamsPublisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
         self._options = RedisOptions.of(settings)
+        self._router = settings.router()
         # Any: redis-py ships inline types while types-redis (for redis 4) may also be installed,
         # and the two disagree (generic or not, aclose or close).
         self._client: Any = None
@@ -124,10 +125,12 @@ class RedisStreamsPublisher:
         # reply (a restart, a proxy without a backend) is retried, not called a wrong URL.
         self._answered = False
 
-    def stream(self, event_type: str) -> str:
+    def stream(self, message: OutboxMessage) -> str:
+        """Its --route's prefix (or --topic-prefix), then (per-type mode) the event type."""
+        prefix = self._router.destination(message)
         if self._options.redis_stream_mode is StreamMode.SINGLE:
-            return self._settings.topic_prefix
-        return f"{self._settings.topic_prefix}:{event_type}"
+            return prefix
+        return f"{prefix}:{message.event_type}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ class RedisStreamsPublisher:
         pipe = client.pipeline(transaction=False)
         for message in messages:
             pipe.xadd(
-                self.stream(message.event_type),
+                self.stream(message),
                 stream_fields(message),
                 maxlen=maxlen,
                 approximate=True,
@@ -269,7 +272,7 @@ class RedisStreamsPublisher:
             # One round trip answers the whole wave: the results arrive together.
             for index, reply in enumerate(replies):
                 if isinstance(reply, Exception):
-                    stream = self.stream(messages[index].event_type)
+                    stream = self.stream(messages[index])
                     results[index] = failed(f"XADD to {stream!r} refused by Redis: {reply}")
                 if on_result is not None:
                     on_result(index, results[index])

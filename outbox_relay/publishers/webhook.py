@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -127,6 +128,7 @@ class WebhookPublisher:
             raise ConfigError(f"--broker-url: no host in {redact_url(settings.broker_url)}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._router = settings.router()
         self._client: httpx.AsyncClient | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -143,22 +145,32 @@ class WebhookPublisher:
         # HTTP has no session to open. One OPTIONS request (safe: no side effects) makes an
         # unreachable endpoint a clean BrokerUnavailableError at start-up, like other brokers,
         # and a service of another kind at the address a configuration error.
-        try:
-            await client.request("OPTIONS", self._settings.broker_url)
-        except (httpx.ConnectError, httpx.TimeoutException) as exc:
-            await client.aclose()
-            raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            await client.aclose()
-            raise ConfigError(
-                f"--broker-url: {where} did not answer like an HTTP server (is the host or port "
-                "that of another service?)"
-            ) from exc
-        except httpx.HTTPError as exc:
-            await client.aclose()
-            raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
+        # Every URL an event may go to: --broker-url, then each --route's.
+        for url in self._router.destinations():
+            where = redact_url(url)
+            try:
+                await client.request("OPTIONS", url)
+            except (httpx.ConnectError, httpx.TimeoutException) as exc:
+                await client.aclose()
+                raise BrokerUnavailableError(
+                    f"cannot reach the webhook at {where}: {exc!r}"
+                ) from exc
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                await client.aclose()
+                raise ConfigError(
+                    f"--broker-url: {where} did not answer like an HTTP server (is the host or "
+                    "port that of another service?)"
+                ) from exc
+            except httpx.HTTPError as exc:
+                await client.aclose()
+                raise BrokerUnavailableError(
+                    f"cannot reach the webhook at {where}: {exc!r}"
+                ) from exc
         self._client = client
-        log.info("connected to broker", extra={"broker": "webhook", "url": where})
+        log.info(
+            "connected to broker",
+            extra={"broker": "webhook", "url": redact_url(self._settings.broker_url)},
+        )
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -191,9 +203,17 @@ class WebhookPublisher:
                 on_result(index, result)
 
         if messages and self._options.webhook_batch:
-            result = await self._post(client, self._batch_request(messages))
-            for index in range(len(messages)):
-                report(index, result)
+            # One request per run of events routed to the same URL, one run after the other:
+            # an aggregate's events never overtake each other across URLs.
+            start = 0
+            for url, run in itertools.groupby(messages, key=self._router.destination):
+                count = len(list(run))
+                result = await self._post(
+                    client, self._batch_request(messages[start : start + count]), url
+                )
+                for index in range(start, start + count):
+                    report(index, result)
+                start += count
         elif messages:
             # Aggregates in parallel, each aggregate's events one after the other: concurrent
             # requests may be handled in any order, and a later event must not overtake.
@@ -217,7 +237,10 @@ class WebhookPublisher:
         report: OnResult,
     ) -> None:
         for position, index in enumerate(chain):
-            result = await self._post(client, self._event_request(messages[index]))
+            message = messages[index]
+            result = await self._post(
+                client, self._event_request(message), self._router.destination(message)
+            )
             report(index, result)
             if not result.confirmed:
                 for later in chain[position + 1 :]:
@@ -249,15 +272,16 @@ class WebhookPublisher:
         }
 
     async def _post(
-        self, client: httpx.AsyncClient, request: tuple[bytes, dict[str, str]]
+        self, client: httpx.AsyncClient, request: tuple[bytes, dict[str, str]], url: str
     ) -> PublishResult:
+        """POST to ``url``: the --broker-url, or the event's --route destination."""
         body, headers = request
         headers["Content-Type"] = "application/json"
         secret = self._options.webhook_secret
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, body)
         try:
-            response = await client.post(self._settings.broker_url, content=body, headers=headers)
+            response = await client.post(url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             return failed(
                 f"webhook did not answer within {self._options.webhook_timeout}s "

@@ -172,6 +172,8 @@ BAD_TEXT: dict[str, list[str]] = {
     "schema": ["pg_temp", "pg_catalog", "information_schema", "Orders", "a b", "a" * 41, ""],
     "exchange": ["a b", "", "x" * 256, "a/b"],
     "topic_prefix": ["a..b", "a b", "a.#", "", "x" * 101],
+    # With the default amqp:// broker the destination is an exchange.
+    "route": ["order.*", "=orders", "order..x=orders", "order.*=a b", "header.x=y"],
     "nats_stream": ["a.b", "a b", "a*", "a>", ""],
     "slot_name": ["Bad-Name", "a" * 64, ""],
     "publication": ["Bad-Name", "a" * 64, ""],
