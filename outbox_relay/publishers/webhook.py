@@ -39,6 +39,13 @@ except ModuleNotFoundError as missing:  # the 'webhook' extra; its options still
 else:
     MISSING_CLIENT = None
 
+from outbox_relay.envelopes import (
+    BATCH_CONTENT_TYPE,
+    DATA_CONTENT_TYPE,
+    STRUCTURED_CONTENT_TYPE,
+    MessageFormat,
+    percent_encoded,
+)
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -128,6 +135,14 @@ class WebhookPublisher:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._client: httpx.AsyncClient | None = None
+        self._ce = settings.cloudevents
+        self._format = settings.message_format
+        if self._format is MessageFormat.BINARY and self._options.webhook_batch:
+            raise ConfigError(
+                "--message-format cloudevents-binary: the HTTP binding's binary mode carries one "
+                "event per request; with --webhook-batch use cloudevents-structured (batches are "
+                "sent as application/cloudevents-batch+json)"
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -228,6 +243,8 @@ class WebhookPublisher:
                 return
 
     def _event_request(self, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+        if self._ce is not None:
+            return self._cloudevent_request(message)
         body = event_body(message)
         headers = {
             "Idempotency-Key": message.event_id,
@@ -240,19 +257,42 @@ class WebhookPublisher:
                 headers[name] = value
         return body, headers
 
+    def _cloudevent_request(self, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+        """HTTP binding: binary mode (``ce-`` headers, percent-encoded; the payload as the body)
+        or structured mode (the JSON event format). Idempotency-Key and the W3C trace headers
+        stay: they are HTTP's own, and the endpoint's infrastructure reads them."""
+        ce = self._ce
+        assert ce is not None
+        headers = {"Idempotency-Key": message.event_id}
+        for name in TRACE_HEADERS:
+            value = message.headers.get(name)
+            if isinstance(value, str) and is_header_value(value):
+                headers[name] = value
+        if self._format is MessageFormat.STRUCTURED:
+            headers["Content-Type"] = STRUCTURED_CONTENT_TYPE
+            return ce.structured(message), headers
+        for name, value in ce.text_attributes(message).items():
+            if name != "datacontenttype":  # it is the Content-Type
+                headers["ce-" + name] = percent_encoded(value)
+        headers["Content-Type"] = DATA_CONTENT_TYPE
+        return message.payload, headers
+
     def _batch_request(self, batch: Sequence[OutboxMessage]) -> tuple[bytes, dict[str, str]]:
-        body = b'{"events":[' + b",".join(event_body(m) for m in batch) + b"]}"
         ids = hashlib.sha256("\n".join(m.event_id for m in batch).encode()).hexdigest()
-        return body, {
-            "Idempotency-Key": f"batch-{ids[:40]}",
-            "X-Outbox-Batch-Size": str(len(batch)),
-        }
+        headers = {"Idempotency-Key": f"batch-{ids[:40]}", "X-Outbox-Batch-Size": str(len(batch))}
+        ce = self._ce
+        if ce is not None:
+            # The HTTP binding's batched mode: a JSON array of events in the JSON format.
+            headers["Content-Type"] = BATCH_CONTENT_TYPE
+            return b"[" + b",".join(ce.structured(m) for m in batch) + b"]", headers
+        body = b'{"events":[' + b",".join(event_body(m) for m in batch) + b"]}"
+        return body, headers
 
     async def _post(
         self, client: httpx.AsyncClient, request: tuple[bytes, dict[str, str]]
     ) -> PublishResult:
         body, headers = request
-        headers["Content-Type"] = "application/json"
+        headers.setdefault("Content-Type", "application/json")
         secret = self._options.webhook_secret
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, body)
