@@ -11,7 +11,7 @@ Extension names must be lowercase letters and digits. A row header whose key is 
 (and not one of the names above) keeps it; any other key is lowercased and stripped of other
 characters, and when that leaves nothing, a reserved name or a name another header of the row
 already has, it gets the first 8 hex digits of the SHA-256 of the original key appended
-(``Tenant-ID`` -> ``tenantid``; ``id`` -> ``id6b86b273``... see :func:`extension_names`).
+(``Tenant-ID`` -> ``tenantid``; ``id`` -> ``ida5614527``; see :func:`extension_names`).
 Headers whose value is null are left out (CloudEvents has no null).
 """
 

@@ -8,7 +8,8 @@ awaited (paho keeps up to ``max_in_flight``, 5,000, unacknowledged). With MQTT 5
 travel as user properties and a PUBACK reason code says whether the broker took the message:
 "no matching subscribers" is treated like RabbitMQ's unroutable (failed, retried, dead after
 --max-attempts); refusals (not authorized, quota, packet too large, ...) fail the event.
-MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell.
+MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell. ``--message-format``
+cloudevents-*: the CloudEvents MQTT binding (binary mode needs MQTT 5; docs/cloudevents.md).
 
 URL: ``mqtt[s]://[user:password@]host[:port][?version=3.1.1&client_id=...]``.
 """

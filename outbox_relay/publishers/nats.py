@@ -5,6 +5,7 @@ Subject = ``<prefix>.<event type>`` (``events.order.created``). A batch goes out
 confirm: the stream has stored the message. ``Nats-Msg-Id`` = event id, so a batch republished
 after a lost connection or a relay crash is dropped by the stream's duplicate window instead of
 stored twice. A subject no stream listens on gets "no responders": a failed, retried event.
+``--message-format`` cloudevents-*: the CloudEvents NATS binding (docs/cloudevents.md).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ What RabbitMQ would close the connection or the channel for is refused before se
 content-header frame larger than the negotiated frame_max, ``CC``/``BCC`` headers that are not
 lists of strings (sender-selected distribution), values AMQP cannot encode.
 
+``--message-format`` cloudevents-*: the CloudEvents AMQP binding (``cloudEvents:`` application
+properties, or an ``application/cloudevents+json`` body; docs/cloudevents.md).
+
 pika pin: ``_CorkedConnection`` overrides ``AsyncioConnection._adapter_emit_data`` (a private
 method, stable across pika 1.x), hence ``pika>=1.3,<2`` in pyproject.toml.
 """

@@ -4,7 +4,8 @@ Each event is an ``XADD`` to ``<prefix>:<event type>`` (``events:order.created``
 stream ``<prefix>`` with ``--redis-stream-mode single``. A batch is one pipeline without MULTI:
 the replies, in order, are the confirms (Redis has appended the entry), and a command Redis
 refuses (e.g. the key holds another type) fails only its own event. Redis has no deduplication,
-so the event id is a field for consumers to dedupe on.
+so the event id is a field for consumers to dedupe on. ``--message-format`` cloudevents-*: the
+relay's CloudEvents field mapping (``ce_*`` fields and ``data``; docs/cloudevents.md).
 """
 
 from __future__ import annotations

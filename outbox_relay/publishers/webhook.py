@@ -11,6 +11,10 @@ batch) and the response settles all of them. Request headers: ``Idempotency-Key`
 ``traceparent``/``tracestate`` (W3C trace context is an HTTP convention), and with
 ``--webhook-secret`` ``X-Outbox-Signature: sha256=<hex HMAC-SHA256 of the body>``.
 
+With ``--message-format cloudevents-binary|cloudevents-structured`` the request follows the
+CloudEvents HTTP binding instead (``ce-`` headers or an ``application/cloudevents+json`` body;
+batches as ``application/cloudevents-batch+json``): docs/cloudevents.md.
+
 Verdicts: 2xx confirmed; 408, 429 and 5xx failed and retried with backoff; any other 4xx is a
 permanent failure (dead at once: resending the same request cannot change the answer); a
 timeout fails the event (retried). An endpoint that cannot be reached at all raises
@@ -55,7 +59,8 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Outbox-Signature"
 TRACE_HEADERS = ("traceparent", "tracestate")
-# Longer trace headers stay in the body only: servers refuse long header lines (431 from
+# Longer trace headers stay in the body only (and longer CloudEvents attributes are refused in
+# binary mode): servers refuse long header lines (431 from
 # Python's http.server over 64 KiB, nginx over 8 KiB by default), and W3C trace context needs
 # far less (a traceparent is 55 characters; vendors keep at least 512 of a tracestate).
 MAX_TRACE_HEADER = 4096
@@ -190,7 +195,20 @@ class WebhookPublisher:
         return self._settings.max_message_bytes
 
     def message_problem(self, message: OutboxMessage) -> str | None:
-        return None  # the body carries any JSON; headers that HTTP cannot carry are left out
+        """The body carries any JSON, and native headers that HTTP cannot carry are left out;
+        in CloudEvents binary mode every attribute is a header, and servers refuse long ones."""
+        ce = self._ce
+        if ce is None or self._format is not MessageFormat.BINARY:
+            return None
+        for name, value in ce.text_attributes(message).items():
+            size = len(percent_encoded(value))
+            if size > MAX_TRACE_HEADER:
+                return (
+                    f"attribute {name!r} takes {size} bytes as the HTTP header ce-{name}, over "
+                    f"{MAX_TRACE_HEADER} (servers refuse long header lines); use "
+                    "--message-format cloudevents-structured"
+                )
+        return None
 
     async def publish_batch(
         self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
