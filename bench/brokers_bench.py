@@ -319,7 +319,9 @@ def summarise(results: list[Result], formats: list[str]) -> list[dict[str, Any]]
     summary = []
     for broker in dict.fromkeys(r.broker for r in results):
         rates = {
-            fmt: {r.round: r.rate for r in results if r.broker == broker and r.message_format == fmt}
+            fmt: {
+                r.round: r.rate for r in results if r.broker == broker and r.message_format == fmt
+            }
             for fmt in formats
         }
         for fmt in formats:
@@ -333,7 +335,9 @@ def summarise(results: list[Result], formats: list[str]) -> list[dict[str, Any]]
             }
             if fmt != "native" and rates.get("native"):
                 pairs = [
-                    rate / rates["native"][n] for n, rate in rates[fmt].items() if n in rates["native"]
+                    rate / rates["native"][n]
+                    for n, rate in rates[fmt].items()
+                    if n in rates["native"]
                 ]
                 if pairs:
                     entry["ratios_to_native"] = [round(p, 3) for p in pairs]

@@ -8,8 +8,8 @@ from typing import Annotated, Any, ClassVar, Protocol, Self, runtime_checkable
 
 from pydantic import AfterValidator, Field, model_validator
 
-from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.envelopes import CloudEvents, MessageFormat
+from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.settings import (
     DEFAULT_BROKER_URL,
     BrokerUrl,

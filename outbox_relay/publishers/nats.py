@@ -68,8 +68,7 @@ def cloudevents_binary(ce: CloudEvents, message: OutboxMessage) -> tuple[bytes, 
     """NATS binding, binary mode: every attribute (datacontenttype too) as a ``ce-`` header,
     its value percent-encoded; the payload as the body."""
     headers = {
-        "ce-" + name: percent_encoded(value)
-        for name, value in ce.text_attributes(message).items()
+        "ce-" + name: percent_encoded(value) for name, value in ce.text_attributes(message).items()
     }
     headers[MSG_ID_HEADER] = message.event_id
     return message.payload, headers

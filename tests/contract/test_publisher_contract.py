@@ -20,7 +20,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from cloudevents.core.base import BaseCloudEvent
 
 from outbox_relay.errors import BrokerUnavailableError

@@ -66,7 +66,9 @@ def test_other_keys_are_lowercased_and_stripped_to_letters_and_digits() -> None:
 def test_reserved_empty_and_taken_names_get_a_digest_of_the_key() -> None:
     names = extension_names(("id", "--", "tenant", "Tenant", "aggregatetype"))
     assert names[2] == "tenant"  # a valid key claims its name before any sanitised one
-    for name, base in zip(names[:2] + names[3:], ("id", "header", "tenant", "aggregatetype")):
+    for name, base in zip(
+        names[:2] + names[3:], ("id", "header", "tenant", "aggregatetype"), strict=True
+    ):
         assert name.startswith(base)
         assert len(name) == len(base) + 8
         assert name[len(base) :].isalnum()
@@ -104,9 +106,15 @@ def test_time_is_rfc3339_with_z_for_utc() -> None:
 @pytest.mark.parametrize(
     ("url", "source"),
     [
-        ("postgresql://relay:s3cret@db.example:5433/shop", "postgresql://db.example:5433/shop/sales"),
+        (
+            "postgresql://relay:s3cret@db.example:5433/shop",
+            "postgresql://db.example:5433/shop/sales",
+        ),
         ("postgresql://db.example/shop?sslmode=require", "postgresql://db.example/shop/sales"),
-        ("host=/var/run/postgresql dbname=shop password=x", "postgresql://%2Fvar%2Frun%2Fpostgresql/shop/sales"),
+        (
+            "host=/var/run/postgresql dbname=shop password=x",
+            "postgresql://%2Fvar%2Frun%2Fpostgresql/shop/sales",
+        ),
     ],
 )
 def test_the_default_source_names_the_outbox_without_credentials(url: str, source: str) -> None:
@@ -174,7 +182,7 @@ def test_ce_source_without_a_cloudevents_format_is_refused() -> None:
 
 
 def test_an_unknown_format_is_refused() -> None:
-    with pytest.raises(ConfigError, match="message.format"):
+    with pytest.raises(ConfigError, match="--message-format"):
         PublisherSettings.from_mapping({"message_format": "cloudevents-json"})
 
 
@@ -197,7 +205,7 @@ def test_mqtt_3_1_1_refuses_binary_mode_in_one_line() -> None:
     settings = PublisherSettings.from_mapping(
         {"broker_url": "mqtt://localhost?version=3.1.1", "message_format": "cloudevents-binary"}
     )
-    with pytest.raises(ConfigError, match="MQTT 3.1.1 has no properties"):
+    with pytest.raises(ConfigError, match=r"MQTT 3\.1\.1 has no properties"):
         create_publisher(settings)
 
 
@@ -268,14 +276,22 @@ def test_a_foreign_structured_event_is_read_by_its_cloudevents_id() -> None:
 
     event = _decode(properties, body)
 
-    assert (event.event_id, event.event_type, event.aggregate_id) == ("ce-1", "order.created", "o-1")
+    assert (event.event_id, event.event_type, event.aggregate_id) == (
+        "ce-1",
+        "order.created",
+        "o-1",
+    )
     assert event.payload == {"a": 1}
 
 
 def test_a_binary_event_with_the_jms_prefix_is_read_too() -> None:
     properties = BasicProperties(
         content_type="application/json",
-        headers={"cloudEvents_id": "x-1", "cloudEvents_type": "order.created", "cloudEvents_specversion": "1.0"},
+        headers={
+            "cloudEvents_id": "x-1",
+            "cloudEvents_type": "order.created",
+            "cloudEvents_specversion": "1.0",
+        },
     )
     event = _decode(properties, b"[1]")
     assert (event.event_id, event.payload) == ("x-1", [1])
