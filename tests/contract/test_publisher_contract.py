@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from cloudevents.core.base import BaseCloudEvent
 
+from outbox_relay.envelopes import default_source
 from outbox_relay.errors import BrokerUnavailableError
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.publishers import create_publisher
@@ -167,6 +168,45 @@ class PublisherContract:
         typed = message_format == "cloudevents-structured" or self.binary_typed
         for message in sent:
             assert_cloudevent(got[message.event_id], message, typed=typed)
+
+    def test_the_relay_sends_cloudevents_with_the_outbox_as_their_source(
+        self, broker: BrokerUnderTest, database_url: str
+    ) -> None:
+        # Given rows written by SQL, as producers do
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            rows = [
+                conn.execute(
+                    "SELECT outbox_emit(%s, %s, %s, 'order', %s)",
+                    (ROUTED, f"agg-{n}", json.dumps({"n": n}), json.dumps({"tenant": "acme"})),
+                ).fetchone()
+                for n in range(3)
+            ]
+        ids = {str(r[0]) for r in rows if r is not None}
+        settings = relay_settings(
+            database_url, message_format="cloudevents-binary", **broker.relay_options()
+        )
+
+        # When the relay runs in binary mode without --ce-source
+        with RelayThread(settings):
+            got: dict[str, BaseCloudEvent] = {}
+
+            def all_arrived() -> bool:
+                got.update((e.get_id(), e) for e in broker.cloudevents())
+                return ids <= set(got)
+
+            wait_until(all_arrived, timeout=30)
+
+        # Then each is a CloudEvent whose source names the outbox (no credentials)
+        source = default_source(database_url, "public")
+        assert "@" not in source
+        for event_id in ids:
+            event = got[event_id]
+            assert event.get_source() == source
+            assert event.get_type() == ROUTED
+            assert (event.get_subject() or "").startswith("agg-")
+            assert event.get_extension("aggregatetype") == "order"
+            assert event.get_extension("tenant") == "acme"
+            assert event.get_data() == {"n": int((event.get_subject() or "-0").split("-")[1])}
 
     def test_a_confirmed_batch_arrives_with_the_message_contract(
         self, broker: BrokerUnderTest
