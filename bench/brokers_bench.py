@@ -334,10 +334,11 @@ def summarise(results: list[Result], formats: list[str]) -> list[dict[str, Any]]
                 "median_events_per_s": round(statistics.median(rates[fmt].values())),
             }
             if fmt != "native" and rates.get("native"):
+                # A run that drained everything in its first batch measured nothing (rate 0).
                 pairs = [
                     rate / rates["native"][n]
                     for n, rate in rates[fmt].items()
-                    if n in rates["native"]
+                    if rates["native"].get(n)
                 ]
                 if pairs:
                     entry["ratios_to_native"] = [round(p, 3) for p in pairs]

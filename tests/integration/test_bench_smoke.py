@@ -201,7 +201,8 @@ def test_brokers_bench_pairs_message_formats_on_rabbitmq(
         [
             sys.executable,
             str(BENCH.with_name("brokers_bench.py")),
-            "--events=500",
+            "--events=3000",
+            "--batch-size=100",  # several batches: the clock starts after the first settles
             "--brokers=rabbitmq",
             "--message-formats=native,cloudevents-binary",
             "--rounds=2",

@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 from cloudevents.core.formats.json import JSONFormat
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pika.spec import Basic, BasicProperties
 
 from outbox_relay.consumer.events import Event, Undeliverable, decode
@@ -24,6 +27,7 @@ from outbox_relay.envelopes import (
 )
 from outbox_relay.errors import ConfigError
 from outbox_relay.messages import OutboxMessage
+from outbox_relay.observability.tracing.consumer import ConsumerTracing
 from outbox_relay.publishers import create_publisher
 from outbox_relay.publishers.base import PublisherSettings
 from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
@@ -301,3 +305,21 @@ def test_batched_cloudevents_are_undeliverable() -> None:
     properties = BasicProperties(content_type="application/cloudevents-batch+json")
     with pytest.raises(Undeliverable, match="unsupported CloudEvents format"):
         _decode(properties, b"[]")
+
+
+def test_consumer_spans_continue_the_trace_of_a_binary_cloudevent() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = ConsumerTracing(provider.get_tracer("t"))
+    properties, _body = _delivery(MessageFormat.BINARY, message())
+    assert "traceparent" not in (properties.headers or {})  # only cloudEvents:traceparent
+
+    method = Basic.Deliver(routing_key="order.created", exchange="events")
+    with tracing.handling(method, properties):
+        pass
+
+    [span] = exporter.get_finished_spans()
+    assert span.context.trace_id == int("4bf92f3577b34da6a3ce929d0e0e4736", 16)
+    assert span.parent is not None
+    assert span.parent.span_id == int("00f067aa0ba902b7", 16)
