@@ -1,6 +1,7 @@
 """Relay throughput per broker, side by side in one run.
 
     .venv/bin/python bench/brokers_bench.py [--events 20000] [--brokers rabbitmq,nats,...]
+        [--message-formats native,cloudevents-binary] [--rounds 5]
 
 For each broker: a fresh migrated database holding a backlog of N events (200 aggregates, about
 300-byte payloads), a fresh destination (exchange + queue bound '#', JetStream stream, Redis
@@ -9,6 +10,11 @@ subprocess. The clock runs from the first settled batch (so interpreter start-up
 left out; the rate counts the events pending then) to the moment the outbox holds no pending row
 (every event confirmed by the broker and marked sent). Prints a table and writes
 bench/results/brokers-latest.json. Everything it creates is removed afterwards.
+
+With several ``--message-formats`` (``serve --message-format``), each round runs every format
+for a broker back to back, the order turning each round, so a pair of runs shares the machine's
+load; the summary gives each format's median rate and, per CloudEvents format, the median of the
+per-round ratios to native (the issue's target: cloudevents-binary within 5% on RabbitMQ).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,11 +69,16 @@ FROM generate_series(1, %(events)s) AS i
 """
 
 
+FORMATS = ("native", "cloudevents-binary", "cloudevents-structured")
+
+
 @dataclass
 class Result:
     broker: str
     events: int
     seconds: float
+    message_format: str = "native"
+    round: int = 1
 
     @property
     def rate(self) -> float:
@@ -259,10 +271,11 @@ def relay_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "outbox_relay"]
 
 
-def measure(broker: str, events: int, batch_size: int) -> Result:
+def measure(broker: str, events: int, batch_size: int, message_format: str = "native") -> Result:
     with backlog_database(events) as database_url, DESTINATIONS[broker]() as options:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
         env.update({f"OUTBOX_RELAY_{k.upper()}": v for k, v in options.items()})
+        env["OUTBOX_RELAY_MESSAGE_FORMAT"] = message_format
         env["OUTBOX_RELAY_DATABASE_URL"] = database_url
         env["OUTBOX_RELAY_BATCH_SIZE"] = str(batch_size)
         env["OUTBOX_RELAY_LOG_LEVEL"] = "warning"  # keep logging out of the measurement
@@ -297,66 +310,131 @@ def measure(broker: str, events: int, batch_size: int) -> Result:
                 poll.close()
                 process.terminate()
                 process.wait(timeout=30)
-    return Result(broker, remaining, elapsed)
+    return Result(broker, remaining, elapsed, message_format)
 
 
-def main() -> None:
+def summarise(results: list[Result], formats: list[str]) -> list[dict[str, Any]]:
+    """Per broker and format: the median rate; per CloudEvents format, the per-round ratios to
+    the native run of the same round and their median."""
+    summary = []
+    for broker in dict.fromkeys(r.broker for r in results):
+        rates = {
+            fmt: {
+                r.round: r.rate for r in results if r.broker == broker and r.message_format == fmt
+            }
+            for fmt in formats
+        }
+        for fmt in formats:
+            if not rates[fmt]:
+                continue
+            entry: dict[str, Any] = {
+                "broker": broker,
+                "message_format": fmt,
+                "runs": len(rates[fmt]),
+                "median_events_per_s": round(statistics.median(rates[fmt].values())),
+            }
+            if fmt != "native" and rates.get("native"):
+                # A run that drained everything in its first batch measured nothing (rate 0).
+                pairs = [
+                    rate / rates["native"][n]
+                    for n, rate in rates[fmt].items()
+                    if rates["native"].get(n)
+                ]
+                if pairs:
+                    entry["ratios_to_native"] = [round(p, 3) for p in pairs]
+                    entry["median_ratio_to_native"] = round(statistics.median(pairs), 3)
+            summary.append(entry)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--brokers", default=",".join(DESTINATIONS))
-    args = parser.parse_args()
+    parser.add_argument(
+        "--message-formats",
+        default="native",
+        help=f"comma-separated serve --message-format values to compare: {', '.join(FORMATS)}",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="paired rounds (each runs every format once)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
     unknown = set(brokers) - set(DESTINATIONS)
     if unknown:
         parser.error(f"unknown broker(s) {sorted(unknown)}; choose from {sorted(DESTINATIONS)}")
+    formats = list(dict.fromkeys(f.strip() for f in args.message_formats.split(",") if f.strip()))
+    if not formats or set(formats) - set(FORMATS):
+        parser.error(f"--message-formats: choose among {', '.join(FORMATS)}")
+    if args.rounds < 1:
+        parser.error("--rounds: must be at least 1")
 
     results: list[Result] = []
     failures: dict[str, str] = {}
-    for broker in brokers:
-        try:
-            result = measure(broker, args.events, args.batch_size)
-        except Exception as exc:  # e.g. a shared broker restarted by someone's test: go on
-            failures[broker] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            print(f"{broker:<14} failed: {failures[broker]}", flush=True)
-            continue
-        print(
-            f"{broker:<14} {result.events:>7} events {result.seconds:>7.2f} s "
-            f"{result.rate:>9.0f} events/s",
-            flush=True,
-        )
-        results.append(result)
+    for round_ in range(1, args.rounds + 1):
+        shift = (round_ - 1) % len(formats)  # no format always runs first
+        for broker in brokers:
+            for fmt in formats[shift:] + formats[:shift]:
+                label = broker if fmt == "native" else f"{broker} {fmt}"
+                try:
+                    result = measure(broker, args.events, args.batch_size, fmt)
+                except Exception as exc:  # e.g. a shared broker restarted by someone's test
+                    failures[f"{label} round {round_}"] = (
+                        f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    )
+                    print(f"{label:<14} failed: {exc!r}"[:200], flush=True)
+                    continue
+                result.round = round_
+                print(
+                    f"{label:<14} {result.events:>7} events {result.seconds:>7.2f} s "
+                    f"{result.rate:>9.0f} events/s",
+                    flush=True,
+                )
+                results.append(result)
 
-    print("\nrelay throughput, backlog to all confirmed")
-    print(f"{'broker':<14} {'events':>7} {'seconds':>8} {'events/s':>9}")
-    for result in results:
-        print(f"{result.broker:<14} {result.events:>7} {result.seconds:>8.2f} {result.rate:>9.0f}")
-    for broker, reason in failures.items():
-        print(f"{broker:<14} failed: {reason}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    summary = summarise(results, formats)
+    print("\nrelay throughput, backlog to all confirmed (median of rounds)")
+    print(f"{'broker':<14} {'format':<24} {'runs':>4} {'events/s':>9} {'vs native':>9}")
+    for entry in summary:
+        ratio = entry.get("median_ratio_to_native")
+        print(
+            f"{entry['broker']:<14} {entry['message_format']:<24} {entry['runs']:>4} "
+            f"{entry['median_events_per_s']:>9} {'' if ratio is None else f'{ratio:.3f}':>9}"
+        )
+    for label, reason in failures.items():
+        print(f"{label} failed: {reason}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
         json.dumps(
             {
                 "events": args.events,
                 "batch_size": args.batch_size,
                 "cpus": os.cpu_count(),
+                "rounds": args.rounds,
+                "message_formats": formats,
                 "results": [
                     {
                         "broker": r.broker,
+                        "message_format": r.message_format,
+                        "round": r.round,
                         "seconds": round(r.seconds, 3),
                         "events_per_s": round(r.rate),
                     }
                     for r in results
                 ],
+                "summary": summary,
                 "failed": failures,
             },
             indent=2,
         )
         + "\n"
     )
-    print(f"\nwritten to {RESULTS}")
+    print(f"\nwritten to {args.output}")
     if failures:
         sys.exit(1)
 

@@ -207,6 +207,29 @@ async def nats_stream_messages(stream: str) -> list[Received]:
         await nc.close()
 
 
+async def nats_stream_raw(stream: str) -> list[tuple[dict[str, str], bytes]]:
+    """Every message the stream holds as sent: (headers, body), in stream order."""
+    nc = await nats.connect(NATS_URL, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        total = info.state.messages
+        if not total:
+            return []
+        [subject] = info.config.subjects or [">"]
+        sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+        got = []
+        try:
+            while len(got) < total:
+                msg = await sub.next_msg(timeout=10)
+                got.append((dict(msg.headers or {}), msg.data))
+        finally:
+            await sub.unsubscribe()
+        return got
+    finally:
+        await nc.close()
+
+
 async def nats_stream_count(stream: str) -> int:
     nc = await nats.connect(NATS_URL, allow_reconnect=False, max_reconnect_attempts=1)
     try:
@@ -281,6 +304,19 @@ def redis_entries(keys: list[str]) -> list[Received]:
     return received
 
 
+def redis_raw_entries(keys: list[str]) -> list[dict[str, bytes]]:
+    """Every entry of the given streams as its fields (names decoded, values as stored)."""
+    client = redis_client()
+    try:
+        return [
+            {k.decode(): v for k, v in fields.items()}
+            for key in keys
+            for _entry_id, fields in client.xrange(key)
+        ]
+    finally:
+        client.close()
+
+
 def redis_keys(pattern: str) -> list[str]:
     client = redis_client()
     try:
@@ -317,6 +353,8 @@ class MqttSubscriber:
         self.client_id = unique("contract-sub-")
         self._lock = threading.Lock()
         self._messages: list[Received] = []
+        # As sent: (Content Type or None, user properties in order, payload).
+        self._raw: list[tuple[str | None, list[tuple[str, str]], bytes]] = []
         self._ids: set[str] = set()
         self._stopping = threading.Event()
         self._subscribed = threading.Event()
@@ -342,6 +380,11 @@ class MqttSubscriber:
         with self._lock:
             return list(self._messages)
 
+    @property
+    def raw(self) -> list[tuple[str | None, list[tuple[str, str]], bytes]]:
+        with self._lock:
+            return list(self._raw)
+
     def unique_count(self) -> int:
         with self._lock:
             return len(self._ids)
@@ -358,7 +401,8 @@ class MqttSubscriber:
         return client
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        props = dict(getattr(msg.properties, "UserProperty", []) or [])
+        user_properties = list(getattr(msg.properties, "UserProperty", []) or [])
+        props = dict(user_properties)
         record = Received(
             event_id=props.get("event_id", ""),
             event_type=props.get("event_type", ""),
@@ -368,8 +412,10 @@ class MqttSubscriber:
             payload=msg.payload,
             where=msg.topic,
         )
+        content_type = getattr(msg.properties, "ContentType", None)
         with self._lock:
             self._messages.append(record)
+            self._raw.append((content_type, user_properties, msg.payload))
             self._ids.add(record.event_id)
 
     def _run(self) -> None:

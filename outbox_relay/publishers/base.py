@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Protocol, Self, runtime_checkable
 
 from pydantic import AfterValidator, Field, model_validator
 
+from outbox_relay.envelopes import CloudEvents, MessageFormat
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.redact import redact_url
 from outbox_relay.routing import Router, parse_route
@@ -33,6 +34,16 @@ def check_topic_prefix(prefix: str) -> str:
     return prefix
 
 
+def check_ce_source(source: str | None) -> str | None:
+    # A URI-reference (CloudEvents 1.0): not empty, no blanks or control characters.
+    if source is not None and (not source or not source.isprintable() or " " in source):
+        raise ValueError(
+            f"{source!r} is not a URI-reference (not empty, no blanks or control characters), "
+            "e.g. 'https://example.com/orders' or '/orders'"
+        )
+    return source
+
+
 TOPIC_PREFIX = re.compile(r"(?=.{1,100}$)[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
@@ -50,6 +61,10 @@ def check_destination(scheme: str, destination: str) -> None:
     elif not destination.lower().startswith(("http://", "https://")):
         raise ValueError(f"{destination!r} is not a webhook URL (http:// or https://)")
 
+
+# The source of a publisher built without a relay (serve fills in the outbox's, see
+# RelaySettings): tests, scripts.
+FALLBACK_SOURCE = "/outbox-relay"
 
 # Larger messages are dead-lettered at once; RabbitMQ's own default limit (3.8 to 3.13).
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
@@ -98,6 +113,23 @@ class PublisherSettings(Settings):
         ),
         Flag(metavar="RULE"),
     ] = ()
+    message_format: Annotated[
+        MessageFormat,
+        Field(
+            description="native: the relay's own mapping per broker; cloudevents-binary / "
+            "cloudevents-structured: CloudEvents 1.0 per the broker's protocol binding (see "
+            "docs/cloudevents.md)."
+        ),
+    ] = MessageFormat.NATIVE
+    ce_source: Annotated[
+        str | None,
+        AfterValidator(check_ce_source),
+        Field(
+            description="The CloudEvents source attribute [default: "
+            "postgresql://HOST[:PORT]/DATABASE/SCHEMA, the outbox's, without credentials]."
+        ),
+        Flag(metavar="URI"),
+    ] = None
     # Unacknowledged messages a client may hold (MQTT's in-flight window); not a CLI option.
     max_in_flight: ClassVar[int] = 5000
     # The broker's own options by key (e.g. {"nats_stream": "EVENTS"}), validated by its
@@ -115,6 +147,11 @@ class PublisherSettings(Settings):
         if "topic_prefix" in given and scheme not in PREFIXED_SCHEMES:
             raise ValueError(
                 f"--topic-prefix: applies to NATS, Redis and MQTT brokers, not {scheme}://"
+            )
+        if "ce_source" in given and self.message_format is MessageFormat.NATIVE:
+            raise ValueError(
+                "--ce-source: applies to --message-format cloudevents-binary or "
+                "cloudevents-structured only (--message-format is native)"
             )
         if "exchange" in given and scheme not in ("amqp", "amqps"):
             raise ValueError(f"--exchange: applies to RabbitMQ (amqp://) only, not {scheme}://")
@@ -167,6 +204,13 @@ class PublisherSettings(Settings):
     @property
     def scheme(self) -> str:
         return self.broker_url.partition("://")[0].lower()
+
+    @property
+    def cloudevents(self) -> CloudEvents | None:
+        """The CloudEvents builder publishers use, None in the native format."""
+        if self.message_format is MessageFormat.NATIVE:
+            return None
+        return CloudEvents(self.ce_source or FALLBACK_SOURCE)
 
 
 class BrokerOptions(Settings):

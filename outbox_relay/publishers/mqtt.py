@@ -8,7 +8,8 @@ awaited (paho keeps up to ``max_in_flight``, 5,000, unacknowledged). With MQTT 5
 travel as user properties and a PUBACK reason code says whether the broker took the message:
 "no matching subscribers" is treated like RabbitMQ's unroutable (failed, retried, dead after
 --max-attempts); refusals (not authorized, quota, packet too large, ...) fail the event.
-MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell.
+MQTT 3.1.1 has no reason codes: a PUBACK is all it can tell. ``--message-format``
+cloudevents-*: the CloudEvents MQTT binding (binary mode needs MQTT 5; docs/cloudevents.md).
 
 URL: ``mqtt[s]://[user:password@]host[:port][?version=3.1.1&client_id=...]``.
 """
@@ -45,6 +46,12 @@ except ModuleNotFoundError as missing:  # the 'mqtt' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
+from outbox_relay.envelopes import (
+    DATA_CONTENT_TYPE,
+    STRUCTURED_CONTENT_TYPE,
+    CloudEvents,
+    MessageFormat,
+)
 from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -145,6 +152,14 @@ def user_properties(message: OutboxMessage) -> list[tuple[str, str]]:
     return props
 
 
+def cloudevents_user_properties(ce: CloudEvents, message: OutboxMessage) -> list[tuple[str, str]]:
+    """MQTT 5 binding, binary mode: every attribute but datacontenttype (the Content Type
+    property) as a user property named as the attribute, with its canonical string."""
+    attributes = ce.text_attributes(message)
+    del attributes["datacontenttype"]
+    return list(attributes.items())
+
+
 class _Target:
     """Where and how to connect, parsed from the broker URL."""
 
@@ -176,6 +191,14 @@ class MqttPublisher:
         self._options = MqttOptions.of(settings)
         self._router = settings.router()
         self._target = _Target(settings.broker_url)
+        self._ce = settings.cloudevents
+        self._format = settings.message_format
+        if self._format is MessageFormat.BINARY and not self._target.mqtt5:
+            raise ConfigError(
+                "--message-format cloudevents-binary: MQTT 3.1.1 has no properties to carry "
+                "the attributes in (the CloudEvents MQTT binding allows structured mode only); "
+                "use cloudevents-structured, or MQTT 5 (drop version=3.1.1 from --broker-url)"
+            )
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
@@ -302,15 +325,37 @@ class MqttPublisher:
         non-characters (a broker drops the connection over one, Mosquitto does)."""
         topic = self.topic(message)
         problem = string_problem("topic", topic)
-        if problem or not self.mqtt5:
+        if problem or not self.mqtt5 or self._format is MessageFormat.STRUCTURED:
             return problem
-        for key, value in user_properties(message):
+        for key, value in self._user_properties(message):
             problem = string_problem(f"header name {key[:80]!r}", key) or string_problem(
                 f"header {key[:80]!r}", value
             )
             if problem:
                 return problem
         return None
+
+    def _user_properties(self, message: OutboxMessage) -> list[tuple[str, str]]:
+        if self._ce is None:
+            return user_properties(message)
+        return cloudevents_user_properties(self._ce, message)
+
+    def _encode(self, message: OutboxMessage) -> tuple[bytes, Properties | None]:
+        """Payload and MQTT 5 properties (None with MQTT 3.1.1) in the chosen format."""
+        ce = self._ce
+        structured = ce is not None and self._format is MessageFormat.STRUCTURED
+        payload = ce.structured(message) if ce is not None and structured else message.payload
+        if not self.mqtt5:
+            return payload, None
+        # paho-mqtt leaves its Properties constructor unannotated.
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.PayloadFormatIndicator = 1
+        if structured:
+            properties.ContentType = STRUCTURED_CONTENT_TYPE
+        else:
+            properties.ContentType = DATA_CONTENT_TYPE
+            properties.UserProperty = self._user_properties(message)
+        return payload, properties
 
     async def publish_batch(
         self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
@@ -336,17 +381,11 @@ class MqttPublisher:
             # Synchronous on purpose: PUBACKs reach self._acks through call_soon_threadsafe, so
             # none can be looked up before every mid of the batch is registered.
             for index, message in enumerate(messages):
-                properties: Properties | None = None
-                if self.mqtt5:
-                    # paho-mqtt leaves its Properties constructor unannotated.
-                    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                    properties.ContentType = "application/json"
-                    properties.PayloadFormatIndicator = 1
-                    properties.UserProperty = user_properties(message)
+                payload, properties = self._encode(message)
                 try:
                     info = client.publish(
                         self.topic(message),
-                        message.payload,
+                        payload,
                         qos=self._options.mqtt_qos,
                         properties=properties,
                     )

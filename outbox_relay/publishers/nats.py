@@ -5,6 +5,7 @@ Subject = ``<prefix>.<event type>`` (``events.order.created``). A batch goes out
 confirm: the stream has stored the message. ``Nats-Msg-Id`` = event id, so a batch republished
 after a lost connection or a relay crash is dropped by the stream's duplicate window instead of
 stored twice. A subject no stream listens on gets "no responders": a failed, retried event.
+``--message-format`` cloudevents-*: the CloudEvents NATS binding (docs/cloudevents.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ except ModuleNotFoundError as missing:  # the 'nats' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
+from outbox_relay.envelopes import (
+    STRUCTURED_CONTENT_TYPE,
+    CloudEvents,
+    MessageFormat,
+    percent_encoded,
+)
 from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -55,6 +62,22 @@ def nats_headers(message: OutboxMessage) -> dict[str, str]:
     headers["Outbox-Event-Type"] = message.event_type
     headers["Outbox-Created-At"] = message.created_at.isoformat()
     return headers
+
+
+def cloudevents_binary(ce: CloudEvents, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+    """NATS binding, binary mode: every attribute (datacontenttype too) as a ``ce-`` header,
+    its value percent-encoded; the payload as the body."""
+    headers = {
+        "ce-" + name: percent_encoded(value) for name, value in ce.text_attributes(message).items()
+    }
+    headers[MSG_ID_HEADER] = message.event_id
+    return message.payload, headers
+
+
+def cloudevents_structured(ce: CloudEvents, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+    """NATS binding, structured mode: the JSON event format, told apart by Content-Type."""
+    headers = {MSG_ID_HEADER: message.event_id, "Content-Type": STRUCTURED_CONTENT_TYPE}
+    return ce.structured(message), headers
 
 
 # nats-py accepts HTTP-style token names only; "Nats-" names are the server's own (expected
@@ -129,6 +152,17 @@ class NatsPublisher:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._lost: asyncio.Future[None] | None = None
+        self._ce = settings.cloudevents
+        self._structured = settings.message_format is MessageFormat.STRUCTURED
+
+    def _encode(self, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+        """Body and headers of ``message`` in the chosen format."""
+        ce = self._ce
+        if ce is None:
+            return message.payload, nats_headers(message)
+        if self._structured:
+            return cloudevents_structured(ce, message)
+        return cloudevents_binary(ce, message)
 
     def subject_of(self, message: OutboxMessage) -> str:
         """The message's subject: its --route's prefix (or --topic-prefix), then its type."""
@@ -322,7 +356,7 @@ class NatsPublisher:
         return min(limit, nc.max_payload) if nc is not None and nc.max_payload else limit
 
     def message_problem(self, message: OutboxMessage) -> str | None:
-        headers = nats_headers(message)
+        body, headers = self._encode(message)
         problem = header_problem(headers)
         if problem:
             return problem
@@ -331,7 +365,7 @@ class NatsPublisher:
             return (
                 f"NATS headers take {block} bytes, over JetStream's {MAX_HEADER_BLOCK}-byte limit"
             )
-        total, limit = block + len(message.payload), self.max_message_bytes
+        total, limit = block + len(body), self.max_message_bytes
         if total > limit:
             return (
                 f"headers and payload take {total} bytes, over the {limit}-byte limit (NATS "
@@ -360,13 +394,14 @@ class NatsPublisher:
 
         try:
             for index, message in enumerate(messages):
+                body, headers = self._encode(message)
                 future = await js.publish_async(
                     self.subject_of(message),
-                    message.payload,
+                    body,
                     # No stall timeout: nats-py would then await each message through a task,
                     # and every message would be flushed in a socket write of its own.
                     wait_stall=None,
-                    headers=nats_headers(message),
+                    headers=headers,
                 )
                 pending[index] = future
                 future.add_done_callback(functools.partial(answered, index, message))

@@ -11,6 +11,9 @@ What RabbitMQ would close the connection or the channel for is refused before se
 content-header frame larger than the negotiated frame_max, ``CC``/``BCC`` headers that are not
 lists of strings (sender-selected distribution), values AMQP cannot encode.
 
+``--message-format`` cloudevents-*: the CloudEvents AMQP binding (``cloudEvents:`` application
+properties, or an ``application/cloudevents+json`` body; docs/cloudevents.md).
+
 pika pin: ``_CorkedConnection`` overrides ``AsyncioConnection._adapter_emit_data`` (a private
 method, stable across pika 1.x), hence ``pika>=1.3,<2`` in pyproject.toml.
 """
@@ -31,6 +34,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from outbox_relay import amqp
+from outbox_relay.envelopes import DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, MessageFormat
 from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 HEADER_FRAME_OVERHEAD = 20
 # Headers of sender-selected distribution: RabbitMQ closes the channel unless they hold a list.
 _ROUTING_HEADERS = ("CC", "BCC")
+# The AMQP binding's prefix of CloudEvents attributes among the application properties.
+CE_PREFIX = "cloudEvents:"
 # Reply codes with which RabbitMQ closes a channel or connection over something it was sent.
 _MESSAGE_FAULTS = {406, 501, 502, 503, 505}
 
@@ -163,6 +169,16 @@ class RabbitMQPublisher:
         RabbitMQOptions.of(settings)
         self._router = settings.router()
         self._declaring = settings.exchange  # the exchange being declared, for errors
+        self._ce = settings.cloudevents
+        # Body and properties of one message, in the chosen format; picked once.
+        self._encode = {
+            MessageFormat.NATIVE: self._native,
+            MessageFormat.BINARY: self._binary,
+            MessageFormat.STRUCTURED: self._structured,
+        }[settings.message_format]
+        # What the CloudEvents attributes add to a header frame at most (the source and the
+        # names of the attributes), for the cheap frame_max bound.
+        self._bound_extra = 0 if self._ce is None else 5 * len(self._ce.source) + 512
         self._parameters = amqp.parameters(settings.broker_url)
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
@@ -292,7 +308,7 @@ class RabbitMQPublisher:
 
     def message_problem(self, message: OutboxMessage) -> str | None:
         """What would make RabbitMQ close the channel or connection, or pika refuse to encode."""
-        headers = message.headers
+        headers = message.headers if self._ce is None else {}  # CloudEvents: no row headers
         for name in _ROUTING_HEADERS:
             # Present but null is refused too: RabbitMQ closes the channel over a void CC.
             if name in headers and not _routing_keys(headers[name]):
@@ -308,10 +324,11 @@ class RabbitMQPublisher:
         # The header frame is bounded by frame_max; only a big message can come near it, so
         # most messages skip the encoding this check needs.
         bound = _properties_bound(message)
-        if bound is not None and bound <= self._frame_max:
+        if bound is not None and bound + self._bound_extra <= self._frame_max:
             return None
         try:
-            size = HEADER_FRAME_OVERHEAD + len(b"".join(self._properties(message).encode()))
+            properties = self._encode(message)[1]
+            size = HEADER_FRAME_OVERHEAD + len(b"".join(properties.encode()))
         except (pika.exceptions.AMQPError, struct.error, ValueError, TypeError) as exc:
             return f"headers cannot be encoded as AMQP: {exc!r}"
         if size > self._frame_max:
@@ -320,6 +337,46 @@ class RabbitMQPublisher:
                 "AMQP frame the broker allows for them (frame_max)"
             )
         return None
+
+    def _native(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
+        return message.payload, self._properties(message)
+
+    def _binary(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
+        """AMQP binding, binary mode: attributes as ``cloudEvents:`` application properties
+        (native AMQP boolean/long, else canonical strings: ``time`` keeps its microseconds),
+        datacontenttype as content_type. ``aggregate_id`` stays a plain header too: the
+        consumer's ordered mode hashes it (docs/cloudevents.md)."""
+        ce = self._ce
+        assert ce is not None
+        attributes = ce.attributes(message)
+        del attributes["datacontenttype"]
+        headers = {CE_PREFIX + name: value for name, value in attributes.items()}
+        if message.aggregate_id is not None:
+            headers["aggregate_id"] = message.aggregate_id
+        return message.payload, self._amqp_properties(message, DATA_CONTENT_TYPE, headers)
+
+    def _structured(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
+        """AMQP binding, structured mode: the JSON event format as the body."""
+        ce = self._ce
+        assert ce is not None
+        headers = None if message.aggregate_id is None else {"aggregate_id": message.aggregate_id}
+        properties = self._amqp_properties(message, STRUCTURED_CONTENT_TYPE, headers)
+        return ce.structured(message), properties
+
+    @staticmethod
+    def _amqp_properties(
+        message: OutboxMessage, content_type: str, headers: dict[str, Any] | None
+    ) -> BasicProperties:
+        # message_id, type and timestamp in every format: returns, retries and dead letters
+        # are matched and routed by them.
+        return BasicProperties(
+            content_type=content_type,
+            delivery_mode=2,
+            message_id=message.event_id,
+            type=message.event_type,
+            timestamp=int(message.created_at.timestamp()),
+            headers=headers,
+        )
 
     @staticmethod
     def _properties(message: OutboxMessage) -> BasicProperties:
@@ -359,11 +416,12 @@ class RabbitMQPublisher:
                         ) from self._failure
                     connection.cork()
                 try:
+                    body, properties = self._encode(message)
                     channel.basic_publish(
                         exchange if router is None else router.destination(message),
                         message.event_type,
-                        message.payload,
-                        self._properties(message),
+                        body,
+                        properties,
                         mandatory=True,
                     )
                 except (

@@ -4,7 +4,8 @@ Each event is an ``XADD`` to ``<prefix>:<event type>`` (``events:order.created``
 stream ``<prefix>`` with ``--redis-stream-mode single``. A batch is one pipeline without MULTI:
 the replies, in order, are the confirms (Redis has appended the entry), and a command Redis
 refuses (e.g. the key holds another type) fails only its own event. Redis has no deduplication,
-so the event id is a field for consumers to dedupe on.
+so the event id is a field for consumers to dedupe on. ``--message-format`` cloudevents-*: the
+relay's CloudEvents field mapping (``ce_*`` fields and ``data``; docs/cloudevents.md).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -31,6 +33,7 @@ except ModuleNotFoundError as missing:  # the 'redis' extra; its options still s
 else:
     MISSING_CLIENT = None
 
+from outbox_relay.envelopes import STRUCTURED_CONTENT_TYPE, CloudEvents, MessageFormat
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -98,6 +101,25 @@ def stream_fields(message: OutboxMessage) -> dict[str, str | bytes]:
     return fields
 
 
+def cloudevents_binary_fields(ce: CloudEvents, message: OutboxMessage) -> dict[str, str | bytes]:
+    """Binary mode (the relay's mapping, after the NATS binding): each attribute as a field
+    ``ce_<name>`` with its canonical string (fields are binary-safe: no percent-encoding), the
+    payload as ``data``."""
+    fields: dict[str, str | bytes] = {
+        "ce_" + name: value for name, value in ce.text_attributes(message).items()
+    }
+    fields["data"] = message.payload
+    return fields
+
+
+def cloudevents_structured_fields(
+    ce: CloudEvents, message: OutboxMessage
+) -> dict[str, str | bytes]:
+    """Structured mode: ``content_type`` application/cloudevents+json and the JSON event
+    format as ``data``."""
+    return {"content_type": STRUCTURED_CONTENT_TYPE, "data": ce.structured(message)}
+
+
 def reply_problem(answer: bytes) -> str | None:
     """Why ``answer``, the first bytes a server sent back to PING, is no Redis reply (so the
     server is another kind of service), or None."""
@@ -124,6 +146,17 @@ class RedisStreamsPublisher:
         # Once the URL answered like Redis, it is Redis: a later connection dropped before any
         # reply (a restart, a proxy without a backend) is retried, not called a wrong URL.
         self._answered = False
+        ce = settings.cloudevents
+        self._fields: Callable[[OutboxMessage], dict[str, str | bytes]] = (
+            stream_fields
+            if ce is None
+            else functools.partial(
+                cloudevents_structured_fields
+                if settings.message_format is MessageFormat.STRUCTURED
+                else cloudevents_binary_fields,
+                ce,
+            )
+        )
 
     def stream(self, message: OutboxMessage) -> str:
         """Its --route's prefix (or --topic-prefix), then (per-type mode) the event type."""
@@ -253,7 +286,7 @@ class RedisStreamsPublisher:
         for message in messages:
             pipe.xadd(
                 self.stream(message),
-                stream_fields(message),
+                self._fields(message),
                 maxlen=maxlen,
                 approximate=True,
             )

@@ -11,6 +11,10 @@ batch) and the response settles all of them. Request headers: ``Idempotency-Key`
 ``traceparent``/``tracestate`` (W3C trace context is an HTTP convention), and with
 ``--webhook-secret`` ``X-Outbox-Signature: sha256=<hex HMAC-SHA256 of the body>``.
 
+With ``--message-format cloudevents-binary|cloudevents-structured`` the request follows the
+CloudEvents HTTP binding instead (``ce-`` headers or an ``application/cloudevents+json`` body;
+batches as ``application/cloudevents-batch+json``): docs/cloudevents.md.
+
 Verdicts: 2xx confirmed; 408, 429 and 5xx failed and retried with backoff; any other 4xx is a
 permanent failure (dead at once: resending the same request cannot change the answer); a
 timeout fails the event (retried). An endpoint that cannot be reached at all raises
@@ -40,6 +44,13 @@ except ModuleNotFoundError as missing:  # the 'webhook' extra; its options still
 else:
     MISSING_CLIENT = None
 
+from outbox_relay.envelopes import (
+    BATCH_CONTENT_TYPE,
+    DATA_CONTENT_TYPE,
+    STRUCTURED_CONTENT_TYPE,
+    MessageFormat,
+    percent_encoded,
+)
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -49,7 +60,8 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Outbox-Signature"
 TRACE_HEADERS = ("traceparent", "tracestate")
-# Longer trace headers stay in the body only: servers refuse long header lines (431 from
+# Longer trace headers stay in the body only (and longer CloudEvents attributes are refused in
+# binary mode): servers refuse long header lines (431 from
 # Python's http.server over 64 KiB, nginx over 8 KiB by default), and W3C trace context needs
 # far less (a traceparent is 55 characters; vendors keep at least 512 of a tracestate).
 MAX_TRACE_HEADER = 4096
@@ -130,6 +142,14 @@ class WebhookPublisher:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._router = settings.router()
         self._client: httpx.AsyncClient | None = None
+        self._ce = settings.cloudevents
+        self._format = settings.message_format
+        if self._format is MessageFormat.BINARY and self._options.webhook_batch:
+            raise ConfigError(
+                "--message-format cloudevents-binary: the HTTP binding's binary mode carries one "
+                "event per request; with --webhook-batch use cloudevents-structured (batches are "
+                "sent as application/cloudevents-batch+json)"
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -187,7 +207,20 @@ class WebhookPublisher:
         return self._settings.max_message_bytes
 
     def message_problem(self, message: OutboxMessage) -> str | None:
-        return None  # the body carries any JSON; headers that HTTP cannot carry are left out
+        """The body carries any JSON, and native headers that HTTP cannot carry are left out;
+        in CloudEvents binary mode every attribute is a header, and servers refuse long ones."""
+        ce = self._ce
+        if ce is None or self._format is not MessageFormat.BINARY:
+            return None
+        for name, value in ce.text_attributes(message).items():
+            size = len(percent_encoded(value))
+            if size > MAX_TRACE_HEADER:
+                return (
+                    f"attribute {name!r} takes {size} bytes as the HTTP header ce-{name}, over "
+                    f"{MAX_TRACE_HEADER} (servers refuse long header lines); use "
+                    "--message-format cloudevents-structured"
+                )
+        return None
 
     async def publish_batch(
         self, messages: Sequence[OutboxMessage], on_result: OnResult | None = None
@@ -251,6 +284,8 @@ class WebhookPublisher:
                 return
 
     def _event_request(self, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+        if self._ce is not None:
+            return self._cloudevent_request(message)
         body = event_body(message)
         headers = {
             "Idempotency-Key": message.event_id,
@@ -263,20 +298,43 @@ class WebhookPublisher:
                 headers[name] = value
         return body, headers
 
+    def _cloudevent_request(self, message: OutboxMessage) -> tuple[bytes, dict[str, str]]:
+        """HTTP binding: binary mode (``ce-`` headers, percent-encoded; the payload as the body)
+        or structured mode (the JSON event format). Idempotency-Key and the W3C trace headers
+        stay: they are HTTP's own, and the endpoint's infrastructure reads them."""
+        ce = self._ce
+        assert ce is not None
+        headers = {"Idempotency-Key": message.event_id}
+        for name in TRACE_HEADERS:
+            value = message.headers.get(name)
+            if isinstance(value, str) and is_header_value(value):
+                headers[name] = value
+        if self._format is MessageFormat.STRUCTURED:
+            headers["Content-Type"] = STRUCTURED_CONTENT_TYPE
+            return ce.structured(message), headers
+        for name, value in ce.text_attributes(message).items():
+            if name != "datacontenttype":  # it is the Content-Type
+                headers["ce-" + name] = percent_encoded(value)
+        headers["Content-Type"] = DATA_CONTENT_TYPE
+        return message.payload, headers
+
     def _batch_request(self, batch: Sequence[OutboxMessage]) -> tuple[bytes, dict[str, str]]:
-        body = b'{"events":[' + b",".join(event_body(m) for m in batch) + b"]}"
         ids = hashlib.sha256("\n".join(m.event_id for m in batch).encode()).hexdigest()
-        return body, {
-            "Idempotency-Key": f"batch-{ids[:40]}",
-            "X-Outbox-Batch-Size": str(len(batch)),
-        }
+        headers = {"Idempotency-Key": f"batch-{ids[:40]}", "X-Outbox-Batch-Size": str(len(batch))}
+        ce = self._ce
+        if ce is not None:
+            # The HTTP binding's batched mode: a JSON array of events in the JSON format.
+            headers["Content-Type"] = BATCH_CONTENT_TYPE
+            return b"[" + b",".join(ce.structured(m) for m in batch) + b"]", headers
+        body = b'{"events":[' + b",".join(event_body(m) for m in batch) + b"]}"
+        return body, headers
 
     async def _post(
         self, client: httpx.AsyncClient, request: tuple[bytes, dict[str, str]], url: str
     ) -> PublishResult:
         """POST to ``url``: the --broker-url, or the event's --route destination."""
         body, headers = request
-        headers["Content-Type"] = "application/json"
+        headers.setdefault("Content-Type", "application/json")
         secret = self._options.webhook_secret
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, body)

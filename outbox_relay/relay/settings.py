@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, model_validator
 
+from outbox_relay.envelopes import MessageFormat, default_source
 from outbox_relay.publishers.base import PublisherSettings
 from outbox_relay.settings import (
     DEFAULT_DATABASE_URL,
@@ -204,6 +205,14 @@ class RelaySettings(Settings):
                 raise ValueError(f"{flag}: applies to --mode cdc only (--mode is {self.mode})")
         if self.on_sent is OnSent.DELETE and "retention" in given:
             raise ValueError("--retention: applies to --on-sent keep only (sent rows are deleted)")
+        publisher = self.publisher
+        if publisher.message_format is not MessageFormat.NATIVE and publisher.ce_source is None:
+            # The default source names the outbox, which only the relay's settings know.
+            source = default_source(self.database_url, self.schema_name)
+            # Frozen model, still being validated: the one place it is completed.
+            object.__setattr__(
+                self, "publisher", publisher.model_copy(update={"ce_source": source})
+            )
         return self
 
     @property

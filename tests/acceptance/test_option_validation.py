@@ -153,6 +153,7 @@ def numeric_bad_values(info: FieldInfo) -> list[str]:
 
 # Text options: values each must refuse. A new text option needs an entry here or in FREE_TEXT.
 BAD_TEXT: dict[str, list[str]] = {
+    "ce_source": ["", "a b", "/shop\tx"],
     "database_url": [
         "not-a-url",
         "mysql://app@db/orders",
@@ -446,6 +447,22 @@ COMBINATIONS = [
         id="retry-backoff above its max",
     ),
     pytest.param(["serve", NATS, "--exchange=x"], "--exchange", id="exchange for nats"),
+    pytest.param(["serve", "--ce-source=/shop"], "--ce-source", id="ce-source with native"),
+    pytest.param(
+        ["serve", "--broker-url=mqtt://mq?version=3.1.1", "--message-format=cloudevents-binary"],
+        "--message-format",
+        id="cloudevents binary over mqtt 3.1.1",
+    ),
+    pytest.param(
+        [
+            "serve",
+            "--broker-url=http://hooks:8080/in",
+            "--webhook-batch",
+            "--message-format=cloudevents-binary",
+        ],
+        "--message-format",
+        id="cloudevents binary webhook batches",
+    ),
     pytest.param(["serve", AMQP, "--nats-stream=S"], "--nats-stream", id="nats-stream for amqp"),
     pytest.param(["serve", AMQP, "--redis-maxlen=5"], "--redis-maxlen", id="redis-maxlen amqp"),
     pytest.param(["serve", NATS, "--mqtt-qos=2"], "--mqtt-qos", id="mqtt-qos for nats"),

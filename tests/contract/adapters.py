@@ -8,6 +8,13 @@ import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
+
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings import amqp, http
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from dateutil.parser import isoparse
 
 from outbox_relay.publishers import PublisherSettings
 from tests.acceptance.conftest import rabbitmq_start_app, rabbitmq_stop_app
@@ -23,10 +30,12 @@ from tests.brokers import (
     nats_cleanup,
     nats_make_stream,
     nats_stream_messages,
+    nats_stream_raw,
     redis_cleanup,
     redis_client,
     redis_entries,
     redis_keys,
+    redis_raw_entries,
     unique,
     wait_for_jetstream,
 )
@@ -39,6 +48,21 @@ UNROUTED = "unrouted.thing"  # ... and for this type to be refused
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+JSON = JSONFormat()
+
+
+def _structured(content_type: str | None) -> bool:
+    return (content_type or "").lower().startswith("application/cloudevents")
+
+
+def from_attributes(attributes: dict[str, Any], data: bytes) -> BaseCloudEvent:
+    """The SDK's own constructor (it validates every attribute) for transports without an SDK
+    binding: the test maps their headers per the binding, the SDK reads the data."""
+    if "time" in attributes:
+        attributes["time"] = isoparse(attributes["time"])
+    return CloudEvent(attributes, JSON.read_data(data, attributes.get("datacontenttype")))
 
 
 class BrokerUnderTest:
@@ -61,6 +85,10 @@ class BrokerUnderTest:
     def received(self) -> list[Received]:
         raise NotImplementedError
 
+    def cloudevents(self) -> list[BaseCloudEvent]:
+        """What arrived, decoded by the official CloudEvents SDK (either content mode)."""
+        raise NotImplementedError
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -79,6 +107,7 @@ class RabbitMQUnderTest(BrokerUnderTest):
         super().__init__(url, exchange=exchange, confirm_timeout=10.0)
         self.queue = queue
         self._seen: list[Received] = []
+        self._events: list[BaseCloudEvent] = []
 
     def received(self) -> list[Received]:
         for method, props, body in self.queue.drain():
@@ -95,6 +124,17 @@ class RabbitMQUnderTest(BrokerUnderTest):
                 )
             )
         return list(self._seen)
+
+    def cloudevents(self) -> list[BaseCloudEvent]:
+        """The SDK's AMQP binding: pika's headers are the application properties."""
+        for _method, props, body in self.queue.drain():
+            message = amqp.AMQPMessage(
+                properties={"content-type": props.content_type},
+                application_properties=dict(props.headers or {}),
+                application_data=body,
+            )
+            self._events.append(amqp.from_amqp_event(message))
+        return list(self._events)
 
     def stop(self) -> None:
         rabbitmq_stop_app()
@@ -118,6 +158,22 @@ class NatsUnderTest(BrokerUnderTest):
 
     def received(self) -> list[Received]:
         return asyncio.run(nats_stream_messages(self.stream))
+
+    def cloudevents(self) -> list[BaseCloudEvent]:
+        """NATS binding: Content-Type tells the modes apart; binary mode's ``ce-`` headers
+        (datacontenttype too) are percent-encoded UTF-8."""
+        events = []
+        for headers, body in asyncio.run(nats_stream_raw(self.stream)):
+            if _structured(headers.get("Content-Type")):
+                events.append(JSON.read(None, body))
+                continue
+            attributes = {
+                name[3:].lower(): unquote(value, errors="strict")
+                for name, value in headers.items()
+                if name.lower().startswith("ce-")
+            }
+            events.append(from_attributes(attributes, body))
+        return events
 
     def stop(self) -> None:
         NATS.stop()
@@ -147,6 +203,20 @@ class RedisUnderTest(BrokerUnderTest):
         keys = [k for k in redis_keys(f"{self.prefix}:*") if not k.endswith(UNROUTED)]
         return redis_entries(keys)
 
+    def cloudevents(self) -> list[BaseCloudEvent]:
+        """The relay's Redis mapping: ``ce_<name>`` fields and ``data``, or ``content_type``
+        application/cloudevents+json and the JSON event format as ``data``."""
+        keys = [k for k in redis_keys(f"{self.prefix}:*") if not k.endswith(UNROUTED)]
+        events = []
+        for fields in redis_raw_entries(keys):
+            content_type = fields.get("content_type")
+            if content_type is not None and _structured(content_type.decode()):
+                events.append(JSON.read(None, fields["data"]))
+                continue
+            attributes = {k[3:]: v.decode() for k, v in fields.items() if k.startswith("ce_")}
+            events.append(from_attributes(attributes, fields["data"]))
+        return events
+
     def stop(self) -> None:
         REDIS.stop()
 
@@ -170,6 +240,19 @@ class MqttUnderTest(BrokerUnderTest):
 
     def received(self) -> list[Received]:
         return self.subscriber.messages
+
+    def cloudevents(self) -> list[BaseCloudEvent]:
+        """MQTT binding: structured when the Content Type says so (or is absent: MQTT 3.1.1);
+        binary: user properties named as the attributes, Content Type = datacontenttype."""
+        events = []
+        for content_type, properties, payload in self.subscriber.raw:
+            if content_type is None or _structured(content_type):
+                events.append(JSON.read(None, payload))
+                continue
+            attributes: dict[str, Any] = dict(properties)
+            attributes["datacontenttype"] = content_type
+            events.append(from_attributes(attributes, payload))
+        return events
 
     def stop(self) -> None:
         MOSQUITTO.stop()
@@ -222,6 +305,20 @@ class WebhookUnderTest(BrokerUnderTest):
                     )
                 )
         return got
+
+    def cloudevents(self) -> list[BaseCloudEvent]:
+        """The SDK's HTTP binding; a batch (application/cloudevents-batch+json) is a JSON array
+        of events in the JSON format."""
+        events = []
+        for request in self.sink.requests:
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("application/cloudevents-batch"):
+                batch = json.loads(request.body)
+                events.extend(JSON.read(None, json.dumps(item)) for item in batch)
+            else:
+                message = http.HTTPMessage(headers=dict(request.headers), body=request.body)
+                events.append(http.from_http_event(message))
+        return events
 
     def stop(self) -> None:
         self.sink.stop()

@@ -20,7 +20,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from cloudevents.core.base import BaseCloudEvent
 
+from outbox_relay.envelopes import default_source
 from outbox_relay.errors import BrokerUnavailableError
 from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.publishers import create_publisher
@@ -41,6 +43,18 @@ from tests.integration.relay_harness import RelayThread, relay_settings
 pytestmark = pytest.mark.integration
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+CE_SOURCE = "postgresql://db.example/shop/public"
+# Row headers of the CloudEvents cases: the trace context, a plain one, one whose key is no
+# extension name (sanitised to ``tenantid``) and whose value needs percent-encoding in HTTP and
+# NATS headers, and an integer (a CloudEvents Integer where the transport has types).
+CE_HEADERS: dict[str, Any] = {
+    "traceparent": TRACEPARENT,
+    "tracestate": "vendor=abc",
+    "producer": "contract",
+    "Tenant-ID": 'acmé "north" 100%',
+    "n": 3,
+}
+CE_FORMATS = ["cloudevents-binary", "cloudevents-structured"]
 
 
 def make_messages(
@@ -100,8 +114,99 @@ def arrived(broker: BrokerUnderTest, messages: Sequence[OutboxMessage]) -> list[
     )
 
 
+def arrived_cloudevents(
+    broker: BrokerUnderTest, messages: Sequence[OutboxMessage]
+) -> dict[str, BaseCloudEvent]:
+    """Wait until every one of ``messages`` arrived; each decoded by the SDK, by its id."""
+    wanted = {m.event_id for m in messages}
+    got: dict[str, BaseCloudEvent] = {}
+
+    def more() -> bool:
+        got.update((e.get_id(), e) for e in broker.cloudevents())
+        return wanted <= set(got)
+
+    wait_until(more, timeout=30)
+    return got
+
+
+def assert_cloudevent(event: BaseCloudEvent, message: OutboxMessage, *, typed: bool) -> None:
+    """Every attribute of ``event`` is the row's (``typed``: the transport keeps an Integer)."""
+    assert event.get_attributes() == {
+        "specversion": "1.0",
+        "id": message.event_id,
+        "source": CE_SOURCE,
+        "type": message.event_type,
+        "datacontenttype": "application/json",
+        "time": message.created_at,
+        "subject": message.aggregate_id,
+        "aggregatetype": message.aggregate_type,
+        "traceparent": TRACEPARENT,
+        "tracestate": "vendor=abc",
+        "producer": "contract",
+        "tenantid": 'acmé "north" 100%',
+        "n": 3 if typed else "3",
+    }
+    assert event.get_data() == json.loads(message.payload)
+
+
 class PublisherContract:
     """The cases; subclasses provide the ``broker`` fixture."""
+
+    # Whether the broker's binary mode keeps an Integer typed (AMQP does; headers are text).
+    binary_typed = False
+
+    @pytest.mark.parametrize("message_format", CE_FORMATS)
+    def test_cloudevents_arrive_per_the_binding_with_every_attribute(
+        self, broker: BrokerUnderTest, message_format: str
+    ) -> None:
+        sent = make_messages(6, aggregates=["agg-1", "agg-2"], headers=CE_HEADERS)
+
+        [results] = publish(broker, sent, message_format=message_format, ce_source=CE_SOURCE)
+
+        assert all(r.confirmed for r in results), results
+        got = arrived_cloudevents(broker, sent)
+        typed = message_format == "cloudevents-structured" or self.binary_typed
+        for message in sent:
+            assert_cloudevent(got[message.event_id], message, typed=typed)
+
+    def test_the_relay_sends_cloudevents_with_the_outbox_as_their_source(
+        self, broker: BrokerUnderTest, database_url: str
+    ) -> None:
+        # Given rows written by SQL, as producers do
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            rows = [
+                conn.execute(
+                    "SELECT outbox_emit(%s, %s, %s, 'order', %s)",
+                    (ROUTED, f"agg-{n}", json.dumps({"n": n}), json.dumps({"tenant": "acme"})),
+                ).fetchone()
+                for n in range(3)
+            ]
+        ids = {str(r[0]) for r in rows if r is not None}
+        settings = relay_settings(
+            database_url, message_format="cloudevents-binary", **broker.relay_options()
+        )
+
+        # When the relay runs in binary mode without --ce-source
+        with RelayThread(settings):
+            got: dict[str, BaseCloudEvent] = {}
+
+            def all_arrived() -> bool:
+                got.update((e.get_id(), e) for e in broker.cloudevents())
+                return ids <= set(got)
+
+            wait_until(all_arrived, timeout=30)
+
+        # Then each is a CloudEvent whose source names the outbox (no credentials)
+        source = default_source(database_url, "public")
+        assert "@" not in source
+        for event_id in ids:
+            event = got[event_id]
+            assert event.get_source() == source
+            assert event.get_type() == ROUTED
+            assert (event.get_subject() or "").startswith("agg-")
+            assert event.get_extension("aggregatetype") == "order"
+            assert event.get_extension("tenant") == "acme"
+            assert event.get_data() == {"n": int((event.get_subject() or "-0").split("-")[1])}
 
     def test_a_confirmed_batch_arrives_with_the_message_contract(
         self, broker: BrokerUnderTest
@@ -301,6 +406,8 @@ def _adapter(make: Callable[[], BrokerUnderTest]) -> Iterator[BrokerUnderTest]:
 
 
 class TestRabbitMQ(PublisherContract):
+    binary_typed = True
+
     @pytest.fixture
     def broker(
         self, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
@@ -326,8 +433,48 @@ class TestMqtt(PublisherContract):
     def broker(self) -> Iterator[BrokerUnderTest]:
         yield from _adapter(MqttUnderTest)
 
+    def test_mqtt_3_1_1_sends_structured_cloudevents_without_a_content_type(
+        self, broker: BrokerUnderTest
+    ) -> None:
+        sent = make_messages(3, headers=CE_HEADERS)
+        url = f"{broker.url}?version=3.1.1"
+
+        [results] = publish(
+            broker,
+            sent,
+            broker_url=url,
+            message_format="cloudevents-structured",
+            ce_source=CE_SOURCE,
+        )
+
+        assert all(r.confirmed for r in results), results
+        got = arrived_cloudevents(broker, sent)
+        for message in sent:
+            assert_cloudevent(got[message.event_id], message, typed=True)
+
 
 class TestWebhook(PublisherContract):
     @pytest.fixture
     def broker(self) -> Iterator[BrokerUnderTest]:
         yield from _adapter(WebhookUnderTest)
+
+    def test_batches_of_cloudevents_are_sent_in_the_batched_content_mode(
+        self, broker: BrokerUnderTest
+    ) -> None:
+        assert isinstance(broker, WebhookUnderTest)
+        sent = make_messages(5, aggregates=["agg-1", "agg-2"], headers=CE_HEADERS)
+
+        [results] = publish(
+            broker,
+            sent,
+            message_format="cloudevents-structured",
+            ce_source=CE_SOURCE,
+            webhook_batch=True,
+        )
+
+        assert all(r.confirmed for r in results), results
+        [request] = broker.sink.requests
+        assert request.headers["content-type"] == "application/cloudevents-batch+json"
+        got = arrived_cloudevents(broker, sent)
+        for message in sent:
+            assert_cloudevent(got[message.event_id], message, typed=True)

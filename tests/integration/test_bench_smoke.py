@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,43 @@ def test_memory_bench_reports_idle_and_peak_rss(services: Services, tmp_path: Pa
     # A Python process with psycopg, pika and the relay loaded is tens of MiB.
     assert 10 < run["idle_rss_mib"] <= run["peak_rss_mib"] < 1024
     assert run["seconds"] > 0
+
+
+@pytest.mark.integration
+def test_brokers_bench_pairs_message_formats_on_rabbitmq(
+    services: Services, tmp_path: Path
+) -> None:
+    # Given two rounds of native and cloudevents-binary on RabbitMQ, tiny backlogs
+    output = tmp_path / "brokers.json"
+    env = {
+        **os.environ,
+        "OUTBOX_RELAY_TEST_DATABASE_URL": services.postgres_admin_url,
+        "OUTBOX_RELAY_TEST_BROKER_URL": services.rabbitmq_url,
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.with_name("brokers_bench.py")),
+            "--events=3000",
+            "--batch-size=100",  # several batches: the clock starts after the first settles
+            "--brokers=rabbitmq",
+            "--message-formats=native,cloudevents-binary",
+            "--rounds=2",
+            f"--output={output}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+
+    # Then every run is recorded, and the binary format's paired ratios to native
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(output.read_text())
+    runs = {(r["message_format"], r["round"]) for r in results["results"]}
+    assert runs == {(f, n) for f in ("native", "cloudevents-binary") for n in (1, 2)}
+    [binary] = [s for s in results["summary"] if s["message_format"] == "cloudevents-binary"]
+    assert len(binary["ratios_to_native"]) == 2
+    assert binary["median_ratio_to_native"] > 0
+    assert "vs native" in done.stdout

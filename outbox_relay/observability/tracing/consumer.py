@@ -18,10 +18,15 @@ if TYPE_CHECKING:
 
 
 class _HeaderGetter:
-    """Reads AMQP headers for the propagator; values may be bytes."""
+    """Reads AMQP headers for the propagator; values may be bytes. A CloudEvent in binary mode
+    carries the trace context as the Distributed Tracing extension's attributes
+    (``cloudEvents:traceparent``)."""
 
     def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
-        value = header_text(carrier.get(key))
+        found = carrier.get(key)
+        if found is None:
+            found = carrier.get("cloudEvents:" + key)
+        value = header_text(found)
         return None if value is None else [value]
 
     def keys(self, carrier: Mapping[str, Any]) -> list[str]:
