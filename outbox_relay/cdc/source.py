@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from outbox_relay.cdc import slots
@@ -140,7 +141,10 @@ class CdcSource:
 
     # -- waiting --------------------------------------------------------------------------------
 
-    async def readable(self) -> None:
+    def readable(self) -> Coroutine[Any, Any, None]:
+        return self._read_until_ready()
+
+    async def _read_until_ready(self) -> None:
         """Read the WAL until a transaction is ready (while batches are in flight)."""
         while not any(stream.pending for stream in self._streams.values()):
             readers = [stream.reader() for stream in self._streams.values()]

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
@@ -68,6 +68,7 @@ class Relay:
         self._claim_size = max(1, settings.batch_size // LANES)
         self._source = source or _default_source(settings, self._store)
         self._stop = asyncio.Event()
+        self._stopping: asyncio.Future[Any] | None = None  # self._stop.wait(), waited on often
         self._leases = Leases(
             settings,
             scope="cdc-shard" if settings.mode is Mode.CDC else "partition",
@@ -100,6 +101,13 @@ class Relay:
 
     async def run(self) -> None:
         """Relay until stop() is called, reconnecting to PostgreSQL and the broker on its own."""
+        try:
+            await self._relay()
+        finally:
+            if self._stopping is not None:
+                self._stopping.cancel()
+
+    async def _relay(self) -> None:
         quick_failures = 0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -257,7 +265,11 @@ class Relay:
                     await lane.commit()
                     free.append(lane)
                 if window.batches or settling or len(free) < len(self._lanes):
-                    await self._wait_for(window.changed(), self._source.readable())
+                    readable = self._source.readable()
+                    if readable is None:
+                        await self._wait_for(window.changed())
+                    else:
+                        await self._wait_for(window.changed(), readable)
                     continue
                 idle = free[-1]
                 await self._wait_for(self._source.wait(idle, await self._idle_timeout(idle)))
@@ -292,17 +304,31 @@ class Relay:
         if not self._publisher.is_healthy():
             raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
 
-    async def _wait_for(self, *waits: object) -> None:
-        tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]  # awaitables
-        stopping = asyncio.ensure_future(self._stop.wait())
+    async def _wait_for(self, *waits: Awaitable[None]) -> None:
+        """Until one of ``waits`` is done, the relay stops, or the poll interval passed. Futures
+        are waited on as they are (no task each turn); coroutines run as tasks, cancelled after."""
+        stopping = self._stopping
+        if (
+            stopping is None
+            or stopping.done()
+            or stopping.get_loop() is not asyncio.get_running_loop()
+        ):
+            stopping = self._stopping = asyncio.ensure_future(self._stop.wait())
+        started: list[asyncio.Future[Any]] = []
+        pending: list[asyncio.Future[Any]] = [stopping]
+        for wait in waits:
+            future = asyncio.ensure_future(wait)
+            pending.append(future)
+            if future is not wait:  # a task of our own (a coroutine): cancelled after
+                started.append(future)
         try:
             await asyncio.wait(
-                [*tasks, stopping],
+                pending,
                 timeout=self._settings.poll_interval,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
-            for task in [*tasks, stopping]:
+            for task in started:
                 task.cancel()
 
     async def _idle_timeout(self, store: OutboxStore) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 from outbox_relay.db.store import OutboxStore, Share
@@ -42,9 +43,9 @@ class Source(Protocol):
         free connection ``store``."""
         ...
 
-    async def readable(self) -> None:
-        """Return when the source may have rows to claim although the relay is busy (the WAL
-        brought a transaction); never, for a source that learns of rows only by claiming."""
+    def readable(self) -> Awaitable[None] | None:
+        """Done when the source may have rows to claim although the relay is busy (the WAL
+        brought a transaction); None for a source that learns of rows only by claiming."""
         ...
 
     def settled(self, batch: Batch) -> None:
@@ -175,8 +176,8 @@ class TableSource:
             delay = min(delay * 2, 0.05)
         self._unringing = []
 
-    async def readable(self) -> None:
-        await asyncio.Event().wait()  # the table says nothing until it is asked
+    def readable(self) -> None:
+        return None  # the table says nothing until it is asked
 
     def settled(self, batch: Batch) -> None:
         pass

@@ -118,7 +118,9 @@ class Window:
         self.error: BaseException | None = None
         # The suspect that was alone on the wire when the connection was lost (window.py doc).
         self.failed_solo: OutboxMessage | None = None
-        self._changed = asyncio.Event()
+        # A future rather than an Event: the relay waits on it every turn, and waiting on a
+        # future creates no task (the loop turns once per confirm when events are few).
+        self._changed: asyncio.Future[None] | None = None
 
     # -- what the relay asks -------------------------------------------------------------------
 
@@ -144,14 +146,19 @@ class Window:
     def watch(self) -> None:
         """Start watching for changes: call before looking at the window's state, then wait with
         changed(). (Clearing when the wait starts would lose a change made in between.)"""
-        self._changed.clear()
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
 
-    async def changed(self) -> None:
-        """Wait until a batch is done or settled, or a publish failed, since watch()."""
-        await self._changed.wait()
+    def changed(self) -> asyncio.Future[None]:
+        """Done once a batch is done or settled, or a publish failed, since watch()."""
+        if self._changed is None:
+            self.watch()
+        assert self._changed is not None
+        return self._changed
 
     def notify(self) -> None:
-        self._changed.set()
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
 
     def holders_settling(self) -> bool:
         """A finished batch that held events back has not committed its settle yet."""
@@ -208,7 +215,7 @@ class Window:
         self._batches.remove(batch)
         for chain_key in [k for k, c in self._chains.items() if _idle(c)]:
             del self._chains[chain_key]
-        self._changed.set()
+        self.notify()
 
     async def close(self) -> None:
         """Stop sending; in-flight publish calls are cancelled (their rows stay pending)."""
@@ -246,7 +253,7 @@ class Window:
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
-        self._changed.set()
+        self.notify()
 
     def _flush_ready(self) -> None:
         if self.error is not None or not self._ready or self._solo is not None:
@@ -290,7 +297,7 @@ class Window:
                 self.error = exc
                 if self._solo is not None and wave == [self._solo]:
                     self.failed_solo = self._solo.message
-            self._changed.set()
+            self.notify()
             return
         # Results the publisher returned without reporting them one by one.
         for index, result in enumerate(results):
@@ -338,7 +345,7 @@ class Window:
         if batch.unresolved == 0:
             batch.unresolved = -1  # reported once
             self._on_batch_done(batch)
-            self._changed.set()
+            self.notify()
 
 
 def _unblocked(chain: _Chain) -> bool:
