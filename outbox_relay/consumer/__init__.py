@@ -30,9 +30,10 @@ from outbox_relay.consumer.events import (
 )
 from outbox_relay.consumer.hooks import ConsumerHooks, NoHooks
 from outbox_relay.consumer.inbox import PsycopgInbox, SQLAlchemyInbox, migrate_inbox
-from outbox_relay.consumer.routing import Consumer, topic_matches
+from outbox_relay.consumer.routing import Consumer
 from outbox_relay.consumer.settings import ConsumerSettings
 from outbox_relay.consumer.worker import Worker
+from outbox_relay.messages import topic_matches
 
 __all__ = [
     "ATTEMPTS_HEADER",

@@ -14,21 +14,7 @@ from outbox_relay.consumer.inbox import Inbox
 from outbox_relay.consumer.settings import ConsumerSettings
 from outbox_relay.consumer.worker import Worker
 from outbox_relay.errors import ConfigError
-
-
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words."""
-    return _match(tuple(pattern.split(".")), tuple(routing_key.split(".")))
-
-
-def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
-    return bool(words) and head in ("*", words[0]) and _match(rest, words[1:])
-
+from outbox_relay.messages import topic_matches
 
 HandlerFn = Callable[..., None]
 F = TypeVar("F", bound=HandlerFn)
