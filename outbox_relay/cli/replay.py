@@ -9,7 +9,6 @@ import sys
 import time
 from typing import Annotated
 
-import click
 import typer
 from pydantic import Field
 from rich.console import Console
@@ -66,8 +65,6 @@ def replay(values: Values) -> None:
     with --include-dead. Stop with Ctrl-C (the events already read are confirmed first) and
     continue with --resume. See docs/replay.md.
     """
-    if click.get_current_context().invoked_subcommand is not None:
-        return
     settings = ReplaySettings.from_mapping(values)
     setup_logging(secrets=settings.secrets())
     check_options(settings.publisher)

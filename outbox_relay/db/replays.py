@@ -106,8 +106,8 @@ class ReplayStore:
         )
         state: migrations.SchemaState | None = None
         relation = f"{self._queries.schema}.outbox_schema_version"
-        if await self._one("relation_exists", {"relation": relation}):
-            state = migrations.state_from_row(await self._row("schema_version"))
+        if value(await self._fetch("relation_exists", {"relation": relation})):
+            state = migrations.state_from_row(first(await self._fetch("schema_version")))
         problem = migrations.version_problem(self._queries.schema, state)
         if problem:
             await self.close()
@@ -118,35 +118,29 @@ class ReplayStore:
         if conn is not None and not conn.closed:
             await conn.close()
 
-    async def _rows(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    async def _fetch(
+        self, name: str, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
         if self._conn is None:
             raise RuntimeError("ReplayStore used before connect()")
         async with translate_errors_async(self._where), self._conn.cursor() as cur:
             await cur.execute(self._queries[name], params)
             return await cur.fetchall() if cur.description else []
 
-    async def _row(self, name: str, params: dict[str, Any] | None = None) -> tuple[Any, ...] | None:
-        rows = await self._rows(name, params)
-        return rows[0] if rows else None
-
-    async def _one(self, name: str, params: dict[str, Any] | None = None) -> Any:
-        row = await self._row(name, params)
-        return row[0] if row else None
-
     async def lock(self, name: str) -> bool:
         """Hold the replay's lock for this session; False when another process holds it."""
-        return bool(await self._one("replay_lock", {"name": name}))
+        return bool(value(await self._fetch("replay_lock", {"name": name})))
 
     async def kept_range(self) -> tuple[datetime | None, datetime | None]:
         """When the oldest and the newest kept event were sent (None, None: nothing is kept)."""
-        row = await self._row("replay_kept_range")
+        row = first(await self._fetch("replay_kept_range"))
         return (row[0], row[1]) if row else (None, None)
 
     async def upper_id(self) -> int:
-        return int(await self._one("replay_upper_id") or 0)
+        return int(value(await self._fetch("replay_upper_id")) or 0)
 
     async def count(self, selection: Selection, after: int, upper_id: int) -> list[TypeCount]:
-        rows = await self._rows(
+        rows = await self._fetch(
             "replay_count", {"after": after, "upper_id": upper_id, **selection.parameters()}
         )
         return [TypeCount(t, int(kept), int(dead)) for t, kept, dead in rows]
@@ -155,7 +149,7 @@ class ReplayStore:
         self, selection: Selection, after: int, upper_id: int, limit: int, *, include_dead: bool
     ) -> list[tuple[OutboxMessage, bool]]:
         """The next ``limit`` rows after ``after``, in id order: (message, dead)."""
-        rows = await self._rows(
+        rows = await self._fetch(
             "replay_page",
             {
                 "after": after,
@@ -168,13 +162,13 @@ class ReplayStore:
         return [(message_from_row(row[:-1]), bool(row[-1])) for row in rows]
 
     async def get(self, name: str) -> ReplayRecord | None:
-        row = await self._row("replay_get", {"name": name})
+        row = first(await self._fetch("replay_get", {"name": name}))
         return ReplayRecord(*row) if row else None
 
     async def start(
         self, name: str, selection: dict[str, Any], destination: str, upper_id: int
     ) -> None:
-        await self._rows(
+        await self._fetch(
             "replay_start",
             {
                 "name": name,
@@ -185,10 +179,10 @@ class ReplayStore:
         )
 
     async def resume(self, name: str) -> None:
-        await self._rows("replay_resume", {"name": name})
+        await self._fetch("replay_resume", {"name": name})
 
     async def checkpoint(self, name: str, position: int, replayed: int, dead_skipped: int) -> None:
-        await self._rows(
+        await self._fetch(
             "replay_checkpoint",
             {
                 "name": name,
@@ -208,7 +202,7 @@ class ReplayStore:
         state: str,
         last_error: str | None = None,
     ) -> None:
-        await self._rows(
+        await self._fetch(
             "replay_finish",
             {
                 "name": name,
@@ -219,6 +213,14 @@ class ReplayStore:
                 "last_error": last_error,
             },
         )
+
+
+def first(rows: list[tuple[Any, ...]]) -> tuple[Any, ...] | None:
+    return rows[0] if rows else None
+
+
+def value(rows: list[tuple[Any, ...]]) -> Any:
+    return rows[0][0] if rows else None
 
 
 def counts_total(counts: Sequence[TypeCount]) -> tuple[int, int]:

@@ -709,6 +709,16 @@ async def run_replay(
     started = time.monotonic()
     plan, outcome = await count(settings, store)
     if outcome.total == 0:
+        if plan.resumed and await store.lock(plan.name):
+            # Killed after its last confirm, before it could say so.
+            await store.finish(
+                plan.name,
+                position=plan.upper_id,
+                replayed=plan.replayed_before,
+                dead_skipped=plan.dead_before,
+                state=str(State.DONE),
+            )
+        outcome.seconds = time.monotonic() - started
         return outcome
     if not await store.lock(plan.name):
         raise ConfigError(f"replay {plan.name!r} is running in another process")

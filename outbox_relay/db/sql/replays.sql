@@ -68,9 +68,6 @@ LIMIT %(limit)s;
 -- One process per named replay: a session lock, gone with the process that held it.
 SELECT pg_try_advisory_lock(1868724349, hashtext(%(name)s));
 
--- name: replay_unlock
-SELECT pg_advisory_unlock(1868724349, hashtext(%(name)s));
-
 -- name: replay_get
 SELECT name, selection, destination, upper_id, position, replayed, dead_skipped, state,
        last_error, started_at, updated_at, finished_at
