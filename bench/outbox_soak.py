@@ -113,15 +113,29 @@ def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     with RelayProcess(settings, clock=True) as relay:
         relay.go()
         relay.wait_leading()
+        # Producers run past the last sample, so every sample covers a whole interval at the rate.
+        intervals = max(1, round(seconds / args.sample_seconds))
         producers = StreamingProducers(
-            env.database_url, args.rate, seconds, args.connections, args.aggregates
+            env.database_url,
+            args.rate,
+            intervals * args.sample_seconds + 10,
+            args.connections,
+            args.aggregates,
         )
         try:
-            started = last = time.time()
-            producing = True
-            while producing:
-                time.sleep(max(0.0, last + args.sample_seconds - time.time()))
-                committed, now, producing = producers.take()
+            # The first second (connections, the first ticks) is not measured; its events
+            # still count for latency matching.
+            time.sleep(1.0)
+            committed, started, _producing = producers.take()
+            committed_at.update(committed)
+            confirmed, steps = relay.sample()
+            confirmed_at.update(confirmed)
+            claim.per_call_ms(steps)  # the baselines
+            settle.per_call_ms(steps)
+            last = started
+            for number in range(1, intervals + 1):
+                time.sleep(max(0.0, started + number * args.sample_seconds - time.time()))
+                committed, now, _producing = producers.take()
                 confirmed, steps = relay.sample()
                 committed_at.update(committed)
                 confirmed_at.update(confirmed)
@@ -140,6 +154,7 @@ def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     "claim_ms_per_call": claim.per_call_ms(steps),
                     "settle_ms_per_call": settle.per_call_ms(steps),
                     "pending": pending(env.database_url),
+                    "load1": round(os.getloadavg()[0], 2),
                     **stats,
                 }
                 samples.append(sample)
