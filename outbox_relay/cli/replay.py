@@ -177,7 +177,7 @@ def _report(outcome: Outcome, received: list[signal.Signals]) -> int:
 
 
 def _print_counts(outcome: Outcome) -> None:
-    table = Table(title=f"replay {outcome.name!r} would publish (dry run)")
+    table = Table(title=f"dry run: {outcome.name}")
     for column in ("event type", "events", "dead"):
         table.add_column(column, justify="left" if column == "event type" else "right")
     for row in outcome.counts:

@@ -181,6 +181,14 @@ class ReplaySettings(Settings):
         ),
         Flag(env=False, panel=SELECTION_PANEL),
     ] = False
+    all_events: Annotated[
+        bool,
+        Field(
+            alias="all",
+            description="Replay every kept event: needed when no selection option is given.",
+        ),
+        Flag(env=False, panel=SELECTION_PANEL),
+    ] = False
     name: Annotated[
         str | None,
         AfterValidator(check_replay_name),
@@ -233,6 +241,12 @@ class ReplaySettings(Settings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ReplaySettings:
+        # Everything ever kept, to the live exchange, from a bare command: only when asked for.
+        if not (self.selects_something() or self.all_events or self.resume or self.dry_run):
+            raise ValueError(
+                "replay: give a selection (--since, --until, --event-type, --aggregate-type, "
+                "--aggregate-id) or --all to replay every kept event"
+            )
         now = datetime.now(UTC)
         if self.since is not None and self.until is not None:
             since, until = parse_time(self.since, now), parse_time(self.until, now)
@@ -257,7 +271,7 @@ class ReplaySettings(Settings):
     def selects_something(self) -> bool:
         """Any selection option given (else a resume takes the saved selection)."""
         given = self.given_selection()
-        return any(value for value in given.values())
+        return any(value for key, value in given.items() if key != "include_dead")
 
     def destination(self) -> str:
         """Where events go, without secrets: the broker and its exchange or prefix."""
@@ -379,7 +393,9 @@ def _resume_plan(settings: ReplaySettings, name: str, record: ReplayRecord | Non
             "--resume to replay its selection again"
         )
     given = record.selection.get("given") or {}
-    if settings.selects_something() and settings.given_selection() != given:
+    if (settings.selects_something() or settings.include_dead) and (
+        settings.given_selection() != given
+    ):
         raise ConfigError(
             f"--resume: replay {name!r} selected {_describe_given(given)}; resume it with that "
             "selection (or with --name and no selection options)"

@@ -85,6 +85,7 @@ COMMANDS = _commands()
 REQUIRED: dict[tuple[str, ...], dict[str, list[str]]] = {
     ("emit",): {"event_type": ["order.created"]},
     ("dead", "retry"): {"all": ["--all"]},
+    ("replay",): {"all": ["--all"]},
     ("consume",): {"handler": ["--handler", HANDLER], "queue": ["--queue", "q.options"]},
     ("topology", "apply"): {"queue": ["--queue", "q.options"]},
     ("dlq", "list"): {"queue": ["--queue", "q.options"]},

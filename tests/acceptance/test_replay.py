@@ -248,7 +248,7 @@ def test_an_interrupted_replay_resumes_sending_nothing_twice_beyond_the_batch_in
     # Given 20,000 kept events and a replay under way
     seed(database_url, 20_000, 500)
     env = replay_env(database_url, broker_url, exchange)
-    args = ("--name", "interrupted", "--batch-size", str(BATCH))
+    args = ("--all", "--name", "interrupted", "--batch-size", str(BATCH))
     process = _start(env, *args)
     try:
         wait_until(lambda: _position(database_url, "interrupted") > 0, timeout=60, interval=0.01)
@@ -301,7 +301,7 @@ def test_a_refused_event_stops_its_aggregate_and_the_replay_resumes_there(
     seed(database_url, 300, 10)
     orders = bind_queue("order.#")
     env = replay_env(database_url, broker_url, exchange)
-    args = ("--name", "refused", "--max-attempts", "2", "--retry-backoff", "0.05")
+    args = ("--all", "--name", "refused", "--max-attempts", "2", "--retry-backoff", "0.05")
 
     done = run_cli("replay", *args, env=env, timeout=60)
 
@@ -339,7 +339,7 @@ def test_nothing_kept_because_the_relay_deletes_is_explained(
 ) -> None:
     with psycopg.connect(database_url) as conn:
         conn.execute("SELECT outbox_emit('order.created', '1', '{}')")
-    done = run_cli("replay", env=replay_env(database_url, broker_url, exchange))
+    done = run_cli("replay", "--all", env=replay_env(database_url, broker_url, exchange))
     assert done.returncode == EXIT_CONFIG
     assert done.stderr.count("\n") == 1
     assert "keeps no sent events" in done.stderr
@@ -353,6 +353,7 @@ def test_nothing_kept_because_the_relay_deletes_is_explained(
         (["--since", "1h", "--until", "2h"], "is not before --until"),
         (["--event-type", "order..x"], "--event-type: 'order..x' is not an event type pattern"),
         (["--resume", "--name", "never-ran"], "no replay 'never-ran' to resume"),
+        ([], "give a selection (--since, --until, --event-type, --aggregate-type"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_3(
@@ -372,7 +373,7 @@ def test_a_replay_under_way_elsewhere_or_unfinished_is_not_started_again(
 ) -> None:
     seed(database_url, 20_000, 100)
     env = replay_env(database_url, broker_url, exchange)
-    process = _start(env, "--name", "busy", "--batch-size", "200")
+    process = _start(env, "--all", "--name", "busy", "--batch-size", "200")
     try:
         wait_until(lambda: _position(database_url, "busy") > 0, timeout=60, interval=0.01)
         twice = run_cli("replay", "--resume", "--name", "busy", env=env)
@@ -381,7 +382,7 @@ def test_a_replay_under_way_elsewhere_or_unfinished_is_not_started_again(
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
-    fresh = run_cli("replay", "--name", "busy", env=env)
+    fresh = run_cli("replay", "--all", "--name", "busy", env=env)
     assert fresh.returncode == EXIT_CONFIG
     assert "add --resume" in fresh.stderr
 
@@ -396,7 +397,7 @@ def test_the_relay_role_may_run_a_replay(
     assert granted.returncode == 0, granted.stderr
     seed(database_url, 500, 20)
     env = replay_env(roles.url(database_url, roles.relay), broker_url, exchange)
-    done = run_cli("replay", "--name", "as-relay", env=env, timeout=60)
+    done = run_cli("replay", "--all", "--name", "as-relay", env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert len(receive_all(second)) == 500
     listed = run_cli("replay", "list", "--json", env=env)

@@ -89,6 +89,15 @@ def test_since_after_until_is_refused() -> None:
         ReplaySettings.from_mapping({"since": "2026-12-01", "until": "2026-12-01"})
 
 
+def test_a_bare_replay_of_everything_needs_all() -> None:
+    with pytest.raises(ConfigError, match=r"give a selection .* or --all"):
+        ReplaySettings.from_mapping({})
+    with pytest.raises(ConfigError, match="or --all"):
+        ReplaySettings.from_mapping({"include_dead": True})
+    for enough in ({"all": True}, {"resume": True}, {"dry_run": True}, {"aggregate_id": ["1"]}):
+        ReplaySettings.from_mapping(enough)
+
+
 def test_bad_patterns_and_names_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"^--event-type: 'order\.\.x' is not an event type"):
         ReplaySettings.from_mapping({"event_type": ["order.*", "order..x"]})
@@ -108,12 +117,12 @@ def test_the_default_name_follows_the_selection_as_typed_and_the_destination() -
         {"since": "2h", "event_type": ["order.*"], "exchange": "replayed"}
     )
     assert len({a.replay_name(), other_type.replay_name(), other_exchange.replay_name()}) == 3
-    assert ReplaySettings.from_mapping({"name": "mine"}).replay_name() == "mine"
+    assert ReplaySettings.from_mapping({"name": "mine", "all": True}).replay_name() == "mine"
 
 
 def test_the_destination_never_shows_the_password() -> None:
     settings = ReplaySettings.from_mapping(
-        {"broker_url": "amqp://app:s3cret@rabbit:5672/%2F", "exchange": "again"}
+        {"broker_url": "amqp://app:s3cret@rabbit:5672/%2F", "exchange": "again", "all": True}
     )
     assert "s3cret" not in settings.destination()
     assert settings.destination().endswith("exchange again")
