@@ -6,8 +6,8 @@
 -- until (exclusive), event types matching any of the patterns (regular expressions over
 -- '.' || event_type, made from AMQP topic patterns by messages.topic_regex), aggregate types
 -- and ids among those given; an empty list selects all. A kept row was published after it was
--- created, so published_at >= since holds for every row created since then: that lets the
--- planner use outbox_published_v1 for a recent window.
+-- created, so published_at >= since holds for every row created since then: the planner may
+-- use outbox_published_v1 for a recent window.
 
 -- name: replay_kept_range
 -- Whether anything is kept at all (--on-sent delete keeps nothing), and from when to when it
