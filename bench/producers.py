@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import random
 import threading
@@ -191,6 +192,82 @@ class PacedProducers:
         committed, started, finished = self._pipe.recv()
         self._process.join(10)
         return committed, len(committed) / max(finished - started, 1e-9)
+
+    def kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(10)
+
+
+def _streaming_child(
+    database_url: str,
+    rate: float,
+    seconds: float,
+    connections: int,
+    aggregates: int,
+    pipe: Connection,
+) -> None:
+    """Paced threads as in ``_paced_child``; on each "take" the commits since the last one."""
+    per_thread = rate / connections
+    start_at = time.time() + 0.5
+    stop_at = start_at + seconds
+    outs: list[list[tuple[str, float]]] = [[] for _ in range(connections)]
+    threads = [
+        threading.Thread(
+            target=_paced_thread,
+            args=(database_url, per_thread, i / rate, start_at, stop_at, aggregates, outs[i]),
+            daemon=True,
+        )
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    while True:
+        command = pipe.recv()
+        if command != "take":
+            break
+        taken: dict[str, float] = {}
+        for out in outs:
+            # The threads only append: the first n entries are safe to copy and drop.
+            count = len(out)
+            taken.update(out[:count])
+            del out[:count]
+        running = any(thread.is_alive() for thread in threads)
+        pipe.send((taken, time.time(), running))
+    pipe.close()
+
+
+class StreamingProducers:
+    """Like ``PacedProducers``, for long runs: ``take()`` returns the commits since the last
+    call (event_id -> commit time), so nothing piles up in memory."""
+
+    def __init__(
+        self, database_url: str, rate: float, seconds: float, connections: int, aggregates: int
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_streaming_child,
+            args=(database_url, rate, seconds, connections, aggregates, child_end),
+            name="bench-producers",
+        )
+        self._process.start()
+        child_end.close()
+
+    def take(self, timeout: float = 60) -> tuple[dict[str, float], float, bool]:
+        """(event_id -> commit time since the last take, the time now, still producing)."""
+        self._pipe.send("take")
+        if not self._pipe.poll(timeout):
+            raise RuntimeError("streaming producers did not answer")
+        taken: tuple[dict[str, float], float, bool] = self._pipe.recv()
+        return taken
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            with contextlib.suppress(OSError):
+                self._pipe.send("stop")
+            self._process.join(10)
+        self.kill()
 
     def kill(self) -> None:
         if self._process.is_alive():

@@ -3,8 +3,9 @@
 A process, not a thread: the bench's producers and consumer would otherwise share the relay's
 GIL and slow it down. The child imports and builds everything first and says ``ready``; the
 parent starts the clock and says ``go``; the child answers ``leading`` once the relay leads, and
-on ``stop`` stops the relay the way SIGTERM does and sends back its confirm timestamps and
-where its time went.
+on ``sample`` sends the confirm timestamps since the last sample and where its time went so far
+(a long run, bench/outbox_soak.py); on ``stop`` stops the relay the way SIGTERM does and sends
+back its confirm timestamps and where its time went.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ class ConfirmClock:
     ) -> list[PublishResult]:
         started = time.perf_counter()
         if self._note_events:
-            confirmed_at = self.confirmed_at
 
             def noted(index: int, result: PublishResult) -> None:
-                # The moment each confirm arrives, not when the whole wave is done.
+                # The moment each confirm arrives, not when the whole wave is done (into the
+                # dict of the moment: take_confirmed() may have swapped it since the wave left).
                 if result.confirmed:
-                    confirmed_at.setdefault(messages[index].event_id, time.time())
+                    self.confirmed_at.setdefault(messages[index].event_id, time.time())
                 if on_result is not None:
                     on_result(index, result)
 
@@ -68,6 +69,11 @@ class ConfirmClock:
             results = await self._inner.publish_batch(messages, on_result)
         self._stopwatch.add("publish", time.perf_counter() - started, len(messages))
         return results
+
+    def take_confirmed(self) -> dict[str, float]:
+        """The confirm times noted since the last call (a long run reports them in slices)."""
+        taken, self.confirmed_at = self.confirmed_at, {}
+        return taken
 
     async def close(self) -> None:
         await self._inner.close()
@@ -178,7 +184,12 @@ async def _serve(settings_kwargs: dict[str, Any], clock: bool, pipe: Connection)
     if running.done():
         running.result()  # raises the relay's error
     pipe.send(("leading", None))
-    await loop.run_in_executor(None, pipe.recv)  # "stop"
+    # "sample" (any number of times): the confirms since the last sample and the steps so far;
+    # then "stop".
+    while await loop.run_in_executor(None, pipe.recv) == "sample":
+        if running.done():
+            running.result()  # raises the relay's error
+        pipe.send(("sample", (timing.take_confirmed(), stopwatch.report())))
     relay.stop()
     await running
     pipe.send(("stopped", (timing.confirmed_at, stopwatch.report())))
@@ -223,6 +234,13 @@ class RelayProcess:
 
     def wait_leading(self, timeout: float = 30) -> None:
         self._expect("leading", timeout)
+
+    def sample(self, timeout: float = 60) -> tuple[dict[str, float], dict[str, Any]]:
+        """While running: event_id -> confirm time of the events confirmed since the last
+        sample (when clocked), and the time spent per step so far (cumulative)."""
+        self._pipe.send("sample")
+        confirmed_at, steps = self._expect("sample", timeout)
+        return confirmed_at, steps
 
     def stop(self, timeout: float = 60) -> dict[str, float]:
         """Stop the relay as SIGTERM would; returns event_id -> confirm time (when clocked).

@@ -25,6 +25,52 @@ def event_type_problem(event_type: str) -> str | None:
     return None
 
 
+# AMQP topic patterns over event types: words as above, ``*`` exactly one word, ``#`` zero or more.
+_PATTERN_WORD = r"(?:[A-Za-z0-9_:-]+|\*|#)"
+TOPIC_PATTERN = re.compile(rf"{_PATTERN_WORD}(?:\.{_PATTERN_WORD})*")
+
+
+def topic_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a topic pattern over event types, or None when it is."""
+    if not TOPIC_PATTERN.fullmatch(pattern) or len(pattern.encode()) > MAX_EVENT_TYPE_BYTES:
+        return (
+            f"{pattern!r} is not an event type pattern: dot-separated words of letters, "
+            "digits, '_', ':' or '-', where * stands for one word and # for any number "
+            "(e.g. 'order.*' or 'order.#')"
+        )
+    return None
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words."""
+    return _match(tuple(pattern.split(".")), tuple(routing_key.split(".")))
+
+
+def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    return bool(words) and head in ("*", words[0]) and _match(rest, words[1:])
+
+
+def topic_regex(pattern: str) -> str:
+    """``pattern`` (checked with :func:`topic_pattern_problem`) as a regular expression that
+    PostgreSQL and Python read alike, matching ``'.' || event_type``: with a dot before every
+    word, ``#`` is simply "any number of dotted words", zero included."""
+    parts = []
+    for word in pattern.split("."):
+        if word == "#":
+            parts.append(r"(?:\.[^.]+)*")
+        elif word == "*":
+            parts.append(r"\.[^.]+")
+        else:
+            # Letters, digits, '_', ':' and '-' only: literal in both regex dialects.
+            parts.append(r"\." + word)
+    return "^" + "".join(parts) + "$"
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
     """One outbox row on its way to the broker.

@@ -22,11 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from outbox_relay.messages import OutboxMessage
+from outbox_relay.messages import OutboxMessage, topic_matches, topic_pattern_problem
 
 MatchKind = Literal["type", "aggregate", "header"]
 
-_TYPE_PATTERN = re.compile(r"(\*|#|[A-Za-z0-9_:-]+)(\.(\*|#|[A-Za-z0-9_:-]+))*")
 _HEADER_MATCH = re.compile(r"header\.([^:=]+):(.*)", re.DOTALL)
 
 
@@ -70,31 +69,15 @@ def parse_route(rule: str) -> Route:
             )
         return Route("header", found.group(2), destination, header=found.group(1))
     pattern = match.removeprefix("type:")
-    if not _TYPE_PATTERN.fullmatch(pattern):
-        raise ValueError(
-            f"route {rule!r}: {pattern!r} is not an event-type pattern (dot-separated words, "
-            "'*' for one word, '#' for any number)"
-        )
+    problem = topic_pattern_problem(pattern)
+    if problem:
+        raise ValueError(f"route {rule!r}: {problem}")
     return Route("type", pattern, destination)
 
 
 def header_text(value: object) -> str:
     """A header's value as a rule compares it: strings as they are, the rest as JSON."""
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words."""
-    return _match(tuple(pattern.split(".")), tuple(routing_key.split(".")))
-
-
-def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
-    return bool(words) and head in ("*", words[0]) and _match(rest, words[1:])
 
 
 class Router:

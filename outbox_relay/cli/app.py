@@ -10,7 +10,7 @@ import psycopg
 import typer
 
 from outbox_relay import __version__
-from outbox_relay.cli import consumer, dead, emit, migrate, serve, slot, status
+from outbox_relay.cli import consumer, dead, emit, migrate, replay, serve, slot, status
 from outbox_relay.db.connect import translate
 from outbox_relay.errors import ExitCode, OutboxRelayError
 from outbox_relay.observability.logs import scrub
@@ -51,6 +51,7 @@ app.command("status")(status.status)
 app.command("emit")(emit.emit)
 app.add_typer(dead.app, name="dead")
 app.add_typer(slot.app, name="slot")
+app.add_typer(replay.app, name="replay")
 consumer.register(app)
 
 

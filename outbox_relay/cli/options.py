@@ -147,6 +147,10 @@ def settings_command(
 
         @functools.wraps(fn)
         def command(ctx: typer.Context, **given: Any) -> None:
+            # A group that is a command too (replay) does nothing when a subcommand of it runs
+            # (replay list).
+            if ctx.invoked_subcommand is not None:
+                return
             fn(explicit(ctx, given))
 
         del command.__wrapped__  # Typer must read the generated signature, not fn's

@@ -33,7 +33,7 @@ from outbox_relay.consumer.inbox import PsycopgInbox, SQLAlchemyInbox, migrate_i
 from outbox_relay.consumer.routing import Consumer
 from outbox_relay.consumer.settings import ConsumerSettings
 from outbox_relay.consumer.worker import Worker
-from outbox_relay.routing import topic_matches
+from outbox_relay.messages import topic_matches
 
 __all__ = [
     "ATTEMPTS_HEADER",

@@ -14,7 +14,7 @@ from outbox_relay.consumer.inbox import Inbox
 from outbox_relay.consumer.settings import ConsumerSettings
 from outbox_relay.consumer.worker import Worker
 from outbox_relay.errors import ConfigError
-from outbox_relay.routing import topic_matches
+from outbox_relay.messages import topic_matches
 
 HandlerFn = Callable[..., None]
 F = TypeVar("F", bound=HandlerFn)

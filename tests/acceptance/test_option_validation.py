@@ -65,6 +65,10 @@ def _commands() -> dict[tuple[str, ...], tuple[type[Settings], ...]]:
 
     def walk(command: Any, path: tuple[str, ...]) -> None:
         if hasattr(command, "commands"):  # a group
+            # A group that is also a command (replay; replay list) has options of its own.
+            models = settings_models(command.callback) if command.callback else ()
+            if models:
+                found[path] = models
             for name, sub in command.commands.items():
                 walk(sub, (*path, name))
         else:
@@ -81,6 +85,7 @@ COMMANDS = _commands()
 REQUIRED: dict[tuple[str, ...], dict[str, list[str]]] = {
     ("emit",): {"event_type": ["order.created"]},
     ("dead", "retry"): {"all": ["--all"]},
+    ("replay",): {"all": ["--all"]},
     ("consume",): {"handler": ["--handler", HANDLER], "queue": ["--queue", "q.options"]},
     ("topology", "apply"): {"queue": ["--queue", "q.options"]},
     ("dlq", "list"): {"queue": ["--queue", "q.options"]},
@@ -194,6 +199,9 @@ BAD_TEXT: dict[str, list[str]] = {
     "consumer_name": ["", "x" * 201],
     "handler": ["no-colon", "no_such_module_x:consumer", f"{HANDLER}_missing"],
     "management_url": ["not-a-url", "ftp://rabbit:15672"],
+    "since": ["yesterday", "2026-13-01", "-2h", ""],
+    "until": ["tomorrow", "2026-12-01T25:00", ""],
+    "name": ["-leading-dash", "a b", "x" * 64, ""],
 }
 # Text options that take any text, and why.
 FREE_TEXT: dict[str, str] = {

@@ -33,7 +33,7 @@ SELECT has_database_privilege(%(role)s, current_database(), 'CONNECT');
 -- Each run starts from nothing, so the grant scripts leave exactly the rights they list.
 REVOKE ALL ON {{schema}}.outbox, {{schema}}.outbox_schema_version, {{schema}}.outbox_relay_wakeup,
     {{schema}}.outbox_relay_listeners, {{schema}}.outbox_relay_stats, {{schema}}.outbox_relay_leases,
-    {{schema}}.outbox_relay_members
+    {{schema}}.outbox_relay_members, {{schema}}.outbox_replays
 FROM {app}, {relay};
 
 -- name: revoke_outbox_sequence

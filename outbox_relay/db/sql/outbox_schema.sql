@@ -156,3 +156,21 @@ CREATE TABLE {{schema}}.outbox_relay_members (
 CREATE FUNCTION {{schema}}.outbox_lock_bucket(aggregate_id text) RETURNS integer
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN hashtext(aggregate_id) & 1023;
+
+-- `outbox-relay replay`: one row per named replay, with the last position its broker confirmed
+-- (see outbox_relay/relay/replay.py), so an interrupted replay resumes there.
+CREATE TABLE {{schema}}.outbox_replays (
+    name        text        PRIMARY KEY,
+    selection   jsonb       NOT NULL,
+    destination text        NOT NULL,
+    upper_id    bigint      NOT NULL,
+    position    bigint      NOT NULL DEFAULT 0,
+    replayed    bigint      NOT NULL DEFAULT 0,
+    dead_skipped bigint     NOT NULL DEFAULT 0,
+    state       text        NOT NULL DEFAULT 'running'
+        CHECK (state IN ('running', 'interrupted', 'failed', 'done')),
+    last_error  text,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);

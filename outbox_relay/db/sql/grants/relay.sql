@@ -1,6 +1,7 @@
--- The relay role: exactly what `outbox-relay serve` (notify and poll modes), `status` and
--- `dead list|retry` need. `outbox-relay migrate --grants` applies this after revoking whatever
--- the role held on the outbox objects, so the result is exact. {relay} is the role.
+-- The relay role: exactly what `outbox-relay serve` (notify and poll modes), `status`,
+-- `dead list|retry` and `replay` need. `outbox-relay migrate --grants` applies this after
+-- revoking whatever the role held on the outbox objects, so the result is exact. {relay} is the
+-- role.
 
 GRANT USAGE ON SCHEMA {{schema}} TO {relay};
 -- Claim pending rows (SELECT ... FOR UPDATE needs UPDATE on a column), record attempts, mark or
@@ -17,3 +18,5 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_stats TO {relay}
 -- Its share of the outbox: leases on partitions and membership (see relay/leases.py).
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_leases TO {relay};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_members TO {relay};
+-- `outbox-relay replay`: reads sent events (SELECT above) and records its progress.
+GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_replays TO {relay};

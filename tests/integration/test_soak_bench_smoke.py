@@ -1,0 +1,63 @@
+"""The soak bench runs end to end (a few seconds per mode, a tiny rate) and reports every figure
+of every sample."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.services import Services
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "outbox_soak.py"
+
+
+@pytest.mark.integration
+def test_soak_bench_samples_both_modes_and_records_the_degradation(
+    services: Services, tmp_path: Path
+) -> None:
+    output = tmp_path / "soak.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--rate=100",
+            "--minutes=0.1",
+            "--sample-seconds=2",
+            "--connections=2",
+            "--aggregates=50",
+            f"--admin-url={services.postgres_admin_url}",
+            f"--broker-url={services.rabbitmq_url}",
+            f"--output={output}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    results = json.loads(output.read_text())
+    assert [run["mode"] for run in results["runs"]] == ["delete", "keep"]
+    for run in results["runs"]:
+        samples = run["samples"]
+        assert len(samples) >= 3
+        for sample in samples:
+            assert sample["producer_tx_per_s"] > 0
+            assert sample["confirmed"] > 0
+            assert 0 < sample["commit_to_confirm_p50_ms"] <= sample["commit_to_confirm_p99_ms"]
+            assert sample["total_bytes"] >= sample["table_bytes"] > 0
+            assert sample["index_bytes"] > 0
+            assert sample["dead_tuples"] >= 0
+            assert sample["autovacuum_count"] >= 0
+        verdict = run["degradation"]
+        assert set(verdict["last_vs_first"]) >= {"commit_to_confirm_p99_ms", "total_bytes"}
+        assert isinstance(verdict["p99_within_1_5x"], bool)
+    # Kept rows stay in the table: it holds more live rows at the end than in delete mode.
+    delete, keep = results["runs"]
+    assert keep["samples"][-1]["live_tuples"] >= delete["samples"][-1]["live_tuples"]
+    assert "--on-sent keep" in done.stdout
+    assert "p99 ms" in done.stdout
