@@ -265,7 +265,10 @@ class Relay:
                     await lane.commit()
                     free.append(lane)
                 if window.batches or settling or len(free) < len(self._lanes):
-                    readable = self._source.readable()
+                    # The source is worth watching only when a claim could follow (a lane is
+                    # free): otherwise rows it has ready would only spin this loop.
+                    claimable = free and not window.holders_settling()
+                    readable = self._source.readable() if claimable else None
                     if readable is None:
                         await self._wait_for(window.changed())
                     else:
