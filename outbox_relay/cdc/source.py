@@ -191,6 +191,8 @@ class CdcSource:
         for stream in self._streams.values():
             stream.collect()
         now = time.monotonic()
+        if any([stream.tracker.take_sweep_requested() for stream in self._streams.values()]):
+            self._next_sweep = now  # dead retry made rows pending: the table holds them
         if now >= self._next_retry_check:
             self._next_retry_check = now + self._settings.poll_interval
             retry_in = await store.next_retry_in()

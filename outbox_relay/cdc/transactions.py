@@ -20,7 +20,7 @@ from outbox_relay.cdc.pgoutput import (
     Relation,
     ReplicationFrame,
 )
-from outbox_relay.cdc.wal_events import WalEvent, default_prefix, parse_wal_event
+from outbox_relay.cdc.wal_events import WalEvent, default_prefix, parse_wal_event, sweep_prefix
 from outbox_relay.errors import InvalidEventError
 from outbox_relay.messages import OutboxMessage
 
@@ -50,6 +50,8 @@ class TransactionTracker:
     # has been received, so once all ready transactions are settled it can be confirmed.
     idle_lsn: int = 0
     reply_requested: bool = False
+    # Rows were made pending without an insert (dead retry): the table path should run now.
+    sweep_requested: bool = False
     _current: list[int | WalEvent] = field(default_factory=list)
     _committed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _xid: int = 0
@@ -86,6 +88,9 @@ class TransactionTracker:
             if not self.in_transaction:
                 self.idle_lsn = max(self.idle_lsn, message.lsn)
             return
+        if message.prefix == sweep_prefix(self.schema):
+            self.sweep_requested = True
+            return
         prefix = self.wal_message_prefix or default_prefix(self.schema)
         if message.prefix != prefix:
             return
@@ -115,6 +120,10 @@ class TransactionTracker:
     def take_ready(self) -> list[WalTransaction]:
         ready, self.ready = self.ready, []
         return ready
+
+    def take_sweep_requested(self) -> bool:
+        requested, self.sweep_requested = self.sweep_requested, False
+        return requested
 
     def take_reply_requested(self) -> bool:
         requested, self.reply_requested = self.reply_requested, False

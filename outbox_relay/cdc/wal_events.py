@@ -32,6 +32,11 @@ def default_prefix(schema: str) -> str:
     return f"outbox_relay.{schema}"
 
 
+def sweep_prefix(schema: str) -> str:
+    """The prefix of a request to read the outbox table at once (``dead retry`` sends it)."""
+    return f"outbox_relay_sweep.{schema}"
+
+
 @dataclass(frozen=True, slots=True)
 class WalEvent:
     event_id: str

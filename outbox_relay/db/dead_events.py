@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 
+from outbox_relay.cdc.wal_events import sweep_prefix
 from outbox_relay.db.queries import Queries
 
 
@@ -31,9 +32,20 @@ def list_dead(conn: psycopg.Connection[Any], schema: str, limit: int = 100) -> l
 def retry_dead(
     conn: psycopg.Connection[Any], schema: str, event_ids: Sequence[str] = (), *, all_: bool = False
 ) -> list[str]:
-    """Make dead events pending again (attempts reset); returns the event ids requeued."""
+    """Make dead events pending again (attempts reset); returns the event ids requeued.
+
+    Relays in ``--mode cdc`` learn of them from a WAL message committed with them (without one
+    they would wait for their periodic table sweep); where the server or the role cannot write
+    one (wal_level below logical, no privilege), the sweep still finds them."""
+    queries = Queries(schema)
     with conn.transaction():
         rows = conn.execute(
-            Queries(schema)["dead_retry"], {"all": all_, "event_ids": list(event_ids)}
+            queries["dead_retry"], {"all": all_, "event_ids": list(event_ids)}
         ).fetchall()
+        if rows:
+            try:
+                with conn.transaction():
+                    conn.execute(queries["sweep_request"], {"prefix": sweep_prefix(schema)})
+            except psycopg.Error:
+                pass
     return [row[0] for row in rows]

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from outbox_relay.cdc.stream import ReplicationStream
+from outbox_relay.db.dead_events import retry_dead
 from outbox_relay.db.store import OutboxStore
 from outbox_relay.relay.settings import Mode, OnSent
 from tests.cdc_support import current_wal_lsn, drop_slot_eventually, slot_row, unique_slot_name
@@ -428,3 +429,26 @@ def scalar_of(conn: psycopg.Connection[Any], query: str) -> Any:
     row = conn.execute(query).fetchone()
     assert row is not None
     return row[0]
+
+
+def test_dead_events_retried_are_published_at_once_not_at_the_next_sweep(
+    database_url: str, bind_queue: Callable[..., RabbitQueue], cdc_relay: Callable[..., RelayThread]
+) -> None:
+    # Given an event that died (unroutable, one attempt allowed), and no sweep during the test
+    orders = bind_queue("order.*")
+    cdc_relay(max_attempts=1)
+    (event_id,) = emit(database_url, ("audit.logged", "A-1", {"n": 1}))
+    wait_until(
+        lambda: scalar(database_url, "SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL") == 1,
+        timeout=30,
+    )
+    audits = bind_queue("audit.*")
+
+    # When an operator retries it (the row becomes pending without an insert)
+    with psycopg.connect(database_url) as conn:
+        assert retry_dead(conn, "public", [event_id]) == [event_id]
+
+    # Then the WAL message committed with it brings the relay to the table within seconds
+    (got,) = collect(audits, 1, timeout=10)
+    assert got.event_id == event_id
+    assert orders.count() == 0

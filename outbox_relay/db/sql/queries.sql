@@ -189,6 +189,11 @@ SET dead_at = NULL, attempts = 0, next_attempt_at = NULL, last_error = NULL
 WHERE dead_at IS NOT NULL AND (%(all)s OR event_id = ANY(%(event_ids)s::uuid[]))
 RETURNING event_id::text;
 
+-- name: sweep_request
+-- Rows made pending without an insert reach no CDC relay through the WAL: this transactional
+-- message (committed with them) asks the relays streaming the outbox to read the table at once.
+SELECT pg_logical_emit_message(true, %(prefix)s, '')::text;
+
 -- ------------------------------------------------------------------------------------------
 -- CDC mode (--mode cdc, outbox_relay/cdc.py and slots.py). {publication} and {slot} are
 -- filled in with psycopg.sql.Identifier / Literal.
