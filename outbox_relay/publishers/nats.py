@@ -34,6 +34,7 @@ except ModuleNotFoundError as missing:  # the 'nats' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
+from outbox_relay import tls
 from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -124,6 +125,7 @@ class NatsPublisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
         self._options = NatsOptions.of(settings)
+        self._tls = settings.broker_tls_context()
         self._prefix = settings.topic_prefix
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -172,6 +174,8 @@ class NatsPublisher:
                 disconnected_cb=on_disconnected,
                 closed_cb=on_disconnected,
                 error_cb=on_error,
+                # tls:// only: verifies the chain (--broker-ca-file) and the URL's host name.
+                tls=self._tls,
             )
         except nats.errors.AuthorizationError as exc:
             raise ConfigError(
@@ -179,6 +183,9 @@ class NatsPublisher:
                 "--broker-url"
             ) from exc
         except (OSError, nats.errors.Error, TimeoutError) as exc:
+            refused = tls.refused("NATS", where, exc)
+            if refused is not None:
+                raise refused from exc
             raise BrokerUnavailableError(f"cannot connect to NATS at {where}: {exc!r}") from exc
         self._js = self._nc.jetstream(
             timeout=self._settings.confirm_timeout,

@@ -161,7 +161,13 @@ class RabbitMQPublisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
         RabbitMQOptions.of(settings)
-        self._parameters = amqp.parameters(settings.broker_url)
+        # A silent broker (a cut link, a frozen host) is noticed by the heartbeat within
+        # --confirm-timeout even while idle; while publishing, the confirm timeout says so too.
+        self._parameters = amqp.parameters(
+            settings.broker_url,
+            tls_files=settings.broker_tls,
+            heartbeat=amqp.heartbeat_for(settings.confirm_timeout),
+        )
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
         # Several waves may be in flight at once (the relay sends the next before the previous

@@ -39,6 +39,7 @@ except ModuleNotFoundError as missing:  # the 'webhook' extra; its options still
 else:
     MISSING_CLIENT = None
 
+from outbox_relay import tls
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
@@ -127,6 +128,9 @@ class WebhookPublisher:
             raise ConfigError(f"--broker-url: no host in {redact_url(settings.broker_url)}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        # https:// only: verifies the chain (--broker-ca-file) and the URL's host name, and
+        # presents --broker-cert-file to endpoints that require a client certificate.
+        self._tls = settings.broker_tls_context()
         self._client: httpx.AsyncClient | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -139,6 +143,7 @@ class WebhookPublisher:
             timeout=httpx.Timeout(self._options.webhook_timeout, pool=None),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             follow_redirects=False,
+            verify=self._tls if self._tls is not None else True,
         )
         # HTTP has no session to open. One OPTIONS request (safe: no side effects) makes an
         # unreachable endpoint a clean BrokerUnavailableError at start-up, like other brokers,
@@ -147,9 +152,15 @@ class WebhookPublisher:
             await client.request("OPTIONS", self._settings.broker_url)
         except (httpx.ConnectError, httpx.TimeoutException) as exc:
             await client.aclose()
+            refused = tls.refused("the webhook", where, exc)
+            if refused is not None:
+                raise refused from exc
             raise BrokerUnavailableError(f"cannot reach the webhook at {where}: {exc!r}") from exc
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             await client.aclose()
+            refused = tls.refused("the webhook", where, exc)
+            if refused is not None:  # TLS 1.3: a refused client certificate shows on read
+                raise refused from exc
             raise ConfigError(
                 f"--broker-url: {where} did not answer like an HTTP server (is the host or port "
                 "that of another service?)"

@@ -167,8 +167,8 @@ class Leases:
         stale = time.monotonic() - self._renewed_at
         if self._task is not None and stale > LEASE_SECONDS * STOP_AT:
             raise LeaseLostError(
-                f"could not renew the outbox leases for {stale:.1f}s: stopping before another "
-                "relay may take them over"
+                f"could not renew the outbox leases for {stale:.1f}s (PostgreSQL did not "
+                "answer): stopping before another relay may take them over"
             )
 
     # -- the heartbeat ---------------------------------------------------------------------
@@ -183,8 +183,8 @@ class Leases:
                 self._lose(
                     LeaseLostError(
                         f"could not renew the outbox leases for "
-                        f"{time.monotonic() - self._renewed_at:.1f}s: stopping before another "
-                        "relay may take them over"
+                        f"{time.monotonic() - self._renewed_at:.1f}s (PostgreSQL did not "
+                        "answer): stopping before another relay may take them over"
                     )
                 )
                 return

@@ -160,7 +160,9 @@ class Relay:
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT),
-            wait=wait_exponential(multiplier=0.2, max=10),
+            # At most 5 s between attempts: a link that comes back is used within about that
+            # long (plus the connect itself), well inside the 10 s publishing may pause.
+            wait=wait_exponential(multiplier=0.2, max=5),
             stop=lambda _state: self._stop.is_set(),
             sleep=self._sleep,
             before_sleep=log_retry,
