@@ -16,8 +16,9 @@ from outbox_relay.errors import BrokerUnavailableError, ConfigError, OutboxRelay
 from outbox_relay.redact import Scrubber, redact_url
 
 # What opening a blocking connection can raise: pika lets some connector failures (a server
-# that hangs up mid-handshake) escape as AMQPConnectorException, outside AMQPError.
-CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException)
+# that hangs up mid-handshake) escape as AMQPConnectorException, outside AMQPError, and a
+# failed TLS handshake as the ssl module's own error (an OSError).
+CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
 
 # Seconds for TCP, the AMQP handshake and authentication together: a host that answers
 # nothing, or a service of another kind that keeps the socket open, is given up on in time.
@@ -99,6 +100,15 @@ def translate(exc: BaseException, url: str) -> OutboxRelayError:
     if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
         return ConfigError(f"RabbitMQ at {where} {_REFUSED[530]}")
     if isinstance(exc, pika.exceptions.IncompatibleProtocolError):
+        if url.lower().startswith("amqps:") and "SSLEOFError" in str(exc):
+            # TLS 1.3 completes the client's handshake before the server has checked the
+            # client's certificate: a refusal shows as the connection ending right after.
+            return tls.TlsError(
+                f"--broker-url: TLS with RabbitMQ at {where} failed: the server closed the "
+                "connection right after the TLS handshake (does it require a client "
+                f"certificate? set {tls.CERT_OPTION} and {tls.KEY_OPTION}, or check that it "
+                "trusts their CA)"
+            )
         return ConfigError(
             f"--broker-url: {where} did not answer like an AMQP 0-9-1 server (is the host or "
             "port that of another service?)"

@@ -105,8 +105,9 @@ _REFUSED_BY_SERVER = {
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception it carries: causes, contexts, and the lists some clients
-    keep (pika's connection workflow holds one per attempt)."""
+    """``exc`` and every exception it carries: causes, contexts, and what some clients keep
+    as attributes (pika's connection workflow holds one error per attempt in ``exceptions``,
+    each wrapping the socket's in ``exception``)."""
     seen: set[int] = set()
     pending = [exc]
     while pending:
@@ -115,8 +116,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
+        for linked in (current.__cause__, current.__context__, getattr(current, "exception", None)):
+            if isinstance(linked, BaseException):
                 pending.append(linked)
         for attribute in ("exceptions", "args"):
             items = getattr(current, attribute, None)
@@ -138,7 +139,7 @@ def certificate_problem(exc: BaseException) -> str | None:
                 return "the server's certificate did not verify"
     # Some clients keep only the text of the error they met.
     for found in _chain(exc):
-        text = str(found)
+        text = f"{found} {found!r}"
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
             detail = text.partition("certificate verify failed")[2].strip(": ")
             detail = detail.split(" (_ssl.c")[0].strip()

@@ -486,7 +486,7 @@ def test_rabbitmq_bad_certificate_is_one_line_exit_3(
     line = assert_one_line_config_error(serve_once(env), "TLS with RabbitMQ", needle)
     assert "guest" not in line.replace("guest:***", "")  # no password in the line
     # The consumer's commands take the same options and fail the same way.
-    topology = run_cli("topology", "apply", f"q.tls.{uuid.uuid4().hex[:8]}", env=env)
+    topology = run_cli("topology", "apply", "--queue", f"q.tls.{uuid.uuid4().hex[:8]}", env=env)
     assert_one_line_config_error(topology, "TLS with RabbitMQ", needle)
 
 
@@ -532,11 +532,11 @@ def test_consumer_commands_take_the_broker_tls_options(
     queue = f"q.tls.{uuid.uuid4().hex[:8]}"
     env = cli_env(broker_url=amqps_url(broker_url, proxy.port), broker_ca_file=pki.ca.cert)
     try:
-        done = run_cli("topology", "apply", queue, "--binding", "order.*", env=env)
+        done = run_cli("topology", "apply", "--queue", queue, "--binding", "order.*", env=env)
         assert done.returncode == 0, done.stderr
-        listed = run_cli("dlq", "list", queue, "--json", env=env)
+        listed = run_cli("dlq", "list", "--queue", queue, "--json", env=env)
         assert listed.returncode == 0, listed.stderr
-        status = run_cli("consumer-status", queue, "--json", env=env)
+        status = run_cli("consumer-status", "--queue", queue, "--json", env=env)
         assert status.returncode == 0, status.stderr
     finally:
         from tests.conftest import rabbit_cleanup
@@ -559,7 +559,9 @@ def test_tls_options_with_a_plaintext_broker_url_are_refused(
     env[f"OUTBOX_RELAY_{option.upper()}"] = value.replace("PKI", str(pki.dir))
     flag = "--" + option.replace("_", "-")
     assert_one_line_config_error(run_cli("serve", env=env), flag, needle)
-    assert_one_line_config_error(run_cli("topology", "apply", "q.x", env=env), flag, needle)
+    assert_one_line_config_error(
+        run_cli("topology", "apply", "--queue", "q.x", env=env), flag, needle
+    )
 
 
 def test_unreadable_broker_ca_file_is_one_line_exit_3(
