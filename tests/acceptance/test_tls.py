@@ -142,8 +142,8 @@ class PostgresTls:
         return psycopg.connect(self.admin_url, autocommit=True, sslmode="disable")
 
     def _write(self, conn: psycopg.Connection[Any], name: str, source: Path) -> str:
-        """``source`` copied into the server's data directory, by the server itself (COPY TO
-        writes as the server's user, mode 0600: what PostgreSQL demands of a key file)."""
+        """``source`` copied into the server's data directory by the server itself (COPY TO
+        writes as the server's user, the owner PostgreSQL demands of a key file)."""
         path = f"{self.data_directory}/outbox_tls_test_{self.token}_{name}"
         lines = source.read_text().splitlines()
         conn.execute(
@@ -153,6 +153,9 @@ class PostgresTls:
             ).format(sql.Literal(lines), sql.Literal(path))
         )
         self.files.append(path)
+        if os.path.exists(path):
+            # The server's umask may leave it group-readable; PostgreSQL refuses such a key.
+            os.chmod(path, 0o600)
         return path
 
     def serve(self, leaf: Leaf) -> None:
