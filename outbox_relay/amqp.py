@@ -12,7 +12,7 @@ from pika.adapters.utils.connection_workflow import (
 )
 
 from outbox_relay import tls
-from outbox_relay.errors import BrokerUnavailableError, ConfigError, OutboxRelayError
+from outbox_relay.errors import BrokerUnavailableError, ConfigError, OutboxRelayError, TlsError
 from outbox_relay.redact import Scrubber, redact_url
 
 # What opening a blocking connection can raise: pika lets some connector failures (a server
@@ -103,7 +103,7 @@ def translate(exc: BaseException, url: str) -> OutboxRelayError:
         if url.lower().startswith("amqps:") and "SSLEOFError" in str(exc):
             # TLS 1.3 completes the client's handshake before the server has checked the
             # client's certificate: a refusal shows as the connection ending right after.
-            return tls.TlsError(
+            return TlsError(
                 f"--broker-url: TLS with RabbitMQ at {where} failed: the server closed the "
                 "connection right after the TLS handshake (does it require a client "
                 f"certificate? set {tls.CERT_OPTION} and {tls.KEY_OPTION}, or check that it "

@@ -50,25 +50,46 @@ class HangingProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server = await asyncio.start_server(
-            self._accept, "127.0.0.1", 0, ssl=self._tls, ssl_handshake_timeout=10
+            self._accept,
+            "127.0.0.1",
+            0,
+            ssl=self._tls,
+            ssl_handshake_timeout=10 if self._tls is not None else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
-        await self._flowing.wait()  # a frozen link accepts but never gets anywhere
+        # Tracked from the start: a connection accepted while frozen is closed with the proxy.
+        self._writers.add(writer)
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
+            await self._flowing.wait()  # a frozen link accepts but never gets anywhere
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
+            except OSError:
+                return
+            await self._forward(reader, writer, up_reader, up_writer)
+        finally:
+            self._writers.discard(writer)
             writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(
-            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
-        )
-        for w in (writer, up_writer):
-            self._writers.discard(w)
-            w.close()
+
+    async def _forward(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(
+                self._pump(reader, up_writer),
+                self._pump(up_reader, writer),
+                return_exceptions=True,
+            )
+        finally:
+            self._writers.discard(up_writer)
+            up_writer.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None

@@ -77,7 +77,11 @@ def cut_and_restore(
     logged_before = len(relay.log())
     proxy.freeze()
     cut_at = time.monotonic()
-    wait_until(lambda: readyz(health_port) == 503, timeout=bound + SLACK, interval=0.2)
+    try:
+        wait_until(lambda: readyz(health_port) == 503, timeout=bound + SLACK, interval=0.2)
+    except AssertionError:
+        log = relay.log()[-4000:]
+        raise AssertionError(f"still ready {bound + SLACK}s into the cut:\n{log}") from None
     noticed = time.monotonic() - cut_at
     wait_until(lambda: link_line in relay.log()[logged_before:], timeout=SLACK)
     assert noticed <= bound + SLACK, noticed

@@ -674,3 +674,51 @@ def test_other_brokers_over_verified_tls_publish_and_refuse_a_foreign_ca(
         assert_one_line_config_error(serve_once(env), link, "not signed by a trusted CA")
     finally:
         stop()
+
+
+def test_nats_over_verified_tls_publishes_and_refuses_a_foreign_ca(
+    pki: Pki,
+    server_leaf: Leaf,
+    database_url: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    import asyncio
+
+    import nats.js.errors
+
+    from tests.brokers import NATS_URL, nats_cleanup, nats_stream_count, unique
+    from tests.tls_support import NatsTlsProxy
+
+    prefix, stream = unique("tls"), unique("TLS").upper()
+    port = urlsplit(NATS_URL).port or 4222
+    with NatsTlsProxy(port, pki.server_context(server_leaf)) as proxy:
+        try:
+            env = cli_env(
+                database_url=database_url,
+                broker_url=f"tls://localhost:{proxy.port}",
+                broker_ca_file=pki.ca.cert,
+                topic_prefix=prefix,
+                nats_stream=stream,
+                poll_interval=0.2,
+            )
+            emit(env, 3)
+            relay = relay_factory(env).start()
+            try:
+
+                def published() -> bool:
+                    try:
+                        return asyncio.run(nats_stream_count(stream)) >= 3
+                    except nats.js.errors.NotFoundError:
+                        return False  # the relay has not created the stream yet
+
+                wait_until(published, timeout=30, interval=0.3)
+            finally:
+                assert relay.terminate() == 0
+        finally:
+            nats_cleanup(stream)
+    foreign = pki.leaf(
+        "foreign-nats", "localhost", hosts=("localhost", "127.0.0.1"), signer=pki.other_ca
+    )
+    with NatsTlsProxy(port, pki.server_context(foreign)) as bad:
+        env["OUTBOX_RELAY_BROKER_URL"] = f"tls://localhost:{bad.port}"
+        assert_one_line_config_error(serve_once(env), "TLS with NATS", "not signed by a trusted CA")
