@@ -58,7 +58,7 @@ _TLS_HINTS = (
         "certificate must be valid now",
     ),
     ("does not match host name", "the URL's host must be a name the certificate was issued for"),
-    ("server does not support SSL", "TLS is off on the server (ssl = on in postgresql.conf)"),
+    ("server does not support SSL", "the server has TLS off; ssl = on in postgresql.conf"),
     ("requires a valid client certificate", "set sslcert and sslkey in the URL"),
     ("alert", "the server refused our client certificate (sslcert/sslkey)"),
 )

@@ -489,8 +489,13 @@ def test_rabbitmq_bad_certificate_is_one_line_exit_3(
     line = assert_one_line_config_error(serve_once(env), "TLS with RabbitMQ", needle)
     assert "guest" not in line.replace("guest:***", "")  # no password in the line
     # The consumer's commands take the same options and fail the same way.
-    topology = run_cli("topology", "apply", "--queue", f"q.tls.{uuid.uuid4().hex[:8]}", env=env)
+    queue = f"q.tls.{uuid.uuid4().hex[:8]}"
+    topology = run_cli("topology", "apply", "--queue", queue, env=env)
     assert_one_line_config_error(topology, "TLS with RabbitMQ", needle)
+    consume = run_cli(
+        "consume", "--handler", "tests.acceptance.consumer_app:consumer", "--queue", queue, env=env
+    )
+    assert_one_line_config_error(consume, "TLS with RabbitMQ", needle)
 
 
 def test_rabbitmq_client_certificate_accepted_publishes(
