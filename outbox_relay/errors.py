@@ -23,12 +23,23 @@ class OutboxRelayError(Exception):
     """Root of every error this package raises on purpose."""
 
     exit_code = ExitCode.FAILURE
+    # Whether the CLI prints the cause chain under the message; False when the message already
+    # says, in the user's terms, all the driver's errors would (they stay in __cause__).
+    shows_cause = True
 
 
 class ConfigError(OutboxRelayError):
     """A setting is missing or invalid; the message names the option."""
 
     exit_code = ExitCode.CONFIG
+
+
+class TlsError(ConfigError):
+    """A TLS connection failed over certificates or TLS settings (the server's certificate
+    does not verify, or the server refused ours): a retry meets the same refusal, and falling
+    back to plaintext would hide it. The message names the link and the cause."""
+
+    shows_cause = False
 
 
 class InvalidEventError(OutboxRelayError, ValueError):

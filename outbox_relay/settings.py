@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
@@ -25,11 +27,20 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from outbox_relay.errors import ConfigError
 from outbox_relay.redact import Scrubber, redact_url
+from outbox_relay.tls import CA_OPTION, CERT_OPTION, KEY_OPTION, TLS_SCHEMES, TlsFiles
 
 ENV_PREFIX = "OUTBOX_RELAY_"
 
@@ -349,7 +360,23 @@ def check_database_url(url: str) -> str:
     if sslmode is not None and sslmode not in SSL_MODES:
         # libpq's own words, and the choices.
         raise ValueError(f'invalid sslmode value: "{sslmode}" (one of {", ".join(SSL_MODES)})')
+    # Certificate files with an sslmode that does not insist on TLS: libpq's default, prefer,
+    # falls back to plaintext when TLS fails (a certificate that does not verify included),
+    # and disable ignores them; the files would look like a verified link that is not one.
+    effective = sslmode or os.environ.get("PGSSLMODE") or "prefer"
+    files = sorted(key for key in _SSL_FILES if parameters.get(key))
+    if files and effective in _PLAINTEXT_ALLOWED:
+        raise ValueError(
+            f"{' and '.join(files)} given, but sslmode is {effective}"
+            f"{'' if sslmode or os.environ.get('PGSSLMODE') else ' (libpq default)'}, which "
+            "may connect without TLS: add sslmode=verify-full (or verify-ca, require) to the URL"
+        )
     return url
+
+
+# libpq parameters naming certificate files, and the modes that allow a plaintext connection.
+_SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+_PLAINTEXT_ALLOWED = ("disable", "allow", "prefer")
 
 
 def check_broker_url(url: str) -> str:
@@ -390,6 +417,82 @@ BrokerUrl = Annotated[
     Field(description="Broker URL; the scheme picks the broker."),
     Flag(secret=True, metavar="URL"),
 ]
+_TLS_PANEL = "Broker TLS"
+_TLS_APPLIES = "TLS broker URLs only: " + ", ".join(f"{scheme}://" for scheme in TLS_SCHEMES)
+
+
+def check_pem_file(path: str | None) -> str | None:
+    """A file name, not a directory or nothing; whether it can be read and holds PEM is checked
+    when the connection's TLS context is built, at start-up (with the cause named)."""
+    if path is not None and not path.strip():
+        raise ValueError("is empty (give a PEM file, or leave the option out)")
+    return path
+
+
+class BrokerLinkSettings(Settings):
+    """The broker URL and the TLS files of its link, shared by the relay's publishers and the
+    consumer commands: declared once here, so every command taking a broker takes the same
+    TLS options (``--broker-ca-file``, ``OUTBOX_RELAY_BROKER_CA_FILE``, ...)."""
+
+    broker_url: BrokerUrl = DEFAULT_BROKER_URL
+    broker_ca_file: Annotated[
+        str | None,
+        AfterValidator(check_pem_file),
+        Field(
+            description="PEM file of the CA(s) the broker's certificate must be signed by "
+            "(instead of the system's trust store); the host name is verified as well. "
+            f"{_TLS_APPLIES}."
+        ),
+        Flag(metavar="FILE", panel=_TLS_PANEL),
+    ] = None
+    broker_cert_file: Annotated[
+        str | None,
+        AfterValidator(check_pem_file),
+        Field(
+            description="PEM client certificate for brokers that require one (it may hold "
+            "the key too)."
+        ),
+        Flag(metavar="FILE", panel=_TLS_PANEL),
+    ] = None
+    broker_key_file: Annotated[
+        str | None,
+        AfterValidator(check_pem_file),
+        Field(description="PEM private key (unencrypted) of --broker-cert-file."),
+        Flag(metavar="FILE", panel=_TLS_PANEL),
+    ] = None
+
+    @model_validator(mode="after")
+    def _tls_options_need_tls(self) -> Self:
+        # An option that cannot take effect is refused: a CA file next to a plaintext URL would
+        # otherwise look like a verified link.
+        scheme = self.broker_url.partition("://")[0].lower()
+        options = (
+            (CA_OPTION, self.broker_ca_file),
+            (CERT_OPTION, self.broker_cert_file),
+            (KEY_OPTION, self.broker_key_file),
+        )
+        for option, value in options:
+            if value is not None and scheme not in TLS_SCHEMES:
+                raise ValueError(
+                    f"{option}: applies to {_TLS_APPLIES}, not {scheme}:// (use the TLS scheme "
+                    "in --broker-url, or remove the option)"
+                )
+        if self.broker_key_file is not None and self.broker_cert_file is None:
+            raise ValueError(f"{KEY_OPTION}: needs {CERT_OPTION}, the certificate it belongs to")
+        return self
+
+    @property
+    def broker_tls(self) -> TlsFiles:
+        return TlsFiles(self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
+
+    def broker_tls_context(self) -> ssl.SSLContext | None:
+        """The verifying client context of a TLS broker URL (None for a plaintext one); built
+        at start-up, so an unreadable file is one ConfigError before anything connects."""
+        if self.broker_url.partition("://")[0].lower() not in TLS_SCHEMES:
+            return None
+        return self.broker_tls.context()
+
+
 # Declare as `schema_name: Schema = "public"`: the key is `schema` (--schema, OUTBOX_RELAY_SCHEMA).
 Schema = Annotated[
     str,

@@ -58,7 +58,7 @@ consumer.register(app)
 def fail(exc: OutboxRelayError) -> NoReturn:
     """Print the error and its causes once, masked, and exit with the error's code."""
     lines = [f"error: {exc}"]
-    cause = exc.__cause__
+    cause = exc.__cause__ if exc.shows_cause else None
     while cause is not None:
         text = str(cause).strip().splitlines()
         if text and text[0] not in lines[-1]:

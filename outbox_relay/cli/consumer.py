@@ -37,8 +37,7 @@ from outbox_relay.errors import ConfigError
 from outbox_relay.observability.settings import ObservabilitySettings
 from outbox_relay.redact import redact_url
 from outbox_relay.settings import (
-    DEFAULT_BROKER_URL,
-    BrokerUrl,
+    BrokerLinkSettings,
     Flag,
     Schema,
     Settings,
@@ -138,7 +137,7 @@ def topology_apply(values: Values) -> None:
     settings = TopologySettings.from_mapping(values)
     setup_logging(secrets=settings.secrets())
     topology = settings.topology()
-    topo.apply(settings.broker_url, topology)
+    topo.apply(settings.broker_url, topology, tls_files=settings.broker_tls)
     bound = ", ".join(topology.bindings) or "nothing"
     if topology.ordered:
         typer.echo(
@@ -159,9 +158,8 @@ def topology_apply(values: Values) -> None:
 # -- dlq -------------------------------------------------------------------------------------------
 
 
-class DlqOptions(Settings):
+class DlqOptions(BrokerLinkSettings):
     queue: QueueName
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL
 
 
 class DlqListOptions(DlqOptions):
@@ -199,7 +197,9 @@ def dlq_list(values: Values) -> None:
     options = DlqListOptions.from_mapping(values)
     setup_logging(secrets=options.secrets())
     queue = options.queue
-    total, dead = dlq.list_dead(options.broker_url, queue, options.limit)
+    total, dead = dlq.list_dead(
+        options.broker_url, queue, options.limit, tls_files=options.broker_tls
+    )
     if options.as_json:
         typer.echo(
             json.dumps(
@@ -241,7 +241,11 @@ def dlq_replay(values: Values) -> None:
     options = DlqReplayOptions.from_mapping(values)
     setup_logging(secrets=options.secrets())
     moved = dlq.replay(
-        options.broker_url, options.queue, event_ids=options.event_ids, limit=options.limit
+        options.broker_url,
+        options.queue,
+        event_ids=options.event_ids,
+        limit=options.limit,
+        tls_files=options.broker_tls,
     )
     typer.echo(f"replayed {moved} message(s) to {options.queue!r}")
 
@@ -255,7 +259,9 @@ def dlq_purge(values: Values) -> None:
     queue = options.queue
     if not options.yes:
         typer.confirm(f"delete every message in {queue}.dlq?", abort=True)
-    typer.echo(f"purged {dlq.purge(options.broker_url, queue)} message(s) from {queue}.dlq")
+    typer.echo(
+        f"purged {dlq.purge(options.broker_url, queue, tls_files=options.broker_tls)} message(s) from {queue}.dlq"
+    )
 
 
 # -- consumer-status -------------------------------------------------------------------------------
@@ -317,9 +323,8 @@ def check_management_url(url: str | None) -> str | None:
     return check_broker_url(url)
 
 
-class ConsumerStatusOptions(RetrySettings):
+class ConsumerStatusOptions(RetrySettings, BrokerLinkSettings):
     queue: QueueName
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL
     database_url: Annotated[
         str | None,
         AfterValidator(check_optional_database_url),
@@ -364,13 +369,16 @@ def consumer_status(values: Values) -> None:
     options = ConsumerStatusOptions.from_mapping(values)
     setup_logging(secrets=options.secrets())
     queue, broker_url, window = options.queue, options.broker_url, options.window
-    partition_count = topo.ordered_partitions(broker_url, queue)
+    tls_files = options.broker_tls
+    partition_count = topo.ordered_partitions(broker_url, queue, tls_files=tls_files)
     partitions: list[topo.QueueDepth] | None = None
     retry_depth: int | None = None
     if partition_count is None:
         topology = topo.Topology(queue, delays=options.delays())
         main, dead, *retries = topo.queue_depths(
-            broker_url, [queue, topology.dead_letter_queue, *topology.retry_queues]
+            broker_url,
+            [queue, topology.dead_letter_queue, *topology.retry_queues],
+            tls_files=tls_files,
         )
         if main.messages is None:
             raise ConfigError(f"queue {queue!r} does not exist: run `outbox-relay topology apply`")
@@ -382,6 +390,7 @@ def consumer_status(values: Values) -> None:
         dead, workers, *partitions = topo.queue_depths(
             broker_url,
             [topology.dead_letter_queue, topology.workers_queue, *topology.partition_queues],
+            tls_files=tls_files,
         )
         ready = sum(p.messages or 0 for p in partitions)
         consumers = workers.consumers

@@ -26,6 +26,7 @@ from outbox_relay.consumer.events import (
     copy_properties,
 )
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,12 @@ def _check_exists(channel: Any, name: str) -> int:
         raise BrokerUnavailableError(f"inspecting queue {name!r} failed: {exc}") from exc
 
 
-def list_dead(broker_url: str, queue: str, limit: int = 100) -> tuple[int, list[DeadMessage]]:
+def list_dead(
+    broker_url: str, queue: str, limit: int = 100, *, tls_files: TlsFiles | None = None
+) -> tuple[int, list[DeadMessage]]:
     """(messages in the DLQ, the first ``limit`` of them); nothing is removed."""
     topology = topo.Topology(queue)
-    connection = topo.connect(broker_url)
+    connection = topo.connect(broker_url, tls_files=tls_files)
     try:
         channel = connection.channel()
         total = _check_exists(channel, topology.dead_letter_queue)
@@ -116,6 +119,7 @@ def replay(
     *,
     event_ids: Collection[str] = (),
     limit: int | None = None,
+    tls_files: TlsFiles | None = None,
 ) -> int:
     """Move dead messages back to the queue (all, or those with ``event_ids``); return how many.
 
@@ -124,7 +128,7 @@ def replay(
     """
     topology = topo.Topology(queue)
     wanted = set(event_ids)
-    connection = topo.connect(broker_url)
+    connection = topo.connect(broker_url, tls_files=tls_files)
     moved = 0
     try:
         channel = connection.channel()
@@ -179,10 +183,10 @@ def replay(
     return moved
 
 
-def purge(broker_url: str, queue: str) -> int:
+def purge(broker_url: str, queue: str, *, tls_files: TlsFiles | None = None) -> int:
     """Delete every message in the DLQ; return how many."""
     topology = topo.Topology(queue)
-    connection = topo.connect(broker_url)
+    connection = topo.connect(broker_url, tls_files=tls_files)
     try:
         channel = connection.channel()
         _check_exists(channel, topology.dead_letter_queue)

@@ -9,9 +9,8 @@ from pydantic import AfterValidator, Field, model_validator
 from outbox_relay.consumer.topology import MAX_PARTITIONS, QueueType, Topology, retry_delays
 from outbox_relay.redact import redact_url
 from outbox_relay.settings import (
-    DEFAULT_BROKER_URL,
     DEFAULT_DATABASE_URL,
-    BrokerUrl,
+    BrokerLinkSettings,
     Count,
     DatabaseUrl,
     Duration,
@@ -77,7 +76,7 @@ class RetrySettings(Settings):
 ORDERED_ONLY = frozenset({"partition_queues", "rebalance_interval"})
 
 
-class TopologySettings(RetrySettings):
+class TopologySettings(RetrySettings, BrokerLinkSettings):
     """One consumer queue, its bindings, retry queues and dead-letter queue."""
 
     queue: QueueName
@@ -94,7 +93,6 @@ class TopologySettings(RetrySettings):
         QueueType,
         Field(description="classic, or quorum (replicated: the durable choice for clusters)."),
     ] = QueueType.CLASSIC
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL
     ordered: Annotated[
         bool,
         Field(

@@ -45,6 +45,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 
 from outbox_relay import amqp
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
+from outbox_relay.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +316,12 @@ def _declare_queue(channel: BlockingChannel, name: str, arguments: dict[str, Any
         raise BrokerUnavailableError(f"declaring queue {name!r} failed: {exc}") from exc
 
 
-def connect(broker_url: str, *, heartbeat: int | None = None) -> BlockingConnection:
-    """A blocking connection to RabbitMQ, with driver errors translated."""
-    parameters = amqp.parameters(broker_url)
+def connect(
+    broker_url: str, *, heartbeat: int | None = None, tls_files: TlsFiles | None = None
+) -> BlockingConnection:
+    """A blocking connection to RabbitMQ, with driver errors translated; ``tls_files`` for an
+    ``amqps://`` URL (``--broker-ca-file``, ...)."""
+    parameters = amqp.parameters(broker_url, tls_files=tls_files)
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
     try:
@@ -326,9 +330,9 @@ def connect(broker_url: str, *, heartbeat: int | None = None) -> BlockingConnect
         raise amqp.translate(exc, broker_url) from exc
 
 
-def apply(broker_url: str, topology: Topology) -> None:
+def apply(broker_url: str, topology: Topology, *, tls_files: TlsFiles | None = None) -> None:
     """Connect, declare ``topology``, disconnect (``outbox-relay topology apply``)."""
-    connection = connect(broker_url)
+    connection = connect(broker_url, tls_files=tls_files)
     try:
         topology.declare(connection.channel())
     except pika.exceptions.AMQPError as exc:
@@ -338,9 +342,11 @@ def apply(broker_url: str, topology: Topology) -> None:
             connection.close()
 
 
-def ordered_partitions(broker_url: str, queue: str) -> int | None:
+def ordered_partitions(
+    broker_url: str, queue: str, *, tls_files: TlsFiles | None = None
+) -> int | None:
     """The partition count of an ordered ``queue``, or None when it is not ordered."""
-    connection = connect(broker_url)
+    connection = connect(broker_url, tls_files=tls_files)
     try:
         if not is_ordered(connection, queue):
             return None
@@ -359,9 +365,11 @@ class QueueDepth:
     consumers: int | None
 
 
-def queue_depths(broker_url: str, names: Sequence[str]) -> list[QueueDepth]:
+def queue_depths(
+    broker_url: str, names: Sequence[str], *, tls_files: TlsFiles | None = None
+) -> list[QueueDepth]:
     """Ready messages and consumers per queue, by passive declare (no management plugin needed)."""
-    connection = connect(broker_url)
+    connection = connect(broker_url, tls_files=tls_files)
     found = []
     try:
         channel = connection.channel()

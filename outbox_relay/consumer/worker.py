@@ -175,7 +175,9 @@ class Worker:
         self.inbox.open()
         connection = None
         try:
-            connection = self.connection = topo.connect(self.settings.broker_url)
+            connection = self.connection = topo.connect(
+                self.settings.broker_url, tls_files=self.settings.broker_tls
+            )
             channel = connection.channel()
             if self.settings.declare_topology:
                 self.topology.declare(channel)

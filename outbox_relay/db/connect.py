@@ -12,19 +12,22 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError
+from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError, TlsError
 from outbox_relay.redact import redact_url
 
 # Seconds to wait for a connection (TCP, TLS and the authentication exchange).
 CONNECT_TIMEOUT = 10
 
 # Client-side TCP keepalives: a peer that vanished without closing (a dead host, a cut link) is
-# noticed within about 30 s instead of the kernel's two hours. Ignored on Unix sockets.
+# noticed within about 30 s instead of the kernel's two hours; tcp_user_timeout (ms) ends a
+# connection whose sent data goes unacknowledged for 30 s (a cut link mid-query) instead of
+# the kernel's ~15 minutes of retransmissions. Ignored on Unix sockets.
 CLIENT_KEEPALIVES: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
 }
 
 # Connection failures no retry can fix: the URL, the role or the server's configuration must
@@ -36,6 +39,32 @@ _SETTINGS_REFUSED = re.compile(
     r"root certificate file|server certificate for \S+ does not match host name|"
     r"permission denied for database|is not permitted to log in|invalid port number"
 )
+# TLS failures: the server's certificate did not verify (wrong CA, expired, another host name),
+# a file named by sslrootcert / sslcert / sslkey cannot be used, or the server refused our
+# client certificate. Configuration errors: a retry meets the same refusal.
+_TLS_REFUSED = re.compile(
+    r"certificate verify failed|root certificate file|does not match host name|"
+    r"could not (?:open|read|load) (?:certificate|private key|root certificate)|"
+    r"certificate present, but not private key|private key file \S+ has group or world access|"
+    r"requires a valid client certificate|certificate authentication failed|"
+    r"(?:tlsv1|sslv3|tlsv13) alert|server does not support SSL|no SSL connection",
+    re.IGNORECASE,
+)
+# What to check, by what libpq said.
+_TLS_HINTS = (
+    (
+        "certificate verify failed",
+        "sslrootcert must name the CA that signed the server's certificate, and the "
+        "certificate must be valid now",
+    ),
+    ("does not match host name", "the URL's host must be a name the certificate was issued for"),
+    ("server does not support SSL", "the server has TLS off; ssl = on in postgresql.conf"),
+    ("requires a valid client certificate", "set sslcert and sslkey in the URL"),
+    ("alert", "the server refused our client certificate (sslcert/sslkey)"),
+)
+# libpq's prefix before the reason: 'connection failed: connection to server at "h", port 5432
+# failed: '.
+_LIBPQ_PREFIX = re.compile(r"^(?:connection failed: )?connection to server at [^:]*? failed: ")
 # Another kind of server answered at the address.
 _NOT_POSTGRESQL = re.compile(
     r"received invalid response to SSL negotiation|expected authentication request from server|"
@@ -60,6 +89,13 @@ def translate(exc: BaseException, where: str) -> Exception:
             return ConfigError(
                 f"--database-url: {where} did not answer like a PostgreSQL server (is the host "
                 f"or port that of another service?): {text}"
+            )
+        if _TLS_REFUSED.search(text):
+            reason = _LIBPQ_PREFIX.sub("", text)
+            hint = next((h for needle, h in _TLS_HINTS if needle in reason), None)
+            return TlsError(
+                f"--database-url: TLS with PostgreSQL at {where} failed: {reason}"
+                + (f" ({hint})" if hint else "")
             )
         if _SETTINGS_REFUSED.search(text):
             return ConfigError(f"--database-url: PostgreSQL at {where} refused: {text}")

@@ -13,8 +13,7 @@ from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.redact import redact_url
 from outbox_relay.routing import Router, parse_route
 from outbox_relay.settings import (
-    DEFAULT_BROKER_URL,
-    BrokerUrl,
+    BrokerLinkSettings,
     Count,
     Exchange,
     Flag,
@@ -77,10 +76,10 @@ SECRET_OPTION = re.compile(r"secret|password|token|credential", re.IGNORECASE)
 PREFIXED_SCHEMES = frozenset({"nats", "tls", "redis", "rediss", "mqtt", "mqtts"})
 
 
-class PublisherSettings(Settings):
-    """What every publisher reads; options of one broker are in ``options`` (see BrokerOptions)."""
+class PublisherSettings(BrokerLinkSettings):
+    """What every publisher reads; options of one broker are in ``options`` (see BrokerOptions).
+    The broker URL and its TLS files (``--broker-ca-file``, ...) come from BrokerLinkSettings."""
 
-    broker_url: BrokerUrl = DEFAULT_BROKER_URL
     exchange: Exchange = "events"
     confirm_timeout: Annotated[
         Seconds,

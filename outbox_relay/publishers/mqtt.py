@@ -46,6 +46,7 @@ except ModuleNotFoundError as missing:  # the 'mqtt' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
+from outbox_relay import tls
 from outbox_relay.envelopes import (
     DATA_CONTENT_TYPE,
     STRUCTURED_CONTENT_TYPE,
@@ -199,6 +200,8 @@ class MqttPublisher:
                 "the attributes in (the CloudEvents MQTT binding allows structured mode only); "
                 "use cloudevents-structured, or MQTT 5 (drop version=3.1.1 from --broker-url)"
             )
+        # mqtts:// only: verifies the chain (--broker-ca-file) and the URL's host name.
+        self._tls = settings.broker_tls_context()
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
@@ -231,8 +234,8 @@ class MqttPublisher:
         )
         if target.username is not None:
             client.username_pw_set(target.username, target.password)
-        if target.tls:
-            client.tls_set_context(ssl.create_default_context())
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         client.connect_timeout = min(self._settings.confirm_timeout, 10.0)
         client.max_inflight_messages_set(self._settings.max_in_flight)
         client.max_queued_messages_set(0)
@@ -258,6 +261,9 @@ class MqttPublisher:
                 await asyncio.to_thread(client.connect, target.host, target.port, 30)
         except (OSError, paho.WebsocketConnectionError) as exc:
             self._client = None
+            refused = tls.refused("the MQTT broker", where, exc)
+            if refused is not None:
+                raise refused from exc
             raise BrokerUnavailableError(
                 f"cannot connect to MQTT broker at {where}: {exc}"
             ) from exc

@@ -35,6 +35,7 @@ except ModuleNotFoundError as missing:  # the 'nats' extra; its options still sh
 else:
     MISSING_CLIENT = None
 
+from outbox_relay import tls
 from outbox_relay.envelopes import (
     STRUCTURED_CONTENT_TYPE,
     CloudEvents,
@@ -147,6 +148,7 @@ class NatsPublisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self._settings = settings
         self._options = NatsOptions.of(settings)
+        self._tls = settings.broker_tls_context()
         self._prefix = settings.topic_prefix
         self._router = settings.router()
         self._nc: Client | None = None
@@ -210,6 +212,8 @@ class NatsPublisher:
                 disconnected_cb=on_disconnected,
                 closed_cb=on_disconnected,
                 error_cb=on_error,
+                # tls:// only: verifies the chain (--broker-ca-file) and the URL's host name.
+                tls=self._tls,
             )
         except nats.errors.AuthorizationError as exc:
             raise ConfigError(
@@ -217,6 +221,9 @@ class NatsPublisher:
                 "--broker-url"
             ) from exc
         except (OSError, nats.errors.Error, TimeoutError) as exc:
+            refused = tls.refused("NATS", where, exc)
+            if refused is not None:
+                raise refused from exc
             raise BrokerUnavailableError(f"cannot connect to NATS at {where}: {exc!r}") from exc
         self._js = self._nc.jetstream(
             timeout=self._settings.confirm_timeout,

@@ -179,7 +179,13 @@ class RabbitMQPublisher:
         # What the CloudEvents attributes add to a header frame at most (the source and the
         # names of the attributes), for the cheap frame_max bound.
         self._bound_extra = 0 if self._ce is None else 5 * len(self._ce.source) + 512
-        self._parameters = amqp.parameters(settings.broker_url)
+        # A silent broker (a cut link, a frozen host) is noticed by the heartbeat within
+        # --confirm-timeout even while idle; while publishing, the confirm timeout says so too.
+        self._parameters = amqp.parameters(
+            settings.broker_url,
+            tls_files=settings.broker_tls,
+            heartbeat=amqp.heartbeat_for(settings.confirm_timeout),
+        )
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
         # Several waves may be in flight at once (the relay sends the next before the previous

@@ -33,6 +33,7 @@ except ModuleNotFoundError as missing:  # the 'redis' extra; its options still s
 else:
     MISSING_CLIENT = None
 
+from outbox_relay import tls
 from outbox_relay.envelopes import STRUCTURED_CONTENT_TYPE, CloudEvents, MessageFormat
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
@@ -139,6 +140,21 @@ class RedisStreamsPublisher:
         self._settings = settings
         self._options = RedisOptions.of(settings)
         self._router = settings.router()
+        # rediss:// only: the files are checked here, at start-up; redis-py builds its own
+        # context from them (it takes no SSLContext), verifying the chain and the host name.
+        settings.broker_tls_context()
+        files = settings.broker_tls
+        self._tls_arguments: dict[str, Any] = (
+            {
+                "ssl_cert_reqs": "required",
+                "ssl_check_hostname": True,
+                "ssl_ca_certs": files.ca_file,
+                "ssl_certfile": files.cert_file,
+                "ssl_keyfile": files.key_file,
+            }
+            if settings.scheme == "rediss"
+            else {}
+        )
         # Any: redis-py ships inline types while types-redis (for redis 4) may also be installed,
         # and the two disagree (generic or not, aclose or close).
         self._client: Any = None
@@ -177,6 +193,7 @@ class RedisStreamsPublisher:
                 # The relay retries, and republishes the whole batch: a hidden client retry of
                 # a pipeline would only add duplicates.
                 retry=Retry(NoBackoff(), 0),
+                **self._tls_arguments,
             )
         except ValueError as exc:
             raise ConfigError(f"--broker-url: invalid Redis URL {where}: {exc}") from exc
@@ -203,6 +220,9 @@ class RedisStreamsPublisher:
             ) from exc
         except _ANY_FAILURE as exc:
             await self.close()
+            refused = tls.refused("Redis", where, exc)
+            if refused is not None:
+                raise refused from exc
             raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc}") from exc
         self._healthy = self._answered = True
         log.info("connected to broker", extra={"broker": "redis", "url": where})
@@ -232,6 +252,9 @@ class RedisStreamsPublisher:
                 timeout=timeout,
             )
         except (OSError, TimeoutError) as exc:
+            refused = tls.refused("Redis", where, exc)
+            if refused is not None:
+                raise refused from exc
             raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc!r}") from exc
         try:
             writer.write(PING)

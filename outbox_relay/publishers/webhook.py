@@ -44,6 +44,7 @@ except ModuleNotFoundError as missing:  # the 'webhook' extra; its options still
 else:
     MISSING_CLIENT = None
 
+from outbox_relay import tls
 from outbox_relay.envelopes import (
     BATCH_CONTENT_TYPE,
     DATA_CONTENT_TYPE,
@@ -141,6 +142,9 @@ class WebhookPublisher:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._router = settings.router()
+        # https:// only: verifies the chain (--broker-ca-file) and the URL's host name, and
+        # presents --broker-cert-file to endpoints that require a client certificate.
+        self._tls = settings.broker_tls_context()
         self._client: httpx.AsyncClient | None = None
         self._ce = settings.cloudevents
         self._format = settings.message_format
@@ -161,6 +165,7 @@ class WebhookPublisher:
             timeout=httpx.Timeout(self._options.webhook_timeout, pool=None),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
             follow_redirects=False,
+            verify=self._tls if self._tls is not None else True,
         )
         # HTTP has no session to open. One OPTIONS request (safe: no side effects) makes an
         # unreachable endpoint a clean BrokerUnavailableError at start-up, like other brokers,
@@ -172,11 +177,17 @@ class WebhookPublisher:
                 await client.request("OPTIONS", url)
             except (httpx.ConnectError, httpx.TimeoutException) as exc:
                 await client.aclose()
+                refused = tls.refused("the webhook", where, exc)
+                if refused is not None:
+                    raise refused from exc
                 raise BrokerUnavailableError(
                     f"cannot reach the webhook at {where}: {exc!r}"
                 ) from exc
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 await client.aclose()
+                refused = tls.refused("the webhook", where, exc)
+                if refused is not None:  # TLS 1.3: a refused client certificate shows on read
+                    raise refused from exc
                 raise ConfigError(
                     f"--broker-url: {where} did not answer like an HTTP server (is the host or "
                     "port that of another service?)"

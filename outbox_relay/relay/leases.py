@@ -78,6 +78,7 @@ class Leases:
         self._on_change = on_change
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._abandoned: asyncio.Future[None] | None = None
         self.count = 0  # partitions (or CDC shards) in the outbox
         self.owned: frozenset[int] = frozenset()
         self.members = 0
@@ -167,8 +168,8 @@ class Leases:
         stale = time.monotonic() - self._renewed_at
         if self._task is not None and stale > LEASE_SECONDS * STOP_AT:
             raise LeaseLostError(
-                f"could not renew the outbox leases for {stale:.1f}s: stopping before another "
-                "relay may take them over"
+                f"could not renew the outbox leases for {stale:.1f}s (PostgreSQL did not "
+                "answer): stopping before another relay may take them over"
             )
 
     # -- the heartbeat ---------------------------------------------------------------------
@@ -177,14 +178,24 @@ class Leases:
         while True:
             await asyncio.sleep(HEARTBEAT_EVERY)
             left = LEASE_SECONDS * STOP_AT - (time.monotonic() - self._renewed_at)
+            beat = asyncio.ensure_future(self._beat())
+            # Not wait_for: cancelling a query makes psycopg send a cancel request and wait
+            # for the query to end, both over a link that may be dead (10 s more). The lease
+            # is lost at its deadline; the cancelled beat ends on its own.
+            await asyncio.wait({beat}, timeout=max(left, HEARTBEAT_EVERY))
             try:
-                await asyncio.wait_for(self._beat(), timeout=max(left, HEARTBEAT_EVERY))
+                if not beat.done():
+                    beat.cancel()
+                    self._abandoned = beat  # referenced until it ends; its outcome is moot
+                    beat.add_done_callback(lambda done: done.cancelled() or done.exception())
+                    raise TimeoutError
+                beat.result()
             except TimeoutError:
                 self._lose(
                     LeaseLostError(
                         f"could not renew the outbox leases for "
-                        f"{time.monotonic() - self._renewed_at:.1f}s: stopping before another "
-                        "relay may take them over"
+                        f"{time.monotonic() - self._renewed_at:.1f}s (PostgreSQL did not "
+                        "answer): stopping before another relay may take them over"
                     )
                 )
                 return

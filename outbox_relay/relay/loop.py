@@ -60,6 +60,9 @@ class Relay:
         self._hooks = CompositeHooks([hooks]) if hooks is not None else None
         # time.monotonic() of the loop's last sign of life, for the health endpoint's /livez.
         self.heartbeat = time.monotonic()
+        # Why the relay is reconnecting (a link found dead), until it is connected again: unready
+        # at once, not only once closing the dead connections has given up on them.
+        self._link_down: str | None = None
         self._lanes = [OutboxStore(settings, role=f"lane{n}" if n else "") for n in range(LANES)]
         # The first lane holds the leadership lock and is the one status counts relays by.
         self._store = self._lanes[0]
@@ -93,7 +96,7 @@ class Relay:
     def is_ready(self) -> bool:
         """Connected to PostgreSQL and to the broker (a relay holding no lease yet is ready
         too: it takes its share as soon as the others hand it over)."""
-        return self._store.connected and self._publisher.is_healthy()
+        return self._link_down is None and self._store.connected and self._publisher.is_healthy()
 
     def stop(self) -> None:
         """Stop claiming; the batches in flight are finished (or released) and run() returns."""
@@ -120,6 +123,7 @@ class Relay:
                 # Stopped with everything in flight settled: hand the partitions over at once.
                 await self._leases.leave()
             except TRANSIENT as exc:
+                self._link_down = str(exc)
                 log.warning("disconnected: %s", exc)
                 # A link that fails right after connecting must not turn into a busy loop; a
                 # failure that taught which message is to blame is progress, though.
@@ -168,7 +172,9 @@ class Relay:
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT),
-            wait=wait_exponential(multiplier=0.2, max=10),
+            # At most 5 s between attempts: a link that comes back is used within about that
+            # long (plus the connect itself), well inside the 10 s publishing may pause.
+            wait=wait_exponential(multiplier=0.2, max=5),
             stop=lambda _state: self._stop.is_set(),
             sleep=self._sleep,
             before_sleep=log_retry,
@@ -180,6 +186,7 @@ class Relay:
                 for lane in self._lanes:
                     await lane.connect()
                 await self._publisher.connect()
+        self._link_down = None
 
     async def _disconnect(self) -> None:
         await self._source.close()

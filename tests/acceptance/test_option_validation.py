@@ -167,6 +167,8 @@ BAD_TEXT: dict[str, list[str]] = {
         "postgresql://app:pw@[::1/orders",
         "postgresql://db/orders?sslmode=bogus",
         "host=db port=abc",
+        # A CA file with libpq's default sslmode (prefer), which falls back to plaintext.
+        "postgresql://db/orders?sslrootcert=/etc/ssl/ca.pem",
     ],
     "broker_url": [
         "not-a-url",
@@ -175,6 +177,10 @@ BAD_TEXT: dict[str, list[str]] = {
         "amqp://guest:guest@[rabbit/%2F",
         "amqp://guest:pass/word@rabbit:5672/%2F",
     ],
+    # Empty; any other file name is checked when connecting (unreadable: one line, exit 3).
+    "broker_ca_file": [""],
+    "broker_cert_file": [""],
+    "broker_key_file": [""],
     "schema": ["pg_temp", "pg_catalog", "information_schema", "Orders", "a b", "a" * 41, ""],
     "exchange": ["a b", "", "x" * 256, "a/b"],
     "topic_prefix": ["a..b", "a b", "a.#", "", "x" * 101],
