@@ -53,15 +53,10 @@ def liveness_timeout(settings: RelaySettings) -> float:
 
 
 class RelayObservability:
-    """Tracing and metrics hooks, the backlog sampler and the health server of one relay."""
+    """Tracing and metrics hooks, backlog samplers and the health server of a ``serve``
+    process: the providers and the endpoints once, the hooks and a sampler per outbox."""
 
-    def __init__(
-        self,
-        settings: RelaySettings,
-        publisher_name: str,
-        observability: ObservabilitySettings | None = None,
-    ) -> None:
-        self._settings = settings
+    def __init__(self, observability: ObservabilitySettings | None = None) -> None:
         self._observability = observability = observability or ObservabilitySettings()
         self.tracer_provider = configure_tracing(RELAY_SERVICE)
         self.meter_provider = _configure_metrics(
@@ -69,13 +64,20 @@ class RelayObservability:
             prometheus_port=observability.metrics_port,
             prometheus_host=observability.metrics_host,
         )
+        self._samplers: list[BacklogSampler] = []
+        self.health: HealthServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def hooks_for(
+        self, settings: RelaySettings, publisher_name: str, outbox: str | None = None
+    ) -> RelayHooks | None:
+        """The hooks of one relay; ``outbox`` (its name in a config file) labels its metrics."""
         hooks: list[RelayHooks] = []
         if self.tracer_provider is not None:
             tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
             hooks.append(
                 RelayTracing(tracer, system=publisher_name, destination=settings.publisher.exchange)
             )
-        self._sampler: BacklogSampler | None = None
         if self.meter_provider is not None:
             backlog = Backlog()
             meter = self.meter_provider.get_meter(INSTRUMENTATION)
@@ -86,31 +88,33 @@ class RelayObservability:
                     destination=settings.publisher.exchange,
                     backlog=backlog,
                     relay=settings.relay_name_or_default,
+                    outbox=outbox,
                 )
             )
-            self._sampler = BacklogSampler(
-                settings.database_url,
-                settings.schema_name,
-                backlog,
-                interval=max(1.0, min(15.0, settings.poll_interval * 5)),
+            self._samplers.append(
+                BacklogSampler(
+                    settings.database_url,
+                    settings.schema_name,
+                    backlog,
+                    interval=max(1.0, min(15.0, settings.poll_interval * 5)),
+                )
             )
-        self.hooks: RelayHooks | None = CompositeHooks(hooks) if hooks else None
-        self.health: HealthServer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        return CompositeHooks(hooks) if hooks else None
 
-    async def start(self, relay: Relay) -> None:
+    async def start(self, relays: Sequence[tuple[RelaySettings, Relay]]) -> None:
+        """Serve the probes: ready when every relay is, alive while every relay makes progress."""
         port = self._observability.health_port
         if port is not None:
             self.health = HealthServer(
                 port,
-                ready=relay.is_ready,
-                heartbeat=lambda: relay.heartbeat,
-                stale_after=liveness_timeout(self._settings),
+                ready=lambda: all(relay.is_ready() for _settings, relay in relays),
+                heartbeat=lambda: min(relay.heartbeat for _settings, relay in relays),
+                stale_after=max(liveness_timeout(settings) for settings, _relay in relays),
                 host=self._observability.health_host,
             )
             await self.health.start()
-        if self._sampler is not None:
-            self._tasks.append(asyncio.create_task(self._sampler.run()))
+        for sampler in self._samplers:
+            self._tasks.append(asyncio.create_task(sampler.run()))
 
     async def close(self) -> None:
         for task in self._tasks:

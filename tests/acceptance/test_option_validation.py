@@ -191,6 +191,8 @@ BAD_TEXT: dict[str, list[str]] = {
     "consumer_name": ["", "x" * 201],
     "handler": ["no-colon", "no_such_module_x:consumer", f"{HANDLER}_missing"],
     "management_url": ["not-a-url", "ftp://rabbit:15672"],
+    "config": ["/nonexistent/relay.toml", "/", ""],
+    "outbox": ["a b", "-x", ""],
 }
 # Text options that take any text, and why.
 FREE_TEXT: dict[str, str] = {
