@@ -23,14 +23,22 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field
 
 from outbox_relay.errors import ConfigError
 from outbox_relay.observability.settings import ObservabilitySettings
 from outbox_relay.publishers import broker_options, check_options
 from outbox_relay.publishers.base import PublisherSettings
 from outbox_relay.relay.settings import RELAY_NAME, Mode, RelaySettings, check_relay_name
-from outbox_relay.settings import Flag, Settings, describe_error, env_name, option_name, own_keys
+from outbox_relay.settings import (
+    Flag,
+    InvalidSettingsError,
+    Settings,
+    describe_error,
+    env_name,
+    option_name,
+    own_keys,
+)
 
 
 class ConfigOption(Settings):
@@ -101,7 +109,9 @@ def one_outbox(values: Mapping[str, Any], model: type[Settings]) -> dict[str, An
     """A one-outbox command's values (``dead``, ``slot``, ``emit``): with ``--config``, the
     outbox's database_url, schema, slot_name and publication come from the file (those the
     command's ``model`` takes); without, ``values`` as they are."""
-    chosen = OutboxOption.from_mapping({k: v for k, v in values.items() if k in own_keys(OutboxOption)})
+    chosen = OutboxOption.from_mapping(
+        {k: v for k, v in values.items() if k in own_keys(OutboxOption)}
+    )
     rest = {k: v for k, v in values.items() if k not in own_keys(OutboxOption)}
     if chosen.config is None:
         if chosen.outbox is not None:
@@ -211,9 +221,9 @@ def parse(
             )
     for key in given:
         if key in PER_OUTBOX:
-            flag = option_name(key if key != "schema_name" else "schema")
+            key = "schema" if key == "schema_name" else key
             raise ConfigError(
-                f"{flag} ({env_name(key)}): names one outbox and cannot be combined with "
+                f"{option_name(key)} ({env_name(key)}): names one outbox and cannot be combined with "
                 f"--config {path} (set it in the file's [[outbox]] tables)"
             )
     relay_keys = _relay_keys()
@@ -238,10 +248,10 @@ def parse(
     slots: dict[tuple[Any, ...], str] = {}
     for number, table in enumerate(tables, start=1):
         name = table.get("name")
-        at = f"{path}: outbox[{number}]" + (f" {name!r}" if isinstance(name, str) else "")
-        at = at.replace("'", '"')
+        label = f"outbox[{number}]" + (f' "{name}"' if isinstance(name, str) else "")
+        at = f"{path}: {label}"
         _check_name(name, at, places)
-        places[name] = at
+        places[name] = label
         if "schemas" in table:
             raise ConfigError(
                 f"{at}: schemas: schema discovery is not supported yet; give each schema its "
@@ -252,9 +262,7 @@ def parse(
                 raise ConfigError(
                     f"{at}: {key}: applies to the whole process; set it in [defaults]"
                 )
-        own = _checked(
-            {k: v for k, v in table.items() if k != "name"}, at, relay_keys, environ
-        )
+        own = _checked({k: v for k, v in table.items() if k != "name"}, at, relay_keys, environ)
         relay_defaults = {k: v for k, v in defaults.items() if k in relay_keys}
         merged = {**relay_defaults, **own, **cli_relay}
         if "database_url" not in merged:
@@ -266,8 +274,8 @@ def parse(
         except ConfigError as exc:
             raise ConfigError(_broker_error(str(exc), origins, cli_relay, at)) from None
         identity = _database(settings.database_url)
-        other = seen.setdefault((*identity, settings.schema_name), at)
-        if other != at:
+        other = seen.setdefault((*identity, settings.schema_name), label)
+        if other != label:
             raise ConfigError(
                 f"{at}: schema: {other} already relays schema {settings.schema_name!r} of this "
                 "database (one [[outbox]] table per schema)"
@@ -275,8 +283,8 @@ def parse(
         if settings.mode is Mode.CDC:
             # Replication slots are named per server, not per database.
             slot = (*identity[:2], settings.slot_name_or_default)
-            other = slots.setdefault(slot, at)
-            if other != at:
+            other = slots.setdefault(slot, label)
+            if other != label:
                 raise ConfigError(
                     f"{at}: slot_name: {other} already uses slot "
                     f"{settings.slot_name_or_default!r} on this server (set slot_name and "
@@ -310,7 +318,7 @@ def _check_name(name: Any, at: str, places: Mapping[str, str]) -> None:
             f"{at}: name: {name!r} must be 1-48 letters, digits, '.', '_' or '-' (e.g. orders)"
         )
     if name in places:
-        raise ConfigError(f"{at}: name: {name!r} is taken by {places[name].split(': ', 1)[1]}")
+        raise ConfigError(f"{at}: name: {name!r} is taken by {places[name]}")
 
 
 def _checked(
@@ -353,11 +361,12 @@ def _validated(
     """``model`` from ``values``; an error names the table (or the flag) its key came from."""
     try:
         return model.model_validate(dict(values))
-    except ValidationError as exc:
-        location = exc.errors(include_url=False)[0]["loc"]
+    except InvalidSettingsError as exc:
+        # Raised by the model that failed (a nested one too: RelaySettings.publisher).
+        location = exc.error.errors(include_url=False)[0]["loc"]
         key = str(location[-1]) if location else None
         where = _origin(origins, cli, key)
-        raise ConfigError(describe_error(model, exc, where=where)) from None
+        raise ConfigError(describe_error(exc.model, exc.error, where=where)) from None
 
 
 _BROKER_FLAG = re.compile(r"--(?P<flag>[a-z0-9-]+)(?: \([A-Z0-9_]+\))?: ")

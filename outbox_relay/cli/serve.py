@@ -52,7 +52,9 @@ def serve(values: Values) -> None:
         secrets = list(config.secrets())
     else:
         observability = ObservabilitySettings.from_mapping(pick(given, ObservabilitySettings))
-        relay_values = {k: v for k, v in given.items() if k not in pick(given, ObservabilitySettings)}
+        relay_values = {
+            k: v for k, v in given.items() if k not in pick(given, ObservabilitySettings)
+        }
         settings = RelaySettings.from_mapping(relay_values)
         # The broker's own options are checked here, before anything connects.
         check_options(settings.publisher)

@@ -136,9 +136,7 @@ def with_search_path(url: str, schema: str) -> str:
 
 
 @pytest.fixture
-def targets(
-    database_url: str, empty_database_url: str, broker_url: str
-) -> Iterator[list[Target]]:
+def targets(database_url: str, empty_database_url: str, broker_url: str) -> Iterator[list[Target]]:
     """Three outboxes: ``orders`` (schema public) and ``billing`` (schema billing) in this test's
     database, ``shipping`` in a second database made (and dropped) for the test; each with its
     own exchange and a queue bound to it."""
@@ -268,7 +266,7 @@ def test_one_process_relays_three_outboxes_in_two_databases_each_to_its_exchange
 
     # Then every event of each arrives on its own exchange, in per-aggregate commit order
     for name, load in loads.items():
-        wait_until(lambda c=consumers[name], l=load: c.has_all(set(l.produced)), timeout=60)
+        wait_until(lambda c=consumers[name], w=load: c.has_all(set(w.produced)), timeout=60)
     wait_until(lambda: all(i["pending"] == 0 for i in status_of_all(path, env)), timeout=30)
     assert published_by_outbox(metrics_port) == {t.name: 1500.0 for t in targets}
     assert relay.terminate() == 0
@@ -278,8 +276,9 @@ def test_one_process_relays_three_outboxes_in_two_databases_each_to_its_exchange
         report = check_deliveries(consumers[name].deliveries, load.produced, load.versions())
         assert report.relay_duplicates == 0
     log = relay.log()
+    assert "starting relay" in log
     for target in targets:
-        assert f"starting relay" in log and f"outbox={target.name}" in log
+        assert f"outbox={target.name}" in log
     assert "stopped" in log
 
 
@@ -304,9 +303,9 @@ def test_two_processes_share_every_outbox_and_survive_one_being_killed(
 
     # When one of them is SIGKILLed mid-stream
     loads = start_workloads(targets, total=3000)
-    wait_until(
-        lambda: all(c.unique_count() >= 600 for c in consumers.values()), timeout=60
-    )
+    wait_until(lambda: all(c.unique_count() >= 600 for c in consumers.values()), timeout=60)
+    # (mid-stream: not everything has arrived yet)
+    assert sum(c.unique_count() for c in consumers.values()) < 3 * 3000
     second.kill()
     wait_until(lambda: all(o == {"first"} for o in owners(path, env).values()), timeout=30)
     for load in loads.values():
@@ -314,7 +313,7 @@ def test_two_processes_share_every_outbox_and_survive_one_being_killed(
 
     # Then the survivor relays the rest: nothing lost, per-aggregate order holds per outbox
     for name, load in loads.items():
-        wait_until(lambda c=consumers[name], l=load: c.has_all(set(l.produced)), timeout=120)
+        wait_until(lambda c=consumers[name], w=load: c.has_all(set(w.produced)), timeout=120)
     assert first.terminate() == 0
     for name, load in loads.items():
         consumers[name].stop()

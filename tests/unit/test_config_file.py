@@ -117,49 +117,49 @@ def test_a_database_url_in_the_defaults_serves_outboxes_of_several_schemas(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nbach_size = 5\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nbach_size = 5\n",
          'relay.toml: outbox[1] "a": bach_size: is not a setting (did you mean batch_size?)'),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nbatch_size = 'many'\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nbatch_size = 'many'\n",
          "relay.toml: outbox[1] \"a\": batch_size: 'many' is not a whole number"),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nbatch_size = 0\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nbatch_size = 0\n",
          'relay.toml: outbox[1] "a": batch_size: must be greater than 0, got 0'),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nmode = 'push'\n" % DB_A,
-         "relay.toml: outbox[1] \"a\": mode: 'push' is not one of"),
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nmode = 'push'\n",
+         "relay.toml: outbox[1] \"a\": mode: push is not one of notify, poll or cdc"),
         ("[[outbox]]\nname = 'a'\n",
          'relay.toml: outbox[1] "a": database_url: is required'),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\n[[outbox]]\nname = 'a'\n"
-         "database_url = '%s'\n" % (DB_A, DB_B),
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\n[[outbox]]\nname = 'a'\n"
+         f"database_url = '{DB_B}'\n",
          'relay.toml: outbox[2] "a": name: \'a\' is taken by outbox[1] "a"'),
-        ("[[outbox]]\ndatabase_url = '%s'\n" % DB_A,
+        (f"[[outbox]]\ndatabase_url = '{DB_A}'\n",
          "relay.toml: outbox[1]: name: is required"),
         ("[[outbox]]\nname = 'a'\ndatabase_url = '${NOPE}'\n",
          'relay.toml: outbox[1] "a": database_url: ${NOPE} is not set in the environment'),
-        ("[defaults]\nbatch_size = -1\n[[outbox]]\nname = 'a'\ndatabase_url = '%s'\n" % DB_A,
+        (f"[defaults]\nbatch_size = -1\n[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\n",
          "relay.toml: [defaults]: batch_size: must be greater than 0, got -1"),
-        ("[defaults]\nbatch_sise = 1\n[[outbox]]\nname = 'a'\ndatabase_url = '%s'\n" % DB_A,
+        (f"[defaults]\nbatch_sise = 1\n[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\n",
          "relay.toml: [defaults]: batch_sise: is not a setting"),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nmetrics_port = 9000\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nmetrics_port = 9000\n",
          'relay.toml: outbox[1] "a": metrics_port: applies to the whole process; set it in '
          "[defaults]"),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nnats_stream = 'X'\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nnats_stream = 'X'\n",
          'relay.toml: outbox[1] "a": nats_stream: applies to nats://, tls:// brokers only'),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nschemas = 'tenant_*'\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nschemas = 'tenant_*'\n",
          'relay.toml: outbox[1] "a": schemas: schema discovery is not supported yet'),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\n[[outbox]]\nname = 'b'\n"
-         "database_url = '%s'\n" % (DB_A, DB_A),
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\n[[outbox]]\nname = 'b'\n"
+         f"database_url = '{DB_A}'\n",
          'relay.toml: outbox[2] "b": schema: outbox[1] "a" already relays schema \'public\''),
-        ("[[outbox]]\nname = 'a b'\ndatabase_url = '%s'\n" % DB_A,
+        (f"[[outbox]]\nname = 'a b'\ndatabase_url = '{DB_A}'\n",
          "relay.toml: outbox[1] \"a b\": name: 'a b' must be 1-48 letters"),
         ("[[outbox]]\nname = 'a'\ndatabase_url = 'postgresql://u:hunter2@db:99999/x'\n",
          'relay.toml: outbox[1] "a": database_url: the port must be a number'),
-        ("[[outbox]]\nname = 'a'\ndatabase_url = '%s'\nexchange = 'x'\n"
-         "broker_url = 'nats://n:4222'\n" % DB_A,
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nexchange = 'x'\n"
+         f"broker_url = 'nats://n:4222'\n",
          'relay.toml: outbox[1] "a": --exchange: applies to RabbitMQ (amqp://) only'),
         ("[outbox]\nname = 'a'\n", "relay.toml: outbox: must be [[outbox]] tables"),
         ("[[outboxes]]\nname = 'a'\n", "relay.toml: outboxes: is not a table of a config file"),
         ("[defaults]\nbatch_size = 5\n", "relay.toml: no [[outbox]] table"),
         ("[[outbox]]\nname = 'a'\ndatabase_url = \n",
-         "relay.toml: is not valid TOML: Invalid value (at line 2, column 16)"),
+         "relay.toml: is not valid TOML: Invalid value (at line 3, column 16)"),
     ],
 )  # fmt: skip
 def test_a_bad_file_is_one_line_naming_the_table_and_the_key(
@@ -212,7 +212,7 @@ def test_two_cdc_outboxes_on_one_server_need_their_own_slots(tmp_path: Path) -> 
 
 def test_variables_expand_in_text_and_a_doubled_dollar_is_literal() -> None:
     env = {"USER_NAME": "app", "EMPTY": ""}
-    assert expand("x-${USER_NAME}-${EMPTY}-$${USER_NAME}-$5", env, "w") == "x-app---${USER_NAME}-$5"
+    assert expand("x-${USER_NAME}-${EMPTY}-$${USER_NAME}-$5", env, "w") == "x-app--${USER_NAME}-$5"
     assert expand(["${USER_NAME}"], env, "w") == ["app"]
     assert expand(5, env, "w") == 5
     with pytest.raises(ConfigError, match=r"^w: \$\{1X\} is not a variable name"):
