@@ -376,3 +376,33 @@ def test_one_outbox_commands_take_the_outbox_from_the_file(
     ), unknown.stderr
     assert ambiguous.returncode == EXIT_CONFIG
     assert "--outbox (OUTBOX_RELAY_OUTBOX): is required" in ambiguous.stderr
+
+
+def test_migrate_migrates_every_outbox_of_the_file(tmp_path: Path, database_url: str) -> None:
+    # Given a file with an outbox already migrated and one whose schema does not exist yet
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        "[defaults]\n"
+        'database_url = "${TEST_DB}"\n'
+        '[[outbox]]\nname = "orders"\nschema = "public"\n'
+        '[[outbox]]\nname = "tenant"\nschema = "tenant_new"\nmode = "poll"\n'
+    )
+    env = {**cli_env(), "TEST_DB": database_url}
+
+    first = run_cli("migrate", "--config", str(path), "--partitions", "16", env=env)
+    again = run_cli("migrate", "--config", str(path), env=env)
+    cdc = run_cli("migrate", "--config", str(path), "--cdc", env=env)
+
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0] == "outbox 'orders':"
+    assert "schema 'public': already at version" in lines[1]
+    assert "outbox 'tenant':" in lines
+    assert any(line.startswith("schema 'tenant_new': applied 0001_") for line in lines)
+    assert first.stdout.count("partitions: 16") == 2
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("nothing to do") == 2
+    items = status_of_all(path, env)
+    assert [(i["name"], i["partitions"]) for i in items] == [("orders", 16), ("tenant", 16)]
+    assert cdc.returncode == EXIT_CONFIG
+    assert cdc.stderr.startswith("error: --cdc: not with --config"), cdc.stderr
