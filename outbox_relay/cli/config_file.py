@@ -80,6 +80,9 @@ class Outbox:
 
     name: str | None
     settings: RelaySettings
+    # A glob (``schemas = "tenant_*"``): every matching migrated schema is relayed, each as
+    # an outbox named ``<name>:<schema>`` with these settings; ``settings.schema_name`` unused.
+    schemas: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,27 @@ class RelayConfig:
             f"{option_name('outbox')} ({env_name('outbox')}): {name!r} is not an outbox of "
             f"{self.path} (it has {names})"
         )
+
+
+def expand_schemas(config: RelayConfig) -> list[Outbox]:
+    """Every outbox of the file, each ``schemas`` glob replaced by the schemas it matches now
+    (named ``<name>:<schema>``), for the one-shot commands (status, migrate)."""
+    from outbox_relay.db.connect import connection
+    from outbox_relay.db.discovery import outbox_schemas
+
+    found: list[Outbox] = []
+    for outbox in config.outboxes:
+        settings, pattern = outbox.settings, outbox.schemas
+        if pattern is None:
+            found.append(outbox)
+            continue
+        with connection(settings.database_url, application_name="outbox-relay") as conn:
+            schemas = outbox_schemas(conn, pattern, ready=False)
+        found += [
+            Outbox(f"{outbox.name}:{schema}", settings.model_copy(update={"schema_name": schema}))
+            for schema in schemas
+        ]
+    return found
 
 
 def one_outbox(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
@@ -131,6 +155,11 @@ def one_outbox(values: Mapping[str, Any], model: type[Settings]) -> dict[str, An
         raise ConfigError(
             f"{option_name('outbox')} ({env_name('outbox')}): is required: {config.path} has "
             f"{len(config.outboxes)} outboxes ({names})"
+        )
+    if outbox.schemas is not None:
+        raise ConfigError(
+            f"{option_name('outbox')} ({env_name('outbox')}): {outbox.name!r} relays the schemas "
+            f"{outbox.schemas!r}: name one with --database-url and --schema instead"
         )
     settings = outbox.settings
     found = {
@@ -252,17 +281,20 @@ def parse(
         at = f"{path}: {label}"
         _check_name(name, at, places)
         places[name] = label
-        if "schemas" in table:
-            raise ConfigError(
-                f"{at}: schemas: schema discovery is not supported yet; give each schema its "
-                "own [[outbox]] table (same database_url, its own name and schema)"
-            )
+        schemas = table.get("schemas")
+        if schemas is not None:
+            _check_schemas(schemas, table, at)
         for key in table:
             if key in observability_keys:
                 raise ConfigError(
                     f"{at}: {key}: applies to the whole process; set it in [defaults]"
                 )
-        own = _checked({k: v for k, v in table.items() if k != "name"}, at, relay_keys, environ)
+        own = _checked(
+            {k: v for k, v in table.items() if k not in ("name", "schemas")},
+            at,
+            relay_keys,
+            environ,
+        )
         relay_defaults = {k: v for k, v in defaults.items() if k in relay_keys}
         merged = {**relay_defaults, **own, **cli_relay}
         if "database_url" not in merged:
@@ -273,7 +305,16 @@ def parse(
             check_options(settings.publisher)
         except ConfigError as exc:
             raise ConfigError(_broker_error(str(exc), origins, cli_relay, at)) from None
-        identity = _database(settings.database_url)
+        if schemas is not None:
+            for key in ("slot_name", "publication"):
+                if key in merged:
+                    raise ConfigError(
+                        f"{_origin(origins, cli_relay, key)}: {key}: would be shared by every "
+                        "schema the glob finds (leave it out: each gets outbox_relay_<schema>)"
+                    )
+            outboxes.append(Outbox(name, settings, schemas))
+            continue
+        identity = database_of(settings.database_url)
         other = seen.setdefault((*identity, settings.schema_name), label)
         if other != label:
             raise ConfigError(
@@ -308,6 +349,13 @@ def parse(
 
 def _flag() -> str:
     return f"--config ({env_name('config')})"
+
+
+def _check_schemas(schemas: Any, table: Mapping[str, Any], at: str) -> None:
+    if not isinstance(schemas, str) or not schemas.strip():
+        raise ConfigError(f"{at}: schemas: must be a glob of schema names (e.g. 'tenant_*')")
+    if "schema" in table or "schema_name" in table:
+        raise ConfigError(f"{at}: schemas: give schema (one) or schemas (a glob), not both")
 
 
 def _check_name(name: Any, at: str, places: Mapping[str, str]) -> None:
@@ -389,7 +437,7 @@ def _broker_error(
     return f"{_origin(origins, cli, key)}: {key}: {text[match.end() :]}"
 
 
-def _database(url: str) -> tuple[str, str, str]:
+def database_of(url: str) -> tuple[str, str, str]:
     """(host, port, dbname) of a database URL: what says two outboxes share a database."""
     parameters = conninfo_to_dict(url)
     return (

@@ -120,7 +120,9 @@ def migrate(values: Values) -> None:
     given = {k: v for k, v in values.items() if k in config_file.PER_OUTBOX}
     config = config_file.load(path, given, os.environ, observability=False)
     setup_logging(secrets=config.secrets())
-    for outbox in config.outboxes:
+    # A schemas glob: the schemas it matches that hold an outbox already (an upgrade); a new
+    # tenant's schema is made with `migrate --schema` when the tenant is.
+    for outbox in config_file.expand_schemas(config):
         settings = outbox.settings
         typer.echo(f"outbox {outbox.name!r}:")
         one = options.model_copy(

@@ -108,7 +108,7 @@ def _status_of_all(config: RelayConfig, options: StatusOptions) -> None:
     """One row per outbox; an outbox whose database cannot be read is shown as such, the others
     still are, and the command then fails with that error (naming the outbox)."""
     found: list[tuple[str, OutboxStatus | OutboxRelayError]] = []
-    for outbox in config.outboxes:
+    for outbox in config_file.expand_schemas(config):
         settings = outbox.settings
         name = outbox.name or ""
         try:

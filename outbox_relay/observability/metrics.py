@@ -269,6 +269,7 @@ class RelayMetrics:
         if instruments is None:
             instruments = _INSTRUMENTS[meter] = _RelayInstruments(meter)
         instruments.members.append(self)
+        self._instruments = instruments
         self._published = instruments.published
         self._failures = instruments.failures
         self._dead = instruments.dead
@@ -278,6 +279,11 @@ class RelayMetrics:
         self._rebalances = instruments.rebalances
         self._lease_losses = instruments.lease_losses
         self._owned = 0
+
+    def close(self) -> None:
+        """Stop reporting this relay's gauges (its outbox is no longer relayed)."""
+        if self in self._instruments.members:
+            self._instruments.members.remove(self)
 
     def observation(self, what: str) -> metrics.Observation | None:
         """This relay's current value of an observable gauge (None: not sampled yet)."""

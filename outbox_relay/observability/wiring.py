@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -64,9 +65,13 @@ class RelayObservability:
             prometheus_port=observability.metrics_port,
             prometheus_host=observability.metrics_host,
         )
-        self._samplers: list[BacklogSampler] = []
         self.health: HealthServer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        # Per relay (by its outbox's name): its backlog sampler and metrics, to stop when the
+        # outbox is let go (schema discovery).
+        self._samplers: dict[str | None, BacklogSampler] = {}
+        self._sampling: dict[str | None, asyncio.Task[None]] = {}
+        self._metrics: dict[str | None, RelayMetrics] = {}
 
     def hooks_for(
         self, settings: RelaySettings, publisher_name: str, outbox: str | None = None
@@ -81,45 +86,67 @@ class RelayObservability:
         if self.meter_provider is not None:
             backlog = Backlog()
             meter = self.meter_provider.get_meter(INSTRUMENTATION)
-            hooks.append(
-                RelayMetrics(
-                    meter,
-                    system=publisher_name,
-                    destination=settings.publisher.exchange,
-                    backlog=backlog,
-                    relay=settings.relay_name_or_default,
-                    outbox=outbox,
-                )
+            metrics = RelayMetrics(
+                meter,
+                system=publisher_name,
+                destination=settings.publisher.exchange,
+                backlog=backlog,
+                relay=settings.relay_name_or_default,
+                outbox=outbox,
             )
-            self._samplers.append(
-                BacklogSampler(
-                    settings.database_url,
-                    settings.schema_name,
-                    backlog,
-                    interval=max(1.0, min(15.0, settings.poll_interval * 5)),
-                )
+            hooks.append(metrics)
+            self._metrics[outbox] = metrics
+            sampler = BacklogSampler(
+                settings.database_url,
+                settings.schema_name,
+                backlog,
+                interval=max(1.0, min(15.0, settings.poll_interval * 5)),
             )
+            self._samplers[outbox] = sampler
+            if self._started:
+                self._sampling[outbox] = asyncio.create_task(sampler.run())
         return CompositeHooks(hooks) if hooks else None
 
-    async def start(self, relays: Sequence[tuple[RelaySettings, Relay]]) -> None:
-        """Serve the probes: ready when every relay is, alive while every relay makes progress."""
+    async def release(self, outbox: str | None) -> None:
+        """Forget a relay's sampler and metrics: its outbox is no longer relayed."""
+        self._samplers.pop(outbox, None)
+        metrics = self._metrics.pop(outbox, None)
+        if metrics is not None:
+            metrics.close()
+        task = self._sampling.pop(outbox, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def start(
+        self,
+        relays: Callable[[], Sequence[Relay]],
+        stale_after: float,
+    ) -> None:
+        """Serve the probes: ready when every relay (of the moment: ``relays()``) is, alive
+        while every one makes progress; start sampling the backlogs."""
         port = self._observability.health_port
         if port is not None:
             self.health = HealthServer(
                 port,
-                ready=lambda: all(relay.is_ready() for _settings, relay in relays),
-                heartbeat=lambda: min(relay.heartbeat for _settings, relay in relays),
-                stale_after=max(liveness_timeout(settings) for settings, _relay in relays),
+                ready=lambda: all(relay.is_ready() for relay in relays()),
+                heartbeat=lambda: min(
+                    (relay.heartbeat for relay in relays()), default=time.monotonic()
+                ),
+                stale_after=stale_after,
                 host=self._observability.health_host,
             )
             await self.health.start()
-        for sampler in self._samplers:
-            self._tasks.append(asyncio.create_task(sampler.run()))
+        self._started = True
+        for outbox, sampler in self._samplers.items():
+            self._sampling[outbox] = asyncio.create_task(sampler.run())
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._sampling.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.health is not None:

@@ -72,7 +72,10 @@ def test_a_bad_file_is_one_line_naming_the_place_exit_3_before_anything_connects
             'outbox[1] "orders": database_url: ${NO_SUCH_VARIABLE_HERE} is not set',
         ),
         "TOML syntax": (good + "batch_size =\n", "is not valid TOML: Invalid value (at line 5"),
-        "schema discovery": (good + 'schemas = "tenant_*"\n', "schemas: schema discovery"),
+        "schema and schemas": (
+            good + 'schema = "a"\nschemas = "tenant_*"\n',
+            'outbox[1] "orders": schemas: give schema (one) or schemas (a glob), not both',
+        ),
     }
     runs = []
     for number, (text, _expected) in enumerate(cases.values()):
@@ -406,3 +409,77 @@ def test_migrate_migrates_every_outbox_of_the_file(tmp_path: Path, database_url:
     assert [(i["name"], i["partitions"]) for i in items] == [("orders", 16), ("tenant", 16)]
     assert cdc.returncode == EXIT_CONFIG
     assert cdc.stderr.startswith("error: --cdc: not with --config"), cdc.stderr
+
+
+def test_a_schemas_glob_relays_every_migrated_schema_as_they_come_and_go(
+    tmp_path: Path,
+    database_url: str,
+    broker_url: str,
+    exchange: str,
+    relay_factory: Callable[..., RelayProcess],
+    consume: Callable[[str, str], QueueConsumer],
+) -> None:
+    # Given two migrated tenant schemas and a file relaying every schema of the glob
+    prefix = f"t{uuid.uuid4().hex[:8]}_"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for tenant in ("a", "b"):
+            migrate(conn, prefix + tenant)
+        conn.execute(f"CREATE SCHEMA {prefix}unmigrated")  # matches, holds no outbox: skipped
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        "[[outbox]]\n"
+        'name = "tenants"\n'
+        'database_url = "${TEST_DB}"\n'
+        f'schemas = "{prefix}*"\n'
+        f'exchange = "{exchange}"\n'
+        "poll_interval = 0.2\n"
+    )
+    env = {**cli_env(), "TEST_DB": database_url, "OUTBOX_RELAY_BROKER_URL": broker_url}
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    queue = f"q.test.{prefix}"
+    connection.channel().queue_declare(queue, durable=True)
+    connection.channel().queue_bind(queue, exchange, "order.*")
+    connection.close()
+    consumer = consume(broker_url, queue)
+    relay = relay_factory(env, "--config", str(path)).start()
+    relay.wait_for_log(f"found schema '{prefix}a'")
+    relay.wait_for_log(f"found schema '{prefix}b'")
+
+    def emit(tenant: str) -> str:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            row = conn.execute(
+                f"INSERT INTO {prefix}{tenant}.outbox (event_type, aggregate_type, aggregate_id,"
+                " payload) VALUES ('order.created', 'order', %s, '{}') RETURNING event_id",
+                (tenant,),
+            ).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    try:
+        # Then events of both arrive
+        sent = {emit("a"), emit("b")}
+        wait_until(lambda: consumer.has_all(sent), timeout=30)
+
+        # When a third tenant's schema is created and migrated mid-run, it is relayed within 30 s
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            migrate(conn, prefix + "c")
+        late = emit("c")
+        wait_until(lambda: consumer.has_all({late}), timeout=30)
+        assert f"found schema '{prefix}c'" in relay.log()
+        names = [str(i["name"]) for i in status_of_all(path, env)]
+        assert sorted(names) == [f"tenants:{prefix}{t}" for t in "abc"]
+
+        # When one is dropped, it is let go and the others go on
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '20s'")
+            conn.execute(f"DROP SCHEMA {prefix}a CASCADE")
+        relay.wait_for_log(f"schema '{prefix}a' is gone", timeout=30)
+        after = {emit("b"), emit("c")}
+        wait_until(lambda: consumer.has_all(after), timeout=30)
+        assert relay.running
+    finally:
+        rabbit_cleanup(broker_url, lambda ch: ch.queue_delete(queue))
+    assert relay.terminate() == 0
+    log = relay.log()
+    assert f"outbox=tenants:{prefix}b" in log
+    assert "Traceback" not in log

@@ -143,8 +143,14 @@ def test_a_database_url_in_the_defaults_serves_outboxes_of_several_schemas(
          "[defaults]"),
         (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nnats_stream = 'X'\n",
          'relay.toml: outbox[1] "a": nats_stream: applies to nats://, tls:// brokers only'),
-        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nschemas = 'tenant_*'\n",
-         'relay.toml: outbox[1] "a": schemas: schema discovery is not supported yet'),
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nschemas = 'tenant_*'\n"
+         "schema = 'x'\n",
+         'relay.toml: outbox[1] "a": schemas: give schema (one) or schemas (a glob), not both'),
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nschemas = ''\n",
+         'relay.toml: outbox[1] "a": schemas: must be a glob of schema names'),
+        (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\nschemas = 't_*'\nmode = 'cdc'\n"
+         "slot_name = 's'\n",
+         'relay.toml: outbox[1] "a": slot_name: would be shared by every schema'),
         (f"[[outbox]]\nname = 'a'\ndatabase_url = '{DB_A}'\n[[outbox]]\nname = 'b'\n"
          f"database_url = '{DB_A}'\n",
          'relay.toml: outbox[2] "b": schema: outbox[1] "a" already relays schema \'public\''),
@@ -225,10 +231,31 @@ def test_the_example_file_is_valid() -> None:
         "RABBITMQ_PASSWORD": "pw",
         "ORDERS_DATABASE_URL": DB_A,
         "SHIPPING_DATABASE_URL": DB_B,
+        "TENANTS_DATABASE_URL": "postgresql://relay@db-c:5432/saas",
     }
 
     config = load(str(example), {}, env)
 
-    assert [o.name for o in config.outboxes] == ["orders", "payments", "shipping"]
+    assert [o.name for o in config.outboxes] == ["orders", "payments", "shipping", "tenants"]
+    assert config.outboxes[3].schemas == "tenant_*"
     assert config.outboxes[2].settings.publisher.scheme == "nats"
     assert config.observability.health_port == 8080
+
+
+def test_a_schemas_glob_is_kept_for_discovery(tmp_path: Path) -> None:
+    config = read(
+        tmp_path,
+        f"""
+        [[outbox]]
+        name = "tenants"
+        database_url = "{DB_A}"
+        schemas = "tenant_*"
+        batch_size = 10
+        """,
+    )
+    (tenants,) = config.outboxes
+    assert (tenants.name, tenants.schemas, tenants.settings.batch_size) == (
+        "tenants",
+        "tenant_*",
+        10,
+    )
