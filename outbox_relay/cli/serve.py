@@ -3,7 +3,8 @@
 With ``--config`` one process runs one :class:`~outbox_relay.relay.loop.Relay` per outbox of
 the file, side by side on one event loop (each relay spends its time waiting on PostgreSQL and
 the broker, as one relay does): each reconnects on its own, so one outbox's database being down
-leaves the others relaying.
+leaves the others relaying. A ``schemas`` glob adds and removes relays as schemas come and go
+(:class:`Fleet`, :func:`_discover`).
 """
 
 from __future__ import annotations
