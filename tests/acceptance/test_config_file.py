@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pika
@@ -260,7 +262,8 @@ def test_one_process_relays_three_outboxes_in_two_databases_each_to_its_exchange
     ).start()
     consumers = {t.name: consume(broker_url, t.queue) for t in targets}
     wait_until(lambda: all(owners(path, env).values()), timeout=30)
-    assert urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz").status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=5) as ready:
+        assert ready.status == 200
 
     # When each outbox gets events from concurrent producers
     loads = start_workloads(targets, total=1500)
@@ -483,3 +486,47 @@ def test_a_schemas_glob_relays_every_migrated_schema_as_they_come_and_go(
     log = relay.log()
     assert f"outbox=tenants:{prefix}b" in log
     assert "Traceback" not in log
+
+
+def test_an_outbox_whose_database_is_down_leaves_the_others_relaying_and_the_process_unready(
+    tmp_path: Path,
+    database_url: str,
+    broker_url: str,
+    exchange: str,
+    bind_queue: Callable[..., Any],
+    relay_factory: Callable[..., RelayProcess],
+    consume: Callable[[str, str], QueueConsumer],
+) -> None:
+    # Given one outbox whose database is reachable and one whose database is not
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        "[defaults]\n"
+        f'exchange = "{exchange}"\n'
+        "poll_interval = 0.2\n"
+        '[[outbox]]\nname = "up"\ndatabase_url = "${TEST_DB}"\n'
+        f'[[outbox]]\nname = "down"\ndatabase_url = "postgresql://postgres@127.0.0.1:{free_port()}/x"\n'
+    )
+    env = {**cli_env(broker_url=broker_url), "TEST_DB": database_url}
+    health_port = free_port()
+    queue = bind_queue("order.*")
+    consumer = consume(broker_url, queue.name)
+    relay = relay_factory(env, "--config", str(path), "--health-port", str(health_port)).start()
+
+    # When events are written to the reachable one
+    relay.wait_for_log("cannot connect, retrying")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO outbox (event_type, aggregate_type, aggregate_id, payload)"
+            " VALUES ('order.created', 'order', 'o-1', '{}') RETURNING event_id"
+        ).fetchone()
+    assert row is not None
+
+    # Then they arrive, while the process reports itself unready and keeps retrying the other
+    wait_until(lambda: consumer.has_all({str(row[0])}), timeout=30)
+    with pytest.raises(urllib.error.HTTPError) as unready:
+        urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=5)
+    unready.value.close()
+    assert unready.value.code == 503
+    assert relay.running
+    assert relay.terminate() == 0
+    assert "outbox=down" in relay.log()
