@@ -119,6 +119,16 @@ def route(values: Any, model: type[BaseModel], into: str) -> Any:
     return routed
 
 
+class InvalidSettingsError(ConfigError):
+    """Settings that do not validate; keeps pydantic's error so that a config file can name
+    the key and the table it came from (cli/config_file.py) instead of the flag."""
+
+    def __init__(self, message: str, model: type[BaseModel], error: ValidationError) -> None:
+        super().__init__(message)
+        self.model = model
+        self.error = error
+
+
 class Settings(BaseModel):
     """A frozen, validated group of settings; build it from any mapping of field names."""
 
@@ -138,7 +148,7 @@ class Settings(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(describe_error(type(self), exc)) from None
+            raise InvalidSettingsError(describe_error(type(self), exc), type(self), exc) from None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, where: str = "") -> Self:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
@@ -125,7 +126,11 @@ class SlotStream:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            # In the caller's context: its log lines name the outbox (serve --config).
+            context = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, context.run, fn, *args
+            )
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailableError(
                 f"PostgreSQL at {redact_url(self._settings.database_url)}: {exc}"

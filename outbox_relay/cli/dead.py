@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.config_file import OutboxOption, one_outbox
 from outbox_relay.cli.options import Values, settings_command
 from outbox_relay.db import dead_events, migrations
 from outbox_relay.db.connect import connection
@@ -68,10 +69,10 @@ class DeadRetryOptions(Settings):
 
 
 @app.command("list")
-@settings_command(DeadListOptions)
+@settings_command(DeadListOptions, OutboxOption)
 def dead_list(values: Values) -> None:
     """List dead-lettered events with their last error."""
-    options = DeadListOptions.from_mapping(values)
+    options = DeadListOptions.from_mapping(one_outbox(values, DeadListOptions))
     setup_logging(secrets=options.secrets())
     with connection(options.database_url, application_name="outbox-relay dead") as conn:
         migrations.check_schema(conn, options.schema_name)
@@ -110,10 +111,10 @@ def dead_list(values: Values) -> None:
 
 
 @app.command("retry")
-@settings_command(DeadRetryOptions)
+@settings_command(DeadRetryOptions, OutboxOption)
 def dead_retry(values: Values) -> None:
     """Make dead events pending again, with their attempts reset."""
-    options = DeadRetryOptions.from_mapping(values)
+    options = DeadRetryOptions.from_mapping(one_outbox(values, DeadRetryOptions))
     setup_logging(secrets=options.secrets())
     ids = options.event_ids
     with connection(options.database_url, application_name="outbox-relay dead") as conn:

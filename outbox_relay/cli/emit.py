@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 from outbox_relay import producer
 from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.config_file import OutboxOption, one_outbox
 from outbox_relay.cli.options import Values, settings_command
 from outbox_relay.db import migrations
 from outbox_relay.db.connect import connection
@@ -70,10 +71,10 @@ class EmitOptions(Settings):
         return dict(item.split("=", 1) for item in self.header)
 
 
-@settings_command(EmitOptions)
+@settings_command(EmitOptions, OutboxOption)
 def emit(values: Values) -> None:
     """Write one event to the outbox (handy for demos and smoke tests)."""
-    options = EmitOptions.from_mapping(values)
+    options = EmitOptions.from_mapping(one_outbox(values, EmitOptions))
     setup_logging(secrets=options.secrets())
     from outbox_relay.observability.tracing import configure_tracing
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import psycopg
@@ -9,13 +10,15 @@ import typer
 from pydantic import AfterValidator, Field, model_validator
 
 from outbox_relay.cdc import slots
+from outbox_relay.cli import config_file
 from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.config_file import ConfigOption
 from outbox_relay.cli.options import Values, settings_command
 from outbox_relay.db import grants as outbox_grants
 from outbox_relay.db import leases, migrations
 from outbox_relay.db.connect import connection
-from outbox_relay.errors import ConfigError
-from outbox_relay.relay.settings import Publication, RelaySettings, SlotName
+from outbox_relay.errors import ConfigError, OutboxRelayError
+from outbox_relay.relay.settings import Mode, Publication, RelaySettings, SlotName
 from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
 
 
@@ -96,11 +99,49 @@ class MigrateOptions(Settings):
         return self
 
 
-@settings_command(MigrateOptions)
+@settings_command(MigrateOptions, ConfigOption)
 def migrate(values: Values) -> None:
-    """Create or upgrade the outbox tables, functions and triggers (safe to re-run)."""
-    options = MigrateOptions.from_mapping(values)
-    setup_logging(secrets=options.secrets())
+    """Create or upgrade the outbox tables, functions and triggers (safe to re-run).
+
+    With --config: every outbox of the file, in its order; the CDC slots and publications of
+    those whose mode is cdc.
+    """
+    path = values.get("config")
+    options = MigrateOptions.from_mapping({k: v for k, v in values.items() if k != "config"})
+    if path is None:
+        setup_logging(secrets=options.secrets())
+        _migrate(options)
+        return
+    if options.cdc:
+        raise ConfigError(
+            f"--cdc: not with --config {path}: the CDC slots of the outboxes whose mode is cdc "
+            "are made anyway (to shard them, migrate that outbox alone with --cdc-shards)"
+        )
+    given = {k: v for k, v in values.items() if k in config_file.PER_OUTBOX}
+    config = config_file.load(path, given, os.environ, observability=False)
+    setup_logging(secrets=config.secrets())
+    # A schemas glob: the schemas it matches that hold an outbox already (an upgrade); a new
+    # tenant's schema is made with `migrate --schema` when the tenant is.
+    for outbox in config_file.expand_schemas(config):
+        settings = outbox.settings
+        typer.echo(f"outbox {outbox.name!r}:")
+        one = options.model_copy(
+            update={
+                "database_url": settings.database_url,
+                "schema_name": settings.schema_name,
+                "slot_name": settings.slot_name,
+                "publication": settings.publication,
+                "cdc": settings.mode is Mode.CDC,
+            }
+        )
+        try:
+            _migrate(one)
+        except OutboxRelayError as exc:
+            exc.args = (f"outbox {outbox.name!r}: {exc}", *exc.args[1:])
+            raise
+
+
+def _migrate(options: MigrateOptions) -> None:
     schema = options.schema_name
     with connection(options.database_url, application_name="outbox-relay migrate") as conn:
         try:

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from outbox_relay.cdc import slots
 from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.config_file import OutboxOption, one_outbox
 from outbox_relay.cli.options import Values, settings_command
 from outbox_relay.db.connect import connection
 from outbox_relay.relay.settings import Publication, SlotName, default_replication_name
@@ -45,11 +46,11 @@ class SlotDropOptions(SlotOptions):
 
 
 @app.command("status")
-@settings_command(SlotStatusOptions)
+@settings_command(SlotStatusOptions, OutboxOption)
 def slot_status(values: Values) -> None:
     """Show whether the slot exists and streams, its confirmed position and retained WAL (with
     several CDC shards, each shard's slot: the JSON object is shard 0's, plus ``shards``)."""
-    options = SlotStatusOptions.from_mapping(values)
+    options = SlotStatusOptions.from_mapping(one_outbox(values, SlotStatusOptions))
     setup_logging(secrets=options.secrets())
     schema = options.schema_name
     with connection(options.database_url, application_name="outbox-relay slot") as conn:
@@ -83,12 +84,12 @@ def _describe(name: str, found: slots.SlotStatus | None) -> str:
 
 
 @app.command("drop")
-@settings_command(SlotDropOptions)
+@settings_command(SlotDropOptions, OutboxOption)
 def slot_drop(values: Values) -> None:
     """Drop the replication slot so the server stops retaining WAL for it (stop the relays
     first). Pending rows stay in the table: a relay started later recreates the slot and
     publishes them from there."""
-    options = SlotDropOptions.from_mapping(values)
+    options = SlotDropOptions.from_mapping(one_outbox(values, SlotDropOptions))
     setup_logging(secrets=options.secrets())
     schema = options.schema_name
     publication = options.publication or default_replication_name(schema)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import os
+from typing import Annotated, Any
 
+import psycopg
 import typer
 from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
+from outbox_relay.cli import config_file
 from outbox_relay.cli.common import setup_logging
+from outbox_relay.cli.config_file import ConfigOption, RelayConfig
 from outbox_relay.cli.options import Values, settings_command
-from outbox_relay.db.connect import connection
+from outbox_relay.db.connect import connection, translate
 from outbox_relay.db.status import OutboxStatus, read_status
-from outbox_relay.errors import ExitCode
+from outbox_relay.errors import ExitCode, OutboxRelayError
 from outbox_relay.relay.settings import SlotName
 from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
 
@@ -51,10 +55,20 @@ class StatusOptions(Settings):
     slot_name: SlotName = None
 
 
-@settings_command(StatusOptions)
+@settings_command(StatusOptions, ConfigOption)
 def status(values: Values) -> None:
-    """Show the backlog, the lag, throughput, dead letters, connected relays and the CDC slot."""
-    options = StatusOptions.from_mapping(values)
+    """Show the backlog, the lag, throughput, dead letters, connected relays and the CDC slot.
+
+    With --config: every outbox of the file in one table (--json: a list, each with its name).
+    """
+    path = values.get("config")
+    options = StatusOptions.from_mapping({k: v for k, v in values.items() if k != "config"})
+    if path is not None:
+        given = {k: v for k, v in values.items() if k in config_file.PER_OUTBOX}
+        config = config_file.load(path, given, os.environ, observability=False)
+        setup_logging(secrets=config.secrets())
+        _status_of_all(config, options)
+        return
     setup_logging(secrets=options.secrets())
     with connection(options.database_url, application_name="outbox-relay status") as conn:
         current = read_status(conn, options.schema_name, options.slot_name)
@@ -88,6 +102,84 @@ def status(values: Values) -> None:
         )
     if lagging:
         raise typer.Exit(ExitCode.LAGGING)
+
+
+def _status_of_all(config: RelayConfig, options: StatusOptions) -> None:
+    """One row per outbox; an outbox whose database cannot be read is shown as such, the others
+    still are, and the command then fails with that error (naming the outbox)."""
+    found: list[tuple[str, OutboxStatus | OutboxRelayError]] = []
+    for outbox in config_file.expand_schemas(config):
+        settings = outbox.settings
+        name = outbox.name or ""
+        try:
+            with connection(settings.database_url, application_name="outbox-relay status") as conn:
+                found.append((name, read_status(conn, settings.schema_name, settings.slot_name)))
+        except (OutboxRelayError, psycopg.Error) as exc:
+            error = exc if isinstance(exc, OutboxRelayError) else translate(exc, "the database")
+            if not isinstance(error, OutboxRelayError):
+                error = OutboxRelayError(str(exc))
+            error.args = (f"outbox {name!r}: {error}", *error.args[1:])
+            found.append((name, error))
+    limit, wal_limit = options.fail_on_lag, options.fail_on_wal_bytes
+    lagging: list[str] = []
+    items: list[dict[str, Any]] = []
+    for name, current in found:
+        if isinstance(current, OutboxRelayError):
+            items.append({"name": name, "error": str(current)})
+            continue
+        most = current.most_retained_wal
+        retained = (most.retained_wal_bytes if most is not None else None) or 0
+        line = None
+        if limit is not None and current.oldest_pending_age_seconds > limit:
+            line = (
+                f"lagging: outbox {name!r}: oldest pending event is "
+                f"{current.oldest_pending_age_seconds:.1f}s old (limit {limit:g}s)"
+            )
+        elif wal_limit is not None and retained > wal_limit:
+            line = (
+                f"lagging: outbox {name!r}: slot {most.slot if most else None!r} retains "
+                f"{retained} bytes of WAL (limit {wal_limit})"
+            )
+        if line is not None:
+            lagging.append(line)
+        items.append({"name": name, **current.as_dict(), "lagging": line is not None})
+    if options.as_json:
+        typer.echo(json.dumps(items))
+    else:
+        Console().print(_outboxes_table(config.path, found))
+    for line in lagging:
+        typer.echo(line, err=True)
+    errors = [current for _name, current in found if isinstance(current, OutboxRelayError)]
+    if errors:
+        raise errors[0]
+    if lagging:
+        raise typer.Exit(ExitCode.LAGGING)
+
+
+def _outboxes_table(path: str, found: list[tuple[str, OutboxStatus | OutboxRelayError]]) -> Table:
+    table = Table(title=f"outboxes of {path} ({len(found)})")
+    for column in ("outbox", "schema", "pending", "lag", "retrying", "dead", "last minute"):
+        table.add_column(column, justify="left" if column in ("outbox", "schema") else "right")
+    table.add_column("owners (relay: partitions)")
+    for name, current in found:
+        if isinstance(current, OutboxRelayError):
+            table.add_row(name, "-", "-", "-", "-", "-", "-", f"error: {current}")
+            continue
+        owners = ", ".join(
+            f"{relay.relay}: {len(relay.partitions) or len(relay.cdc_shards)}"
+            for relay in current.relays
+        )
+        table.add_row(
+            name,
+            current.schema,
+            str(current.pending),
+            f"{current.oldest_pending_age_seconds:.1f}s",
+            str(current.retrying),
+            str(current.dead),
+            str(current.published_last_minute),
+            owners or "none",
+        )
+    return table
 
 
 def _table(schema: str, current: OutboxStatus) -> Table:

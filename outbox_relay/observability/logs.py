@@ -10,10 +10,24 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 from outbox_relay.redact import Scrubber
+
+# The outbox a line is about, when one process relays several (serve --config): set around each
+# relay's task, so every line it (and every task it starts) logs carries ``outbox=<name>``.
+OUTBOX: ContextVar[str | None] = ContextVar("outbox_relay_outbox", default=None)
+
+
+class _OutboxFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = OUTBOX.get()
+        if name is not None and not hasattr(record, "outbox"):
+            record.outbox = name
+        return True
+
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is context.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -80,6 +94,7 @@ def configure(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = (
     scrubber = Scrubber(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(scrubber) if fmt == "json" else TextFormatter(scrubber))
+    handler.addFilter(_OutboxFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

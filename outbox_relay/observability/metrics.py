@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -154,8 +155,97 @@ class Backlog:
     oldest_age: float | None = None
 
 
+class _RelayInstruments:
+    """The relay's instruments, made once per meter and shared by every relay of the process
+    (serve --config runs one per outbox): the SDK hands a second instrument of one name the
+    first one back, and would drop a second observable gauge's callback, so each gauge here
+    reports every registered relay's value under its own labels."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.members: list[RelayMetrics] = []
+        self.published = meter.create_counter(
+            PREFIX + "events.published", unit="{event}", description="Events the broker confirmed."
+        )
+        self.failures = meter.create_counter(
+            PREFIX + "publish.failures",
+            unit="{event}",
+            description="Publishes that failed, by reason (unroutable, nacked, too_large, "
+            "unencodable, broker_unavailable, ...); each is retried or dead-lettered.",
+        )
+        self.dead = meter.create_counter(
+            PREFIX + "events.dead_lettered",
+            unit="{event}",
+            description="Events the relay gave up on.",
+        )
+        self.batch = meter.create_histogram(
+            PREFIX + "batch.size",
+            unit="{event}",
+            description="Events claimed per batch.",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
+        )
+        self.confirm = meter.create_histogram(
+            PREFIX + "publish.duration",
+            unit="s",
+            description="From handing a wave to the broker to its last confirm.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.lag = meter.create_histogram(
+            PREFIX + "delivery.lag",
+            unit="s",
+            description="From the event's created_at (its transaction) to the broker's confirm; "
+            "waves of more than 64 events record an evenly spaced sample of them.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        meter.create_observable_gauge(
+            PREFIX + "partitions.owned",
+            callbacks=[self._observe("owned")],
+            unit="{partition}",
+            description="Partitions (--mode cdc: shards) this relay holds leases on.",
+        )
+        self.rebalances = meter.create_counter(
+            PREFIX + "rebalances",
+            unit="{rebalance}",
+            description="Changes of this relay's share of the outbox (partitions gained or lost).",
+        )
+        self.lease_losses = meter.create_counter(
+            PREFIX + "lease.losses",
+            unit="{partition}",
+            description="Partitions this relay gave up (handed over, or lost to another relay).",
+        )
+        meter.create_observable_gauge(
+            PREFIX + "pending",
+            callbacks=[self._observe("pending")],
+            unit="{event}",
+            description="Events waiting to be published (sampled periodically).",
+        )
+        meter.create_observable_gauge(
+            PREFIX + "pending.oldest_age",
+            callbacks=[self._observe("oldest_age")],
+            unit="s",
+            description="Age of the oldest pending event (sampled periodically).",
+        )
+
+    def _observe(self, what: str) -> metrics.CallbackT:
+        def observe(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return [
+                observation
+                for member in list(self.members)
+                if (observation := member.observation(what)) is not None
+            ]
+
+        return observe
+
+
+_INSTRUMENTS: weakref.WeakKeyDictionary[metrics.Meter, _RelayInstruments] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class RelayMetrics:
-    """RelayHooks counting what the relay publishes; the backlog gauges read :class:`Backlog`."""
+    """RelayHooks counting what one relay publishes; the backlog gauges read :class:`Backlog`.
+
+    ``outbox`` (the outbox's name in a config file) labels every value, so one process relaying
+    several outboxes reports each apart; its cardinality is the number of [[outbox]] tables."""
 
     def __init__(
         self,
@@ -165,90 +255,48 @@ class RelayMetrics:
         destination: str,
         backlog: Backlog,
         relay: str | None = None,
+        outbox: str | None = None,
     ) -> None:
-        self._attrs = {"messaging.system": system, "messaging.destination.name": destination}
+        self._attrs = {
+            "messaging.system": system,
+            "messaging.destination.name": destination,
+            **({"outbox": outbox} if outbox else {}),
+        }
         # The share metrics say whose share they count (several relays, one dashboard).
         self._share_attrs = {**self._attrs, **({"relay": relay} if relay else {})}
         self._backlog = backlog
-        self._published = meter.create_counter(
-            PREFIX + "events.published", unit="{event}", description="Events the broker confirmed."
-        )
-        self._failures = meter.create_counter(
-            PREFIX + "publish.failures",
-            unit="{event}",
-            description="Publishes that failed, by reason (unroutable, nacked, too_large, "
-            "unencodable, broker_unavailable, ...); each is retried or dead-lettered.",
-        )
-        self._dead = meter.create_counter(
-            PREFIX + "events.dead_lettered",
-            unit="{event}",
-            description="Events the relay gave up on.",
-        )
-        self._batch = meter.create_histogram(
-            PREFIX + "batch.size",
-            unit="{event}",
-            description="Events claimed per batch.",
-            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
-        )
-        self._confirm = meter.create_histogram(
-            PREFIX + "publish.duration",
-            unit="s",
-            description="From handing a wave to the broker to its last confirm.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self._lag = meter.create_histogram(
-            PREFIX + "delivery.lag",
-            unit="s",
-            description="From the event's created_at (its transaction) to the broker's confirm; "
-            "waves of more than 64 events record an evenly spaced sample of them.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        instruments = _INSTRUMENTS.get(meter)
+        if instruments is None:
+            instruments = _INSTRUMENTS[meter] = _RelayInstruments(meter)
+        instruments.members.append(self)
+        self._instruments = instruments
+        self._published = instruments.published
+        self._failures = instruments.failures
+        self._dead = instruments.dead
+        self._batch = instruments.batch
+        self._confirm = instruments.confirm
+        self._lag = instruments.lag
+        self._rebalances = instruments.rebalances
+        self._lease_losses = instruments.lease_losses
         self._owned = 0
-        meter.create_observable_gauge(
-            PREFIX + "partitions.owned",
-            callbacks=[self._observe_owned],
-            unit="{partition}",
-            description="Partitions (--mode cdc: shards) this relay holds leases on.",
-        )
-        self._rebalances = meter.create_counter(
-            PREFIX + "rebalances",
-            unit="{rebalance}",
-            description="Changes of this relay's share of the outbox (partitions gained or lost).",
-        )
-        self._lease_losses = meter.create_counter(
-            PREFIX + "lease.losses",
-            unit="{partition}",
-            description="Partitions this relay gave up (handed over, or lost to another relay).",
-        )
-        meter.create_observable_gauge(
-            PREFIX + "pending",
-            callbacks=[self._observe_pending],
-            unit="{event}",
-            description="Events waiting to be published (sampled periodically).",
-        )
-        meter.create_observable_gauge(
-            PREFIX + "pending.oldest_age",
-            callbacks=[self._observe_oldest],
-            unit="s",
-            description="Age of the oldest pending event (sampled periodically).",
-        )
 
-    def _observe_owned(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        return [metrics.Observation(self._owned, self._share_attrs)]
+    def close(self) -> None:
+        """Stop reporting this relay's gauges (its outbox is no longer relayed)."""
+        if self in self._instruments.members:
+            self._instruments.members.remove(self)
+
+    def observation(self, what: str) -> metrics.Observation | None:
+        """This relay's current value of an observable gauge (None: not sampled yet)."""
+        if what == "owned":
+            return metrics.Observation(self._owned, self._share_attrs)
+        value = self._backlog.pending if what == "pending" else self._backlog.oldest_age
+        return None if value is None else metrics.Observation(value, self._attrs)
 
     def after_rebalance(self, owned: int, gained: int, lost: int) -> None:
         self._owned = owned
         self._rebalances.add(1, self._share_attrs)
         if lost:
             self._lease_losses.add(lost, self._share_attrs)
-
-    def _observe_pending(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        value = self._backlog.pending
-        return [] if value is None else [metrics.Observation(value, self._attrs)]
-
-    def _observe_oldest(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        value = self._backlog.oldest_age
-        return [] if value is None else [metrics.Observation(value, self._attrs)]
 
     def after_claim(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
         self._batch.record(len(messages), self._attrs)

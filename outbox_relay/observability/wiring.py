@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from outbox_relay.consumer.hooks import CompositeConsumerHooks, ConsumerHooks
@@ -48,15 +50,10 @@ def liveness_timeout(settings: RelaySettings) -> float:
 
 
 class RelayObservability:
-    """Tracing and metrics hooks, the backlog sampler and the health server of one relay."""
+    """Tracing and metrics hooks, backlog samplers and the health server of a ``serve``
+    process: the providers and the endpoints once, the hooks and a sampler per outbox."""
 
-    def __init__(
-        self,
-        settings: RelaySettings,
-        publisher_name: str,
-        observability: ObservabilitySettings | None = None,
-    ) -> None:
-        self._settings = settings
+    def __init__(self, observability: ObservabilitySettings | None = None) -> None:
         self._observability = observability = observability or ObservabilitySettings()
         self.tracer_provider = configure_tracing(RELAY_SERVICE)
         self.meter_provider = _configure_metrics(
@@ -64,53 +61,88 @@ class RelayObservability:
             prometheus_port=observability.metrics_port,
             prometheus_host=observability.metrics_host,
         )
+        self.health: HealthServer | None = None
+        self._started = False
+        # Per relay (by its outbox's name): its backlog sampler and metrics, to stop when the
+        # outbox is let go (schema discovery).
+        self._samplers: dict[str | None, BacklogSampler] = {}
+        self._sampling: dict[str | None, asyncio.Task[None]] = {}
+        self._metrics: dict[str | None, RelayMetrics] = {}
+
+    def hooks_for(
+        self, settings: RelaySettings, publisher_name: str, outbox: str | None = None
+    ) -> RelayHooks | None:
+        """The hooks of one relay; ``outbox`` (its name in a config file) labels its metrics."""
         hooks: list[RelayHooks] = []
         if self.tracer_provider is not None:
             tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
             hooks.append(
                 RelayTracing(tracer, system=publisher_name, destination=settings.publisher.exchange)
             )
-        self._sampler: BacklogSampler | None = None
         if self.meter_provider is not None:
             backlog = Backlog()
             meter = self.meter_provider.get_meter(INSTRUMENTATION)
-            hooks.append(
-                RelayMetrics(
-                    meter,
-                    system=publisher_name,
-                    destination=settings.publisher.exchange,
-                    backlog=backlog,
-                    relay=settings.relay_name_or_default,
-                )
+            metrics = RelayMetrics(
+                meter,
+                system=publisher_name,
+                destination=settings.publisher.exchange,
+                backlog=backlog,
+                relay=settings.relay_name_or_default,
+                outbox=outbox,
             )
-            self._sampler = BacklogSampler(
+            hooks.append(metrics)
+            self._metrics[outbox] = metrics
+            sampler = BacklogSampler(
                 settings.database_url,
                 settings.schema_name,
                 backlog,
                 interval=max(1.0, min(15.0, settings.poll_interval * 5)),
             )
-        self.hooks: RelayHooks | None = CompositeHooks(hooks) if hooks else None
-        self.health: HealthServer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+            self._samplers[outbox] = sampler
+            if self._started:
+                self._sampling[outbox] = asyncio.create_task(sampler.run())
+        return CompositeHooks(hooks) if hooks else None
 
-    async def start(self, relay: Relay) -> None:
+    async def release(self, outbox: str | None) -> None:
+        """Forget a relay's sampler and metrics: its outbox is no longer relayed."""
+        self._samplers.pop(outbox, None)
+        metrics = self._metrics.pop(outbox, None)
+        if metrics is not None:
+            metrics.close()
+        task = self._sampling.pop(outbox, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def start(
+        self,
+        relays: Callable[[], Sequence[Relay]],
+        stale_after: float,
+    ) -> None:
+        """Serve the probes: ready when every relay (of the moment: ``relays()``) is, alive
+        while every one makes progress; start sampling the backlogs."""
         port = self._observability.health_port
         if port is not None:
             self.health = HealthServer(
                 port,
-                ready=relay.is_ready,
-                heartbeat=lambda: relay.heartbeat,
-                stale_after=liveness_timeout(self._settings),
+                ready=lambda: all(relay.is_ready() for relay in relays()),
+                heartbeat=lambda: min(
+                    (relay.heartbeat for relay in relays()), default=time.monotonic()
+                ),
+                stale_after=stale_after,
                 host=self._observability.health_host,
             )
             await self.health.start()
-        if self._sampler is not None:
-            self._tasks.append(asyncio.create_task(self._sampler.run()))
+        self._started = True
+        for outbox, sampler in self._samplers.items():
+            self._sampling[outbox] = asyncio.create_task(sampler.run())
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._sampling.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.health is not None:

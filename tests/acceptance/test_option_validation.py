@@ -208,6 +208,8 @@ BAD_TEXT: dict[str, list[str]] = {
     "since": ["yesterday", "2026-13-01", "-2h", ""],
     "until": ["tomorrow", "2026-12-01T25:00", ""],
     "name": ["-leading-dash", "a b", "x" * 64, ""],
+    "config": ["/nonexistent/relay.toml", "/", ""],
+    "outbox": ["a b", "-x", ""],
 }
 # Text options that take any text, and why.
 FREE_TEXT: dict[str, str] = {

@@ -91,3 +91,38 @@ def test_configure_installs_one_handler_with_the_chosen_format() -> None:
     configure("warning", "text")
     assert len(root.handlers) == 1
     assert isinstance(root.handlers[0].formatter, TextFormatter)
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_lines_logged_for_an_outbox_name_it_and_tasks_keep_the_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import asyncio
+
+    from outbox_relay.observability.logs import OUTBOX
+
+    configure("info", "json")
+    log = logging.getLogger("outbox_relay.relay.loop")
+
+    async def child() -> None:
+        log.info("in a task it started")
+
+    async def relay() -> None:
+        log.info("in the relay")
+        await asyncio.ensure_future(child())
+
+    async def main() -> None:
+        token = OUTBOX.set("billing")
+        task = asyncio.ensure_future(relay())  # copies the context, as serve does
+        OUTBOX.reset(token)
+        log.info("outside")
+        await task
+
+    asyncio.run(main())
+
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert {e["message"]: e.get("outbox") for e in entries} == {
+        "outside": None,
+        "in the relay": "billing",
+        "in a task it started": "billing",
+    }

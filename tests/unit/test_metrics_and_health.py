@@ -101,6 +101,33 @@ def test_a_big_wave_records_a_bounded_sample_of_its_lag() -> None:
     assert lag.max >= 999  # the oldest event is always in the sample
 
 
+def test_relays_of_one_process_report_apart_under_their_outbox_label() -> None:
+    # serve --config: one meter, one RelayMetrics per outbox; every gauge reports each of them.
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("t")
+    orders, billing = Backlog(), Backlog()
+    first = RelayMetrics(
+        meter, system="rabbitmq", destination="o", backlog=orders, relay="r", outbox="orders"
+    )
+    second = RelayMetrics(
+        meter, system="rabbitmq", destination="b", backlog=billing, relay="r", outbox="billing"
+    )
+    first.after_publish([message(1)], [CONFIRMED], 0.01)
+    second.after_publish([message(2), message(3)], [CONFIRMED, CONFIRMED], 0.01)
+    first.after_rebalance(owned=64, gained=64, lost=0)
+    second.after_rebalance(owned=32, gained=32, lost=0)
+    orders.pending, billing.pending = 5, 7
+
+    got = points(reader)
+
+    def by_outbox(name: str) -> dict[str, Any]:
+        return {p.attributes["outbox"]: p.value for p in got[name]}
+
+    assert by_outbox("outbox_relay.events.published") == {"orders": 1, "billing": 2}
+    assert by_outbox("outbox_relay.partitions.owned") == {"orders": 64, "billing": 32}
+    assert by_outbox("outbox_relay.pending") == {"orders": 5, "billing": 7}
+
+
 def test_backlog_gauges_report_nothing_before_the_first_sample() -> None:
     reader = InMemoryMetricReader()
     meter = MeterProvider(metric_readers=[reader]).get_meter("t")
