@@ -184,8 +184,8 @@ def run(
         exchange=EXCHANGE,
         prefetch=prefetch,
         ordered=ordered,
-        partition_queues=partitions,
-        rebalance_interval=0.5,
+        # Options of the ordered consumer only (refused without --ordered).
+        **({"partition_queues": partitions, "rebalance_interval": 0.5} if ordered else {}),
     )
     topology = settings.topology()
     processes: list[multiprocessing.process.BaseProcess] = []

@@ -853,8 +853,9 @@ class ScaleBench:
                             raise RuntimeError(f"{kill_after} events not published in time")
                         fleet.relays[victim].kill()
                         killed_at = time.time()
-                        fleet.relays[victim].wait(10)
+                        # Counted at the kill: the survivors go on publishing meanwhile.
                         published_at_kill = counter.published() - base
+                        fleet.relays[victim].wait(10)
                         finished = counter.wait_for(base + events, timeout=events / 100 + 120)
                     finally:
                         counter.close()

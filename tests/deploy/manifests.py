@@ -196,8 +196,11 @@ def invalid_values(args: list[str], env: dict[str, str | None]) -> dict[str, str
     for name, value in env.items():
         if value is None or name not in params:
             continue
+        param = params[name]
+        # A repeatable option's variable holds its values separated by spaces (click's split).
+        given: Any = value.split() if getattr(param, "multiple", False) else value
         try:
-            params[name].process_value(context, value)
+            param.process_value(context, given)
         except Exception as exc:  # click.BadParameter and whatever a callback raises
             refused[name] = f"{value!r}: {exc}"
     return refused

@@ -15,7 +15,7 @@ from tests.services import Services
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "scale_bench.py"
 EVENTS = 2000
-TAKEOVER_EVENTS = 3000
+TAKEOVER_EVENTS = 6000  # enough that the kill comes mid-stream however fast the relays are
 PARTITIONS = 64
 
 
