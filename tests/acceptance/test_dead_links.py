@@ -32,7 +32,9 @@ from tests.acceptance.conftest import (
     cli_env,
     read_status,
 )
+from tests.acceptance.test_brokers_acceptance import SINKS, check_arrivals
 from tests.acceptance.test_consumer_cli import WorkerProcess, start_worker
+from tests.brokers import Received
 from tests.cdc_support import drop_slot_eventually, unique_slot_name
 from tests.conftest import RabbitQueue, wait_until
 from tests.faults import HangingProxy, free_port
@@ -250,3 +252,58 @@ def test_a_consumer_link_that_hangs_is_noticed_in_bound_and_every_event_applied_
                     started.process.wait()
     # Then every event was applied exactly once (the inbox absorbs the redeliveries)
     assert env.effect_counts() == dict.fromkeys(ids, 1)
+
+
+# What the relay's log line names, per broker.
+BROKER_NAMES = {"nats": "NATS", "redis": "Redis", "mqtt": "MQTT"}
+
+
+@pytest.mark.parametrize("broker", sorted(BROKER_NAMES))
+def test_a_broker_link_that_hangs_times_out_per_confirm_timeout_and_republishes_losing_nothing(
+    broker: str,
+    database_url: str,
+    relay_factory: Callable[..., RelayProcess],
+    workload: Callable[..., Workload],
+) -> None:
+    sink = SINKS[broker]()
+    try:
+        options = sink.options()
+        health_port = free_port()
+        with HangingProxy(urlsplit(options["broker_url"]).port or 0) as proxy:
+            env = cli_env(
+                database_url=database_url,
+                batch_size=200,
+                poll_interval=0.2,
+                retry_backoff=0.2,
+                confirm_timeout=CONFIRM_TIMEOUT,
+                health_port=health_port,
+                **{**options, "broker_url": via(options["broker_url"], proxy.port)},
+            )
+            sink.start()
+            relay = relay_factory(env).start()
+            relay.wait_for_log("holding 64 of 64 partitions")
+            load = workload(total=6000, producers=2, aggregates=100).start()
+            # A publish whose acknowledgement never comes times out per --confirm-timeout.
+            cut_and_restore(
+                proxy,
+                progress=sink.count,
+                log=relay.log,
+                alive=lambda: relay.running,
+                health_port=health_port,
+                bound=CONFIRM_TIMEOUT,
+                link_line=BROKER_NAMES[broker],
+            )
+            load.join()
+            produced = set(load.produced)
+
+            def everything() -> list[Received] | None:
+                got = sink.received()
+                return got if produced <= {r.event_id for r in got} else None
+
+            received: list[Received] = wait_until(everything, timeout=120, interval=0.5)
+            assert relay.terminate() == 0
+        duplicates = check_arrivals(received, load.produced, load.versions())
+        assert duplicates <= 2 * 200, duplicates
+        assert read_status(cli_env(database_url=database_url))["pending"] == 0
+    finally:
+        sink.cleanup()
