@@ -48,6 +48,10 @@ GATHER_TIMEOUT = 0.005
 MAX_FRAMES = 20_000  # per hop to the worker thread
 STATUS_EVERY = 10.0  # well inside the server's wal_sender_timeout (60 s by default)
 STATUS_MIN_GAP = 1.0
+# A replication connection silent this long is dead (the stream asks the server for a reply
+# half-way, which a live walsender sends at once): reconnect rather than wait on a cut link
+# for the kernel's timeouts. docs/deploy.md, "Dead links".
+SILENCE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +167,7 @@ class SlotStream:
             application_name=f"outbox-relay-cdc:{settings.schema_name}:{names.shard}",
         )
         self._close_stream()
-        stream = self._stream = ReplicationStream(conninfo)
+        stream = self._stream = ReplicationStream(conninfo, silence_timeout=SILENCE_TIMEOUT)
         stream.open()
         created = stream.ensure_slot(names.slot)
         try:

@@ -95,12 +95,24 @@ class ReplicationStream:
     server drops the connection after ``wal_sender_timeout``, 60 s by default).
     """
 
-    def __init__(self, conninfo: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        connect_timeout: float = 10.0,
+        silence_timeout: float | None = None,
+    ) -> None:
+        """``silence_timeout``: while streaming, ``read()`` raises ReplicationError once the
+        server has sent nothing for that many seconds (None: wait as long as it takes)."""
         self._conninfo = conninfo
         self._connect_timeout = connect_timeout
+        self._silence_timeout = silence_timeout
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._selector: selectors.BaseSelector | None = None
         self._streaming = False
+        self._heard_at = time.monotonic()  # the last frame from the server
+        self._asked_at: float | None = None  # when a reply was requested since then
+        self._flushed = 0  # the last position reported (0: none yet)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -218,30 +230,46 @@ class ReplicationStream:
         except psycopg.Error as exc:
             raise translate_error(exc, f"cannot start replication from slot {slot!r}") from exc
         self._streaming = True
+        self._heard_at, self._asked_at = time.monotonic(), None
         self._selector = selectors.DefaultSelector()
         self._selector.register(conn.pgconn.socket, selectors.EVENT_READ)
 
     # ---------------------------------------------------------------- streaming
 
     def read(self, timeout: float) -> ReplicationFrame | None:
-        """Next XLogData/PrimaryKeepalive, or None if nothing arrived within ``timeout`` s."""
+        """Next XLogData/PrimaryKeepalive, or None if nothing arrived within ``timeout`` s.
+
+        With a ``silence_timeout``: ReplicationError once the server has been silent that long.
+        """
         pgconn = self._require_streaming()
         deadline = time.monotonic() + timeout
+        polled = False
         try:
             while True:
                 # Drain what libpq already buffered before sleeping on the socket: one
                 # recv() often brings several CopyData messages.
                 size, data = pgconn.get_copy_data(1)
                 if size > 0:
+                    self._heard_at, self._asked_at = time.monotonic(), None
                     try:
                         return decode_copy_data(bytes(data))
                     except PgOutputDecodeError as exc:
                         raise ReplicationError(f"malformed replication frame: {exc}") from exc
                 if size == -1:
                     self._raise_stream_end(pgconn)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._wait(selectors.EVENT_READ, remaining):
-                    return None
+                now = time.monotonic()
+                if not polled and self._overdue(now):
+                    # Frames may wait in the socket since the last read: not silence.
+                    polled = True
+                    pgconn.consume_input()
+                    continue
+                remaining = min(deadline, self._check_silence(now)) - now
+                if remaining <= 0:
+                    if now >= deadline:
+                        return None
+                    continue  # a reply was just requested: wait for it
+                if not self._wait(selectors.EVENT_READ, remaining):
+                    continue  # the deadline or the next silence check
                 pgconn.consume_input()
         except psycopg.Error as exc:
             self._streaming = False
@@ -254,6 +282,7 @@ class ReplicationStream:
         acknowledged for good and will not be streamed again after a reconnect.
         """
         pgconn = self._require_streaming()
+        self._flushed = max(self._flushed, flush_lsn)
         message = encode_standby_status_update(flush_lsn, flush_lsn, flush_lsn, reply)
         deadline = time.monotonic() + timeout
         try:
@@ -268,6 +297,37 @@ class ReplicationStream:
             raise translate_error(exc, "cannot send standby status update") from exc
 
     # ---------------------------------------------------------------- internals
+
+    def _overdue(self, now: float) -> bool:
+        limit = self._silence_timeout
+        return limit is not None and now - self._heard_at >= limit / 2
+
+    def _check_silence(self, now: float) -> float:
+        """A dead link or a frozen server leaves the socket open and silent: TCP keepalives
+        and tcp_user_timeout cannot tell when something between still acknowledges (a proxy,
+        a load balancer). A live walsender answers a status update that requests a reply at
+        once: after half the silence timeout without a frame we ask, and a request unanswered
+        for the other half means the stream is dead (ReplicationError: the caller reconnects).
+        Returns when to check again."""
+        limit = self._silence_timeout
+        if limit is None:
+            return float("inf")
+        asked_at = self._asked_at
+        if asked_at is None:
+            if now - self._heard_at < limit / 2:
+                return self._heard_at + limit / 2
+            self._asked_at = now
+            # The position already reported: a keepalive must never move the slot back.
+            self.send_status(self._flushed, reply=True, timeout=max(1.0, limit / 2))
+            return now
+        if now - asked_at >= limit / 2:
+            self._streaming = False
+            raise ReplicationError(
+                f"the replication stream heard nothing from PostgreSQL for "
+                f"{now - self._heard_at:.1f}s (a status update requesting a reply went "
+                f"unanswered for {now - asked_at:.1f}s)"
+            )
+        return asked_at + limit / 2
 
     def _require_conn(self) -> psycopg.Connection[TupleRow]:
         if self._conn is None or self._conn.closed:

@@ -29,6 +29,10 @@ from outbox_relay.db.connect import connect
 from outbox_relay.db.queries import Queries
 from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 
+# Seconds past the statement timeout after which a query without an answer means a dead link
+# (docs/deploy.md, "Dead links"): a live server has cancelled the query by then.
+ANSWER_GRACE = 5.0
+
 INBOX_MIGRATIONS = migrations.MigrationSet(
     folder="inbox",
     version_table="inbox_schema_version",
@@ -105,8 +109,12 @@ class PsycopgInbox:
         *,
         migrate: bool = True,
         latency_sample: int = 10,
+        statement_timeout: float | None = None,
     ) -> None:
+        """``statement_timeout`` (seconds): the longest query on the connection, the handler's
+        included; a query unanswered ANSWER_GRACE seconds after it counts as a dead link."""
         self._url = database_url
+        self._statement_timeout = statement_timeout
         self._consumer = consumer
         self._queries = Queries(schema)
         self._schema = self._queries.schema
@@ -120,11 +128,21 @@ class PsycopgInbox:
     def open(self) -> None:
         self.close()
         # The application name lets operators (and pg_stat_activity) tell consumers apart.
-        conn = connect(self._url, application_name=f"outbox-relay-consumer:{self._consumer}")
+        timeout = self._statement_timeout
+        conn = connect(
+            self._url,
+            application_name=f"outbox-relay-consumer:{self._consumer}",
+            # Keepalives cannot see a link that something between still acknowledges: a
+            # query would wait forever for its answer, and the worker with it.
+            answer_timeout=None if timeout is None else timeout + ANSWER_GRACE,
+        )
         try:
             if self._migrate:
                 migrate_inbox(conn, self._schema)
             found = _inbox_exists(conn, self._queries)
+            if timeout is not None:
+                milliseconds = str(max(1, round(timeout * 1000)))
+                conn.execute(self._queries["inbox_statement_timeout"], {"ms": milliseconds})
         except psycopg.OperationalError as exc:
             conn.close()
             raise DatabaseUnavailableError(f"preparing the inbox failed: {exc}") from exc

@@ -167,8 +167,29 @@ class ConsumerSettings(TopologySettings):
             "hands over partitions (also how soon a dead worker's partitions are taken over).",
         ),
     ] = 1.0
+    broker_timeout: Annotated[
+        Seconds,
+        Field(
+            le=3600,
+            description="Seconds without a byte from RabbitMQ after which the connection counts "
+            "as dead and is reopened (a cut link, a frozen host); the AMQP heartbeat is derived "
+            "from it, so a handler running longer than about 2/3 of it loses the connection "
+            "(its event is redelivered, and deduplicated). At least 20 s in effect.",
+        ),
+    ] = 30.0
+    statement_timeout: Annotated[
+        Seconds,
+        Field(
+            le=86_400,
+            description="Longest query on the inbox connection, the handler's queries included "
+            "(PostgreSQL's statement_timeout); a query still unanswered 5 s later counts as a "
+            "dead link, and the worker reconnects.",
+        ),
+    ] = 25.0
     migrate_inbox: Annotated[bool, Flag(cli=False)] = True
-    reconnect_max_delay: Annotated[float, Field(gt=0), Flag(cli=False)] = 30.0
+    # As the relay's: after a link comes back, work resumes within seconds (docs/deploy.md,
+    # "Dead links"), not after a backoff grown during the outage.
+    reconnect_max_delay: Annotated[float, Field(gt=0), Flag(cli=False)] = 5.0
 
     @property
     def inbox_consumer(self) -> str:

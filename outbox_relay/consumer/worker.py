@@ -28,6 +28,7 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
+from outbox_relay import amqp
 from outbox_relay.consumer import topology as topo
 from outbox_relay.consumer.events import (
     ATTEMPT_HEADER,
@@ -90,6 +91,7 @@ class Worker:
             settings.inbox_consumer,
             settings.schema_name,
             migrate=settings.migrate_inbox,
+            statement_timeout=settings.statement_timeout,
         )
         self.ready = threading.Event()  # set while consuming
         # time.monotonic() of the consume loop's last turn (at least every 0.5 s unless a
@@ -176,7 +178,10 @@ class Worker:
         connection = None
         try:
             connection = self.connection = topo.connect(
-                self.settings.broker_url, tls_files=self.settings.broker_tls
+                self.settings.broker_url,
+                # Heartbeats notice a silent broker within --broker-timeout (amqp.heartbeat_for).
+                heartbeat=amqp.heartbeat_for(self.settings.broker_timeout),
+                tls_files=self.settings.broker_tls,
             )
             channel = connection.channel()
             if self.settings.declare_topology:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.abc import PQGen
+from psycopg.errors import _WaitTimeout  # what Connection.wait(timeout=) raises
+from psycopg.rows import TupleRow
 
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError, SchemaError, TlsError
 from outbox_relay.redact import redact_url
@@ -139,12 +142,51 @@ def _parameters(application_name: str, autocommit: bool) -> dict[str, Any]:
     }
 
 
+RV = TypeVar("RV")
+
+
+class AnsweringConnection(psycopg.Connection[TupleRow]):
+    """A synchronous connection that gives up on a server that does not answer.
+
+    A cut link or a frozen host behind something that still acknowledges TCP (a proxy, a load
+    balancer, a NAT gateway) defeats keepalives and tcp_user_timeout: a query would wait for an
+    answer forever. Here every wait for the server (a query, a commit, a COPY chunk) ends after
+    ``answer_timeout`` seconds: the connection is closed (its protocol state is unknown, as
+    psycopg does when a cancellation goes unanswered) and OperationalError raised, so
+    ``broken`` tells a dead link from a failed query. Set a server-side statement_timeout
+    below ``answer_timeout`` so that a query merely slow fails first, as a query.
+    """
+
+    answer_timeout: float | None = None
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        limit = self.answer_timeout if timeout is None else timeout
+        try:
+            return super().wait(gen, interval, limit)
+        except _WaitTimeout:
+            if timeout is not None:  # psycopg's own timed wait (notifies): its to handle
+                raise
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"PostgreSQL did not answer within {limit:g}s (a dead link or a frozen server)"
+            ) from None
+
+
 def connect(
-    url: str, *, application_name: str = "outbox-relay", autocommit: bool = True
+    url: str,
+    *,
+    application_name: str = "outbox-relay",
+    autocommit: bool = True,
+    answer_timeout: float | None = None,
 ) -> psycopg.Connection[Any]:
-    """A synchronous connection (the CLI, the consumer's inbox, CDC set-up)."""
+    """A synchronous connection (the CLI, the consumer's inbox, CDC set-up); with
+    ``answer_timeout`` an :class:`AnsweringConnection`."""
     with translate_errors(describe(url)):
-        return psycopg.connect(url, **_parameters(application_name, autocommit))
+        if answer_timeout is None:
+            return psycopg.connect(url, **_parameters(application_name, autocommit))
+        conn = AnsweringConnection.connect(url, **_parameters(application_name, autocommit))
+        conn.answer_timeout = answer_timeout
+        return conn
 
 
 async def connect_async(

@@ -226,6 +226,10 @@ class Relay:
                 self._link_down = "lost the outbox leases (PostgreSQL did not answer)"
         finally:
             lost.cancel()
+            if self._leases.lost.is_set():
+                # Unready now: cancelling the pump's queries below can wait on the dead link
+                # (psycopg's cancel request and its timeouts, about 10 s more).
+                self._link_down = "lost the outbox leases (PostgreSQL did not answer)"
             if not pump.done():
                 pump.cancel()
             await asyncio.gather(pump, lost, return_exceptions=True)

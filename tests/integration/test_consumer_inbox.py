@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -12,9 +14,16 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox_relay.consumer import Consumer, Event, NoHooks
-from outbox_relay.consumer.inbox import Delivery, PsycopgInbox, SQLAlchemyInbox, migrate_inbox
-from outbox_relay.errors import SchemaError
+from outbox_relay.consumer.inbox import (
+    ANSWER_GRACE,
+    Delivery,
+    PsycopgInbox,
+    SQLAlchemyInbox,
+    migrate_inbox,
+)
+from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 from tests.conftest import wait_until
+from tests.faults import HangingProxy
 from tests.integration.consumer_harness import ConsumerEnv, WorkerThread, consumer_env
 
 pytestmark = pytest.mark.integration
@@ -119,6 +128,45 @@ def test_when_the_first_racer_rolls_back_the_waiting_one_applies_the_event(
     assert isinstance(results["first"], ConnectionError)
     assert results["second"] is True
     assert _effects(env.database_url) == ["e-race"]
+
+
+def test_a_slow_query_fails_as_a_query_under_the_statement_timeout(env: ConsumerEnv) -> None:
+    def slow(db: psycopg.Connection[Any]) -> None:
+        db.execute("SELECT pg_sleep(3)")
+
+    inbox = PsycopgInbox(env.database_url, "slow", statement_timeout=0.5)
+    inbox.open()
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            inbox.apply(Delivery("e-slow", "order.created", 1, False), slow)
+        # Not a dead link: the same connection goes on.
+        assert inbox.apply(Delivery("e-next", "order.created", 1, False), _insert_effect("e-next"))
+    finally:
+        inbox.close()
+    assert _effects(env.database_url) == ["e-next"]
+
+
+def test_a_query_unanswered_past_the_statement_timeout_means_a_dead_link(
+    env: ConsumerEnv,
+) -> None:
+    """Behind a link that hangs (a proxy that stops forwarding, keepalives answered), the
+    inbox gives up ANSWER_GRACE seconds past the statement timeout instead of waiting forever."""
+    parts = urlsplit(env.database_url)
+    with HangingProxy(parts.port or 5432) as proxy:
+        proxied = parts._replace(
+            netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}".lstrip("@")
+        ).geturl()
+        inbox = PsycopgInbox(proxied, "cut", statement_timeout=1.0)
+        inbox.open()
+        try:
+            proxy.freeze()
+            frozen_at = time.monotonic()
+            with pytest.raises(DatabaseUnavailableError, match="did not answer within 6s"):
+                inbox.apply(Delivery("e-cut", "order.created", 1, False), _insert_effect("e-cut"))
+            waited = time.monotonic() - frozen_at
+            assert 1.0 + ANSWER_GRACE - 0.5 <= waited <= 1.0 + ANSWER_GRACE + 2.0, waited
+        finally:
+            inbox.close()
 
 
 def _lock_waiters(database_url: str) -> int:

@@ -50,6 +50,7 @@ from outbox_relay.errors import (
     SlotNotFoundError,
     WalLevelError,
 )
+from tests.faults import HangingProxy
 from tests.services import DEFAULT_POSTGRES
 
 pytestmark = pytest.mark.integration
@@ -526,6 +527,43 @@ def test_terminated_walsender_surfaces_as_replication_error(
             stream.read(0.5)
     assert type(info.value) is ReplicationError
     assert info.value.__cause__ is not None
+
+
+SILENCE = 4.0  # silence_timeout for the test: the relay's is 30 s (cdc/slot_stream.py)
+
+
+def test_a_walsender_gone_silent_behind_a_hanging_link_is_given_up_in_bound(
+    outbox_db: ScratchDb,
+) -> None:
+    """A link that hangs (the proxy stops forwarding, nothing closed, its kernel still
+    acknowledging, so keepalives see nothing wrong): read() raises within silence_timeout,
+    while an idle, live stream outlasts it (it asks for replies and gets them)."""
+    slot = unique("slot")
+    conninfo = outbox_db.conninfo(options=UTC_OPTIONS)
+    port = int(psycopg.conninfo.conninfo_to_dict(conninfo).get("port") or 5432)
+    with HangingProxy(port) as proxy:
+        stream = ReplicationStream(
+            psycopg.conninfo.make_conninfo(conninfo, host="127.0.0.1", port=str(proxy.port)),
+            silence_timeout=SILENCE,
+        )
+        try:
+            stream.open()
+            stream.ensure_slot(slot)
+            stream.start(slot, "outbox_pub")
+            idle_until = time.monotonic() + SILENCE * 2
+            while time.monotonic() < idle_until:
+                stream.read(0.5)
+
+            proxy.freeze()
+            frozen_at = time.monotonic()
+            with pytest.raises(ReplicationError, match="heard nothing from PostgreSQL") as info:  # noqa: PT012
+                while time.monotonic() - frozen_at < SILENCE * 3:
+                    stream.read(0.5)
+            noticed = time.monotonic() - frozen_at
+            assert type(info.value) is ReplicationError  # the relay reconnects on it
+            assert noticed <= SILENCE + 1.0, noticed
+        finally:
+            stream.close()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,11 @@ INSERT INTO {{schema}}.processed_events (consumer, event_id, event_type, attempt
 VALUES (%(consumer)s, %(event_id)s, %(event_type)s, %(attempt)s, %(redelivered)s)
 ON CONFLICT DO NOTHING;
 
+-- name: inbox_statement_timeout
+-- For the session: the handler's queries too (a query merely slow fails as a query, before
+-- the worker's longer wait for an answer gives the link up as dead).
+SELECT set_config('statement_timeout', %(ms)s, false);
+
 -- name: inbox_record_latency
 UPDATE {{schema}}.processed_events SET handler_ms = %(ms)s
 WHERE consumer = %(consumer)s AND event_id = %(event_id)s;
