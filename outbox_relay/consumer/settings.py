@@ -176,7 +176,7 @@ class ConsumerSettings(TopologySettings):
             "from it, so a handler running longer than about 2/3 of it loses the connection "
             "(its event is redelivered, and deduplicated). At least 20 s in effect.",
         ),
-    ] = 30.0
+    ] = 60.0
     statement_timeout: Annotated[
         Seconds,
         Field(
@@ -185,7 +185,7 @@ class ConsumerSettings(TopologySettings):
             "(PostgreSQL's statement_timeout); a query still unanswered 5 s later counts as a "
             "dead link, and the worker reconnects.",
         ),
-    ] = 25.0
+    ] = 60.0
     migrate_inbox: Annotated[bool, Flag(cli=False)] = True
     # As the relay's: after a link comes back, work resumes within seconds (docs/deploy.md,
     # "Dead links"), not after a backoff grown during the outage.

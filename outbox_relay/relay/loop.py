@@ -220,10 +220,6 @@ class Relay:
         lost = asyncio.ensure_future(self._leases.lost.wait())
         try:
             await asyncio.wait({pump, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if lost.done() and not pump.done():
-                # Unready at once: abandoning the pump may itself wait on the dead link (psycopg
-                # tries to cancel the hung query for seconds before it closes the connection).
-                self._link_down = "lost the outbox leases (PostgreSQL did not answer)"
         finally:
             lost.cancel()
             if self._leases.lost.is_set():
