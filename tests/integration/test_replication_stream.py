@@ -522,7 +522,7 @@ def test_terminated_walsender_surfaces_as_replication_error(
         [slot],
     )
     deadline = time.monotonic() + READ_TIMEOUT
-    with pytest.raises(ReplicationError) as info:  # noqa: PT012 - read until the error shows
+    with pytest.raises(ReplicationError) as info:  # noqa: PT012  # the loop reads until the silence is judged - read until the error shows
         while time.monotonic() < deadline:
             stream.read(0.5)
     assert type(info.value) is ReplicationError
@@ -556,7 +556,7 @@ def test_a_walsender_gone_silent_behind_a_hanging_link_is_given_up_in_bound(
 
             proxy.freeze()
             frozen_at = time.monotonic()
-            with pytest.raises(ReplicationError, match="heard nothing from PostgreSQL") as info:  # noqa: PT012
+            with pytest.raises(ReplicationError, match="heard nothing from PostgreSQL") as info:  # noqa: PT012  # the loop reads until the silence is judged
                 while time.monotonic() - frozen_at < SILENCE * 3:
                     stream.read(0.5)
             noticed = time.monotonic() - frozen_at
