@@ -24,6 +24,7 @@ from outbox_relay.cli import config_file
 from outbox_relay.cli.common import setup_logging
 from outbox_relay.cli.config_file import ConfigOption, Outbox, database_of
 from outbox_relay.cli.options import Values, pick, settings_command
+from outbox_relay.db.pool import DatabaseHub
 from outbox_relay.errors import OutboxRelayError
 from outbox_relay.observability.logs import OUTBOX
 from outbox_relay.observability.settings import ObservabilitySettings
@@ -85,6 +86,31 @@ def _unhandled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None
 DISCOVERY_INTERVAL = 10.0
 
 
+class Hubs:
+    """One :class:`DatabaseHub` per database the file names: the outboxes of a database share
+    its connections, at most the smallest ``max_db_connections`` among them. A ``schemas``
+    glob's look for new schemas takes one connection of that budget."""
+
+    def __init__(self, outboxes: Sequence[Outbox]) -> None:
+        self._hubs: dict[str, DatabaseHub] = {}
+        budget: dict[str, int] = {}
+        for outbox in outboxes:
+            url = outbox.settings.database_url
+            budget[url] = min(budget.get(url, 1000), outbox.settings.max_db_connections)
+        for url, size in budget.items():
+            label = outboxes[0].settings.schema_name if len(outboxes) == 1 else "fleet"
+            hub = self._hubs[url] = DatabaseHub(url, size, label)
+            if any(o.schemas is not None for o in outboxes if o.settings.database_url == url):
+                hub.lanes.size = max(1, hub.lanes.size - 1)
+
+    def of(self, settings: RelaySettings) -> DatabaseHub:
+        return self._hubs[settings.database_url]
+
+    async def close(self) -> None:
+        for hub in self._hubs.values():
+            await hub.close()
+
+
 @dataclass(eq=False)
 class _Member:
     outbox: Outbox
@@ -99,8 +125,9 @@ class Fleet:
     process; one of a discovered schema is let go (the schema was dropped, most likely) and
     taken up again if the next look still finds the schema ready."""
 
-    def __init__(self, wiring: RelayObservability) -> None:
+    def __init__(self, wiring: RelayObservability, hubs: Hubs) -> None:
         self._wiring = wiring
+        self._hubs = hubs
         self._loop = asyncio.get_running_loop()
         self.members: dict[str | None, _Member] = {}
         self.failure: BaseException | None = None
@@ -116,7 +143,7 @@ class Fleet:
 
         publisher = create_publisher(outbox.settings.publisher)
         hooks = self._wiring.hooks_for(outbox.settings, publisher.name, outbox.name)
-        relay = Relay(outbox.settings, publisher, hooks)
+        relay = Relay(outbox.settings, publisher, hooks, hub=self._hubs.of(outbox.settings))
         # Every line the relay (and each task it starts) logs names its outbox.
         _named(outbox, log.info, "starting relay", extra=outbox.settings.describe())
         task = _named(outbox, asyncio.ensure_future, _failing_named(outbox, relay.run()))
@@ -174,7 +201,8 @@ async def run(outboxes: Sequence[Outbox], observability: ObservabilitySettings) 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_unhandled)
     wiring = RelayObservability(observability)
-    fleet = Fleet(wiring)
+    hubs = Hubs(outboxes)
+    fleet = Fleet(wiring, hubs)
     static = [outbox for outbox in outboxes if outbox.schemas is None]
     for outbox in static:
         fleet.add(outbox)
@@ -205,6 +233,7 @@ async def run(outboxes: Sequence[Outbox], observability: ObservabilitySettings) 
             task.cancel()
         await asyncio.gather(*looking, return_exceptions=True)
         await wiring.close()
+        await hubs.close()
     if fleet.failure is not None:
         raise fleet.failure
     log.info("stopped")
@@ -222,14 +251,14 @@ async def _discover(
     database = database_of(settings.database_url)
     prefix = f"{template.name}:"
 
-    def look() -> list[str]:
+    def look(known: frozenset[str]) -> list[str]:
         with connection(settings.database_url, application_name="outbox-relay discovery") as conn:
-            return outbox_schemas(conn, pattern)
+            return outbox_schemas(conn, pattern, known=known)
 
     relayed: set[str] = set()  # schemas taken up and not yet found gone
     while not fleet.stopping:
         try:
-            found = set(await asyncio.to_thread(look))
+            found = set(await asyncio.to_thread(look, frozenset(relayed)))
         except (OutboxRelayError, psycopg.Error) as exc:
             # The relays already running retry on their own; the next look may succeed.
             _named(template, log.warning, "schema discovery failed: %s", exc)

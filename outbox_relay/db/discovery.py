@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Collection
 from typing import Any
 
 import psycopg
@@ -11,11 +12,18 @@ from outbox_relay.db import migrations
 from outbox_relay.db.queries import SCHEMA_NAME, schemaless_query
 
 
-def outbox_schemas(conn: psycopg.Connection[Any], pattern: str, *, ready: bool = True) -> list[str]:
+def outbox_schemas(
+    conn: psycopg.Connection[Any],
+    pattern: str,
+    *,
+    ready: bool = True,
+    known: Collection[str] = (),
+) -> list[str]:
     """The schemas matching the glob ``pattern`` that hold an outbox; with ``ready``, only those
     migrated far enough for this relay (one still being migrated, or too new, is left alone
     until it is ready). Names that are not plain lowercase identifiers are skipped: the relay
-    never quotes a schema name."""
+    never quotes a schema name. Schemas in ``known`` (relayed already) are not checked again:
+    a look at hundreds of tenants stays one query."""
     found = []
     table = migrations.OUTBOX_MIGRATIONS.version_table
     rows = conn.execute(schemaless_query("outbox_schemas"), {"version_table": table}).fetchall()
@@ -23,6 +31,9 @@ def outbox_schemas(conn: psycopg.Connection[Any], pattern: str, *, ready: bool =
         if not fnmatch.fnmatchcase(schema, pattern) or not SCHEMA_NAME.fullmatch(schema):
             continue
         if schema.startswith("pg_"):
+            continue
+        if schema in known:
+            found.append(schema)
             continue
         state = migrations.schema_state(conn, schema)
         if not ready or migrations.version_problem(schema, state) is None:

@@ -1,16 +1,20 @@
-"""The outbox as the relay sees it: one PostgreSQL connection running the named queries.
+"""The outbox as the relay sees it: the named queries, run in transactions on connections of
+the database's shared pool (db/pool.py).
 
 Claiming and settling a batch happen in one transaction, so a relay killed at any moment leaves
-its claimed rows pending and they are simply published again.
+its claimed rows pending and they are simply published again. A store holds a pooled connection
+only while its transaction is open: it takes one at the transaction's first statement and gives
+it back at commit or rollback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +22,11 @@ import psycopg
 
 from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.db import migrations
-from outbox_relay.db.connect import connect_async, translate_errors_async
+from outbox_relay.db.connect import translate_errors_async
+from outbox_relay.db.pool import ConnectionPool
 from outbox_relay.db.queries import Queries
 from outbox_relay.db.rows import message_from_row
-from outbox_relay.errors import DatabaseUnavailableError, SchemaError
+from outbox_relay.errors import SchemaError
 from outbox_relay.messages import Failure, OutboxMessage
 from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import OnSent, RelaySettings
@@ -65,19 +70,25 @@ class Share:
     @property
     def buckets(self) -> list[int]:
         """The ordering buckets of the partitions (a bucket's partition: bucket mod count)."""
-        owned = set(self.partitions)
-        return [b for b in range(BUCKETS) if self.count and b % self.count in owned]
+        return _buckets(self.partitions, self.count)
+
+
+@functools.lru_cache(maxsize=256)
+def _buckets(partitions: tuple[int, ...], count: int) -> list[int]:
+    # Built once per share (an idle relay claims with the same one for hours); never mutated.
+    owned = set(partitions)
+    return [b for b in range(BUCKETS) if count and b % count in owned]
 
 
 class OutboxStore:
-    def __init__(self, settings: RelaySettings, role: str = "") -> None:
+    def __init__(self, settings: RelaySettings, pool: ConnectionPool, role: str = "") -> None:
         self._settings = settings
+        self._pool = pool
         self._queries = Queries(settings.schema_name)
-        # status counts relays by the application name of their first connection only.
         self._application_name = self._queries.application_name + (f":{role}" if role else "")
         self._where = redact_url(settings.database_url)
         self._relay = settings.relay_name_or_default
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None  # while a transaction is open
 
     @property
     def queries(self) -> Queries:
@@ -85,77 +96,74 @@ class OutboxStore:
 
     @property
     def application_name(self) -> str:
-        """What pg_stat_activity shows for this connection (``outbox-relay:<schema>[:<role>]``)."""
+        """This store's name in logs and tests (``outbox-relay:<schema>[:<role>]``)."""
         return self._application_name
 
     @property
-    def connected(self) -> bool:
-        """Connected as far as the client knows (a dead server shows at the next query)."""
-        return self._conn is not None and not self._conn.closed and not self._conn.broken
+    def in_transaction(self) -> bool:
+        """Holding a pooled connection: a transaction (a claimed batch) is open."""
+        return self._conn is not None
 
-    def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed:
-            raise DatabaseUnavailableError("not connected to PostgreSQL")
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """The transaction's connection, taken from the pool at its first statement."""
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
         return self._conn
 
-    async def connect(self) -> None:
+    def _give_back(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.release(conn)
+
+    async def check_schema(self) -> None:
+        """The outbox is migrated to the version this relay needs (else SchemaError)."""
         async with translate_errors_async(self._where):
-            self._conn = await connect_async(
-                self._settings.database_url, application_name=self._application_name
-            )
-            async with self._conn.cursor() as cur:
-                # The leader's session advisory lock lives as long as the server thinks the
-                # session does. After a node failure or a partition nothing closes the socket,
-                # and with the kernel's defaults the server notices only after hours: probe it.
-                await cur.execute(self._queries["session_keepalives"])
-                await cur.execute(
-                    self._queries["relation_exists"],
-                    {"relation": f"{self._settings.schema_name}.outbox_schema_version"},
-                )
-                exists = await cur.fetchone()
-                state: migrations.SchemaState | None = None
-                if exists and exists[0]:
-                    await cur.execute(self._queries["schema_version"])
-                    state = migrations.state_from_row(await cur.fetchone())
-            await self._conn.commit()
+            conn = await self._connection()
+            try:
+                async with conn.cursor() as cur:
+                    await cur.execute(
+                        self._queries["relation_exists"],
+                        {"relation": f"{self._settings.schema_name}.outbox_schema_version"},
+                    )
+                    exists = await cur.fetchone()
+                    state: migrations.SchemaState | None = None
+                    if exists and exists[0]:
+                        await cur.execute(self._queries["schema_version"])
+                        state = migrations.state_from_row(await cur.fetchone())
+                await conn.commit()
+            finally:
+                await self.rollback()
         problem = migrations.version_problem(self._settings.schema_name, state)
         if problem:
-            await self.close()
             raise SchemaError(problem)
         log.info("connected to PostgreSQL", extra={"url": self._where})
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            # Bounded: on a link that hangs, the connection is dropped without a goodbye.
-            with suppress(psycopg.Error, TimeoutError):
-                await asyncio.wait_for(conn.close(), timeout=CLOSE_TIMEOUT)
 
     async def _fetch(
         self, name: str, params: dict[str, Any] | None = None, *, prepare: bool | None = None
     ) -> list[tuple[Any, ...]]:
-        async with translate_errors_async(self._where), self._connection().cursor() as cur:
-            await cur.execute(self._queries[name], params, prepare=prepare)
-            return await cur.fetchall() if cur.description else []
+        async with translate_errors_async(self._where):
+            conn = await self._connection()
+            async with conn.cursor() as cur:
+                await cur.execute(self._queries[name], params, prepare=prepare)
+                return await cur.fetchall() if cur.description else []
 
     async def commit(self) -> None:
+        """End the transaction; its connection goes back to the pool."""
+        conn = self._conn
+        if conn is None:
+            return
         async with translate_errors_async(self._where):
-            await self._connection().commit()
+            await conn.commit()
+        self._give_back()
 
     async def rollback(self) -> None:
         """Release a claimed batch; rows stay pending. On a link that hangs this gives up after
-        CLOSE_TIMEOUT and drops the connection: the server ends the transaction itself."""
+        CLOSE_TIMEOUT and the pool drops the connection: the server ends the transaction."""
         conn = self._conn
         if conn is not None and not conn.closed:
-            try:
+            with contextlib.suppress(psycopg.Error, TimeoutError):
                 await asyncio.wait_for(conn.rollback(), timeout=CLOSE_TIMEOUT)
-            except (psycopg.Error, TimeoutError):
-                await self.close()
-
-    @property
-    def backend_pid(self) -> int:
-        """The server process of this connection (what pg_stat_activity shows)."""
-        return self._connection().info.backend_pid
+        self._give_back()
 
     async def claim(
         self, limit: int, share: Share, *, in_flight: Sequence[int] = ()
@@ -205,14 +213,16 @@ class OutboxStore:
         """The common case in one round trip: mark, count and commit sent through libpq's
         pipeline mode instead of waiting for each statement."""
         query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
-        conn = self._connection()
-        async with translate_errors_async(self._where), conn.pipeline():
-            if sent:
-                await conn.execute(self._queries[query], {"ids": list(sent)})
-                await conn.execute(
-                    self._queries["count_published"], {"published": len(sent), "dead": 0}
-                )
-            await conn.commit()
+        async with translate_errors_async(self._where):
+            conn = await self._connection()
+            async with conn.pipeline():
+                if sent:
+                    await conn.execute(self._queries[query], {"ids": list(sent)})
+                    await conn.execute(
+                        self._queries["count_published"], {"published": len(sent), "dead": 0}
+                    )
+                await conn.commit()
+        self._give_back()
 
     async def start_listening(self, seconds: float) -> list[int]:
         """Ask producers to NOTIFY; returns the transactions that may not have seen the request."""

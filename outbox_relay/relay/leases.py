@@ -35,16 +35,28 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay.db.connect import connect_async, translate_errors_async
+from outbox_relay.db.pool import Coordinator
 from outbox_relay.db.queries import Queries
 from outbox_relay.errors import ConfigError, DatabaseUnavailableError
-from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 
 # Seconds between heartbeats: a join, a leave or a death is acted on within about this long.
 HEARTBEAT_EVERY = 0.5
+# With many outboxes on one database (schema per tenant), their relays share one connection
+# for heartbeats (db/pool.py, Coordinator), all beating in one round trip per round: rounds
+# come this many seconds further apart per relay sharing it, at most SLOWEST_HEARTBEAT apart
+# (200 tenants: every 3 s, two chances before STOP_AT).
+HEARTBEAT_SHARE = 0.015
+SLOWEST_HEARTBEAT = 3.0
+
+
+def heartbeat_every(relays: int) -> float:
+    """Seconds between rounds of heartbeats for ``relays`` sharing the coordinator."""
+    return min(SLOWEST_HEARTBEAT, max(HEARTBEAT_EVERY, relays * HEARTBEAT_SHARE))
+
+
 # A lease lasts this long past its last renewal; a relay whose heartbeat is older is dead.
 LEASE_SECONDS = 10.0
 # A relay stops publishing when its last renewal is older than this share of the lease time,
@@ -67,6 +79,7 @@ class Leases:
     def __init__(
         self,
         settings: RelaySettings,
+        coordinator: Coordinator,
         *,
         scope: str = "partition",
         on_change: Callable[[int, int, int], None] | None = None,
@@ -76,9 +89,14 @@ class Leases:
         self._queries = Queries(settings.schema_name)
         self.relay = settings.relay_name_or_default
         self._on_change = on_change
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._abandoned: asyncio.Future[None] | None = None
+        # Shared by the relays of every outbox of the database (db/pool.py); this relay is a
+        # member while it beats on it.
+        self._coordinator = coordinator
+        self._joined = False
+        self.beat_statement = ""  # member_beat bound to this relay (join())
+        self._watchdog: asyncio.TimerHandle | None = None  # stops publishing at the deadline
+        self._adjusting: asyncio.Task[None] | None = None  # a hand-over or take-over at work
+        self._failing = False  # the last round failed (logged once per streak)
         self.count = 0  # partitions (or CDC shards) in the outbox
         self.owned: frozenset[int] = frozenset()
         self.members = 0
@@ -87,19 +105,13 @@ class Leases:
         # Set when this relay must stop publishing at once (see check()); the loop waits on it
         # beside its work, so even a claim hanging on a dead link is abandoned in time.
         self.lost = asyncio.Event()
-        self._where = redact_url(settings.database_url)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def join(self, lanes: list[int]) -> None:
         """Become a member and take a first share (or none, until the others hand some over).
         ``lanes`` are the backend pids of the relay's claiming connections."""
-        conn = await connect_async(
-            self._settings.database_url,
-            autocommit=True,
-            application_name=f"outbox-relay:{self._settings.schema_name}:leases",
-        )
-        self._conn = conn
+        await self._coordinator.open()
         rows = await self._fetch("lease_count", {"scope": self._scope})
         self.count = int(rows[0][0])
         if self.count == 0 and self._scope == "cdc-shard":
@@ -121,12 +133,21 @@ class Leases:
                 f"{self._settings.schema_name!r}; give each relay its own name"
             )
         await self._fetch("member_join", {"relay": self.relay, "lanes": lanes})
+        self.beat_statement = await self._coordinator.mogrify(
+            self._queries["member_beat"],
+            {"relay": self.relay, "scope": self._scope, "ttl": LEASE_SECONDS},
+        )
         self.owned = frozenset()
-        self._renewed_at = time.monotonic()
-        await self._beat()
         self._error = None
         self.lost.clear()
-        self._task = asyncio.ensure_future(self._heartbeats())
+        self._renewed()
+        self.beaten(await self._coordinator.beat(self.beat_statement, 0))
+        if self._adjusting is not None:
+            await self._adjusting
+        if self._error is not None:
+            raise self._error
+        self._joined = True
+        self._coordinator.enroll(self, heartbeat_every)
         log.info(
             "joined the relays of this outbox",
             extra={
@@ -140,25 +161,25 @@ class Leases:
     async def leave(self) -> None:
         """Hand every lease over and end the membership (when stopping, after the batches in
         flight have settled). Best effort: a dead connection ends all of it anyway."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
+        self._coordinator.withdraw(self)
+        if self._joined and self._coordinator.connected:
             with contextlib.suppress(psycopg.Error, DatabaseUnavailableError, TimeoutError):
                 await asyncio.wait_for(self._fetch("leave", {"relay": self.relay}), timeout=5)
         await self.close()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            with contextlib.suppress(psycopg.Error, TimeoutError):
-                await asyncio.wait_for(conn.close(), timeout=2)
+        self._coordinator.withdraw(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        adjusting, self._adjusting = self._adjusting, None
+        if adjusting is not None:
+            adjusting.cancel()
+            await asyncio.gather(adjusting, return_exceptions=True)
+        if self._joined and self._error is not None:
+            # Lost: the shared connection may hang on a dead link; the next join opens a new one.
+            self._coordinator.reset()
+        self._joined = False
         self.owned = frozenset()
 
     def check(self) -> None:
@@ -166,88 +187,111 @@ class Leases:
         if self._error is not None:
             raise self._error
         stale = time.monotonic() - self._renewed_at
-        if self._task is not None and stale > LEASE_SECONDS * STOP_AT:
+        if self._joined and stale > LEASE_SECONDS * STOP_AT:
             raise LeaseLostError(
                 f"could not renew the outbox leases for {stale:.1f}s (PostgreSQL did not "
                 "answer): stopping before another relay may take them over"
             )
 
     # -- the heartbeat ---------------------------------------------------------------------
+    # The coordinator runs every member's beat_statement in one round trip per round and hands
+    # each relay its row (beaten) or the round's error (beat_failed); a watchdog stops this
+    # relay at its deadline when no round comes back in time (a link that hangs).
 
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_EVERY)
-            left = LEASE_SECONDS * STOP_AT - (time.monotonic() - self._renewed_at)
-            beat = asyncio.ensure_future(self._beat())
-            # Not wait_for: cancelling a query makes psycopg send a cancel request and wait
-            # for the query to end, both over a link that may be dead (10 s more). The lease
-            # is lost at its deadline; the cancelled beat ends on its own.
-            await asyncio.wait({beat}, timeout=max(left, HEARTBEAT_EVERY))
-            try:
-                if not beat.done():
-                    beat.cancel()
-                    self._abandoned = beat  # referenced until it ends; its outcome is moot
-                    beat.add_done_callback(lambda done: done.cancelled() or done.exception())
-                    raise TimeoutError
-                beat.result()
-            except TimeoutError:
-                self._lose(
-                    LeaseLostError(
-                        f"could not renew the outbox leases for "
-                        f"{time.monotonic() - self._renewed_at:.1f}s (PostgreSQL did not "
-                        "answer): stopping before another relay may take them over"
-                    )
-                )
-                return
-            except LeaseLostError as exc:
-                self._lose(exc)
-                return
-            except DatabaseUnavailableError as exc:
-                # Retried at the next beat while the leases last; check() stops it in time.
-                log.warning("lease heartbeat failed: %s", exc)
-                if time.monotonic() - self._renewed_at > LEASE_SECONDS * STOP_AT:
-                    self._lose(LeaseLostError(f"could not renew the outbox leases: {exc}"))
-                    return
+    def beaten(self, row: tuple[Any, ...] | None) -> None:
+        if self._error is not None:
+            return
+        assert row is not None
+        member, renewed, members, dead_waiting = row
+        if not member:
+            self._lose(LeaseLostError(f"relay {self.relay!r} was removed from the members as dead"))
+            return
+        self._renewed()
+        self._failing = False
+        self.members = len(members)
+        if self._adjusting is not None and not self._adjusting.done():
+            return  # the previous beat's hand-over or take-over is still at work
+        owned = {int(p) for p in renewed}
+        if dead_waiting or len(owned) != fair_share(self.count, list(members), self.relay):
+            self._adjusting = asyncio.ensure_future(
+                self._adjust(owned, list(members), dead_waiting)
+            )
+        else:
+            self._hold(owned)
+
+    def beat_failed(self, error: BaseException) -> None:
+        if self._error is not None:
+            return
+        if isinstance(error, DatabaseUnavailableError):
+            # Retried at the next round while the leases last; the watchdog stops it in time.
+            if not self._failing:
+                log.warning("lease heartbeat failed: %s", error)
+            self._failing = True
+            return
+        self._lose(LeaseLostError(f"could not renew the outbox leases: {error}"))
+
+    def _renewed(self) -> None:
+        self._renewed_at = time.monotonic()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = asyncio.get_running_loop().call_later(
+            LEASE_SECONDS * STOP_AT, self._expired
+        )
+
+    def _expired(self) -> None:
+        self._lose(
+            LeaseLostError(
+                f"could not renew the outbox leases for "
+                f"{time.monotonic() - self._renewed_at:.1f}s (PostgreSQL did not answer): "
+                "stopping before another relay may take them over"
+            )
+        )
 
     def _lose(self, error: LeaseLostError) -> None:
+        if self._error is not None:
+            return
         log.warning("%s", error)
         self._error = error
         self.lost.set()
 
-    async def _beat(self) -> None:
+    async def _adjust(self, owned: set[int], members: list[str], dead_waiting: bool) -> None:
+        """Remove dead members, then hand the excess over or take the share's missing part."""
         relay, ttl, scope = self.relay, LEASE_SECONDS, self._scope
-        if not await self._fetch("member_heartbeat", {"relay": relay}):
-            raise LeaseLostError(f"relay {relay!r} was removed from the members as dead")
-        for dead, ended in await self._fetch("remove_dead_members", {"ttl": ttl}):
-            log.warning(
-                "removed a relay that stopped answering; its partitions will be taken over",
-                extra={"gone": dead, "connections_ended": ended},
-            )
-        members = [row[0] for row in await self._fetch("live_members", {"ttl": ttl})]
-        self.members = len(members)
-        share = fair_share(self.count, members, relay)
-        owned = {
-            int(p)
-            for p, _epoch in await self._fetch(
-                "renew_leases", {"scope": scope, "relay": relay, "ttl": ttl}
-            )
-        }
-        self._renewed_at = time.monotonic()
+        try:
+            if dead_waiting:
+                for dead, ended in await self._fetch("remove_dead_members", {"ttl": ttl}):
+                    log.warning(
+                        "removed a relay that stopped answering; its partitions will be taken over",
+                        extra={"gone": dead, "connections_ended": ended},
+                    )
+                members = [row[0] for row in await self._fetch("live_members", {"ttl": ttl})]
+                self.members = len(members)
+            share = fair_share(self.count, members, relay)
+            if len(owned) > share:
+                # Hand the excess over: stop claiming it first, then wait for its batches to
+                # settle.
+                excess = sorted(owned)[share:]
+                self.owned = frozenset(owned - set(excess))
+                released = await self._fetch(
+                    "release_leases", {"scope": scope, "relay": relay, "partitions": excess}
+                )
+                owned -= {int(row[0]) for row in released}
+            elif len(owned) < share:
+                taken = await self._fetch(
+                    "take_leases",
+                    {"scope": scope, "relay": relay, "ttl": ttl, "wanted": share - len(owned)},
+                )
+                owned |= {int(row[0]) for row in taken}
+        except LeaseLostError as exc:
+            self._lose(exc)
+            return
+        except DatabaseUnavailableError as exc:
+            log.warning("lease heartbeat failed: %s", exc)  # the next beat tries again
+            return
+        self._hold(owned)
+
+    def _hold(self, owned: set[int]) -> None:
         before = self.owned
-        if len(owned) > share:
-            # Hand the excess over: stop claiming it first, then wait for its batches to settle.
-            excess = sorted(owned)[share:]
-            self.owned = frozenset(owned - set(excess))
-            released = await self._fetch(
-                "release_leases", {"scope": scope, "relay": relay, "partitions": excess}
-            )
-            owned -= {int(row[0]) for row in released}
-        elif len(owned) < share:
-            taken = await self._fetch(
-                "take_leases",
-                {"scope": scope, "relay": relay, "ttl": ttl, "wanted": share - len(owned)},
-            )
-            owned |= {int(row[0]) for row in taken}
         self.owned = frozenset(owned)
         gained, lost = len(self.owned - before), len(before - self.owned)
         if (gained or lost) and self._on_change is not None:
@@ -257,17 +301,17 @@ class Leases:
                 "holding %d of %d %ss",
                 len(self.owned),
                 self.count,
-                "partition" if scope == "partition" else "CDC shard",
-                extra={"relay": relay, "relays": self.members, "gained": gained, "lost": lost},
+                "partition" if self._scope == "partition" else "CDC shard",
+                extra={
+                    "relay": self.relay,
+                    "relays": self.members,
+                    "gained": gained,
+                    "lost": lost,
+                },
             )
 
     async def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        conn = self._conn
-        if conn is None or conn.closed:
-            raise DatabaseUnavailableError("the lease connection is closed")
-        async with translate_errors_async(self._where), conn.cursor() as cur:
-            await cur.execute(self._queries[name], params)
-            return await cur.fetchall() if cur.description else []
+        return await self._coordinator.fetch(self._queries[name], params)
 
 
 def fair_share(partitions: int, members: list[str], relay: str) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
+from outbox_relay.db.pool import DatabaseHub
 from outbox_relay.db.store import OutboxStore, Share
 from outbox_relay.errors import (
     BrokerRejectedMessageError,
@@ -39,11 +40,18 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
+HOUSEKEEPING_SHARING = 20  # outboxes sharing a database before each prunes less often
 # Connections claiming and settling batches: while one batch settles, the next is claimed, and
 # at least one more is on the wire, so the broker always has work.
 LANES = 3
 # Remembered suspects and strikes beyond this many are forgotten (oldest first).
 MEMORY = 100_000
+# In notify mode the idle poll is only a fallback (wake-ups come by NOTIFY): with many outboxes
+# on one database it runs this many seconds per outbox sharing the connections, at least every
+# --poll-interval and at most every SLOWEST_FALLBACK_POLL, so 200 idle tenants cost a few
+# statements a second, not hundreds.
+FALLBACK_POLL_SHARE = 0.05
+SLOWEST_FALLBACK_POLL = 10.0
 
 
 class Relay:
@@ -53,8 +61,15 @@ class Relay:
         publisher: Publisher,
         hooks: RelayHooks | None = None,
         source: Source | None = None,
+        hub: DatabaseHub | None = None,
     ) -> None:
         self._settings = settings
+        # The connections to the outbox's database, shared with the other outboxes there when
+        # one process relays several (cli/serve.py); a relay alone has a hub of its own.
+        self._own_hub = hub is None
+        self._hub = hub or DatabaseHub(
+            settings.database_url, settings.max_db_connections, settings.schema_name
+        )
         self._publisher = publisher
         # Tracing and metrics; None (the default) costs nothing per batch.
         self._hooks = CompositeHooks([hooks]) if hooks is not None else None
@@ -63,17 +78,21 @@ class Relay:
         # Why the relay is reconnecting (a link found dead), until it is connected again: unready
         # at once, not only once closing the dead connections has given up on them.
         self._link_down: str | None = None
-        self._lanes = [OutboxStore(settings, role=f"lane{n}" if n else "") for n in range(LANES)]
-        # The first lane holds the leadership lock and is the one status counts relays by.
+        self._lanes = [
+            OutboxStore(settings, self._hub.lanes, role=f"lane{n}" if n else "")
+            for n in range(LANES)
+        ]
         self._store = self._lanes[0]
+        self._hub.lanes.reserve(LANES)
         # At most --batch-size rows are in flight (claimed, not yet settled), so that a relay
         # killed at any moment publishes at most that many twice.
         self._claim_size = max(1, settings.batch_size // LANES)
-        self._source = source or _default_source(settings, self._store)
+        self._source = source or _default_source(settings, self._store, self._hub)
         self._stop = asyncio.Event()
         self._stopping: asyncio.Future[Any] | None = None  # self._stop.wait(), waited on often
         self._leases = Leases(
             settings,
+            self._hub.coordinator,
             scope="cdc-shard" if settings.mode is Mode.CDC else "partition",
             on_change=self._rebalanced,
         )
@@ -82,6 +101,10 @@ class Relay:
         self._suspects: set[str] = set()
         self._charges: dict[str, str] = {}
         self._strikes: dict[str, int] = {}
+        # Whether rows may wait for a retry (a failure settled, partitions gained, or not known
+        # since start): only then does an idle relay ask when the next retry is due.
+        self._retries_possible = True
+        self._last_share: Share | None = None
 
     @property
     def owned(self) -> frozenset[int]:
@@ -96,7 +119,7 @@ class Relay:
     def is_ready(self) -> bool:
         """Connected to PostgreSQL and to the broker (a relay holding no lease yet is ready
         too: it takes its share as soon as the others hand it over)."""
-        return self._link_down is None and self._store.connected and self._publisher.is_healthy()
+        return self._link_down is None and self._hub.connected and self._publisher.is_healthy()
 
     def stop(self) -> None:
         """Stop claiming; the batches in flight are finished (or released) and run() returns."""
@@ -109,6 +132,9 @@ class Relay:
         finally:
             if self._stopping is not None:
                 self._stopping.cancel()
+            self._hub.lanes.unreserve(LANES)
+            if self._own_hub:
+                await self._hub.close()
 
     async def _relay(self) -> None:
         quick_failures = 0
@@ -125,6 +151,9 @@ class Relay:
             except TRANSIENT as exc:
                 self._link_down = str(exc)
                 log.warning("disconnected: %s", exc)
+                if isinstance(exc, DatabaseUnavailableError):
+                    # The other connections to the database may wait on the same dead link.
+                    self._hub.lanes.reset()
                 # A link that fails right after connecting must not turn into a busy loop; a
                 # failure that taught which message is to blame is progress, though.
                 if time.monotonic() - started >= 30 or getattr(exc, "attributed", False):
@@ -138,7 +167,7 @@ class Relay:
 
     async def _start(self) -> None:
         await self._connect()
-        await self._leases.join([lane.backend_pid for lane in self._lanes])
+        await self._leases.join(self._hub.lanes.pids())
         await self._source.open(self._store, self._stop)
 
     async def _unless_stopped(self, step: Coroutine[Any, Any, None]) -> bool:
@@ -183,8 +212,8 @@ class Relay:
         async for attempt in retrying:
             with attempt:
                 await self._disconnect()
-                for lane in self._lanes:
-                    await lane.connect()
+                await self._hub.open(listen=self._settings.mode is Mode.NOTIFY)
+                await self._store.check_schema()
                 await self._publisher.connect()
         self._link_down = None
 
@@ -193,23 +222,28 @@ class Relay:
         await self._leases.close()
         for lane in self._lanes:
             await lane.rollback()
-            await lane.close()
         await self._publisher.close()
 
     def _rebalanced(self, owned: int, gained: int, lost: int) -> None:
         if gained:
+            self._retries_possible = True
             self._source.nudge()
         if self._hooks is not None:
             self._hooks.after_rebalance(owned, gained, lost)
 
     def _share(self) -> Share:
-        leases = self._leases
-        return Share(
-            relay=leases.relay,
-            partitions=tuple(sorted(leases.owned)),
-            count=leases.count,
-            scope="cdc-shard" if self._settings.mode is Mode.CDC else "partition",
-        )
+        """What this relay may claim; the same object (its parameters built once) while its
+        leases do not change."""
+        leases, last = self._leases, self._last_share
+        partitions = tuple(sorted(leases.owned))
+        if last is None or last.partitions != partitions or last.count != leases.count:
+            last = self._last_share = Share(
+                relay=leases.relay,
+                partitions=partitions,
+                count=leases.count,
+                scope="cdc-shard" if self._settings.mode is Mode.CDC else "partition",
+            )
+        return last
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -254,7 +288,11 @@ class Relay:
                     await self._source.housekeeping(free[-1])
                 if len(free) == len(self._lanes) and time.monotonic() >= next_housekeeping:
                     await free[-1].housekeeping()
-                    next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+                    # Many outboxes on one database: each prunes less often (it is cheap to
+                    # let a few more minutes of old rows wait).
+                    sharing = self._hub.coordinator.members
+                    every = HOUSEKEEPING_EVERY * max(1.0, sharing / HOUSEKEEPING_SHARING)
+                    next_housekeeping = time.monotonic() + every
                 # While a batch that held events back is committing, a claim would take those
                 # rows again and hold them again, becoming a holder itself: with several lanes
                 # the chain would never see all its holders committed (a livelock).
@@ -286,7 +324,8 @@ class Relay:
                         await self._wait_for(window.changed(), readable)
                     continue
                 idle = free[-1]
-                await self._wait_for(self._source.wait(idle, await self._idle_timeout(idle)))
+                timeout = await self._idle_timeout(idle)
+                await self._wait_for(self._source.wait(idle, timeout), seconds=timeout)
             # Stopping: finish what is in flight.
             while window.batches or settling:
                 window.watch()
@@ -318,9 +357,10 @@ class Relay:
         if not self._publisher.is_healthy():
             raise BrokerUnavailableError(f"lost the {self._publisher.name} connection")
 
-    async def _wait_for(self, *waits: Awaitable[None]) -> None:
-        """Until one of ``waits`` is done, the relay stops, or the poll interval passed. Futures
-        are waited on as they are (no task each turn); coroutines run as tasks, cancelled after."""
+    async def _wait_for(self, *waits: Awaitable[None], seconds: float | None = None) -> None:
+        """Until one of ``waits`` is done, the relay stops, or ``seconds`` (by default the poll
+        interval) passed. Futures are waited on as they are (no task each turn); coroutines run
+        as tasks, cancelled after."""
         stopping = self._stopping
         if (
             stopping is None
@@ -338,7 +378,7 @@ class Relay:
         try:
             await asyncio.wait(
                 pending,
-                timeout=self._settings.poll_interval,
+                timeout=seconds or self._settings.poll_interval,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -348,9 +388,14 @@ class Relay:
     async def _idle_timeout(self, store: OutboxStore) -> float:
         """Until the next poll, or sooner when a failed event's retry is due."""
         timeout = self._settings.poll_interval
-        retry_in = await store.next_retry_in()
-        if retry_in is not None:
-            timeout = min(timeout, retry_in + 0.01)
+        if self._settings.mode is Mode.NOTIFY:
+            sharing = self._hub.coordinator.members
+            timeout = max(timeout, min(SLOWEST_FALLBACK_POLL, sharing * FALLBACK_POLL_SHARE))
+        if self._retries_possible:
+            retry_in = await store.next_retry_in()
+            self._retries_possible = retry_in is not None
+            if retry_in is not None:
+                timeout = min(timeout, retry_in + 0.01)
         return timeout
 
     def _settle_soon(
@@ -364,6 +409,8 @@ class Relay:
             lane: OutboxStore = batch.lane
             started = time.perf_counter()
             dead = await lane.settle(batch.sent, batch.failures)
+            if batch.failures:
+                self._retries_possible = True
             window.settled(batch)
             self._source.settled(batch)
             free.append(lane)
@@ -484,13 +531,12 @@ class Relay:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
 
-def _default_source(settings: RelaySettings, store: OutboxStore) -> Source:
-    queries = store.queries
+def _default_source(settings: RelaySettings, store: OutboxStore, hub: DatabaseHub) -> Source:
     if settings.mode is Mode.CDC:
         from outbox_relay.cdc.source import CdcSource
 
         return CdcSource(settings)
-    return TableSource(settings, queries.application_name, queries.notify_channel)
+    return TableSource(settings, hub.listener, store.queries.notify_channel, hub.coordinator)
 
 
 def _forget_oldest(items: set[str]) -> None:

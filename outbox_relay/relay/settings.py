@@ -126,6 +126,16 @@ class RelaySettings(Settings):
             description="Seconds between polls when idle (the fallback for missed wake-ups).",
         ),
     ] = 1.0
+    max_db_connections: Annotated[
+        Count,
+        Field(
+            ge=3,
+            le=1000,
+            description="Connections one process opens to one database at most, shared by all "
+            "its outboxes there: one for leases, one for LISTEN, the rest claim (each outbox "
+            "uses at most 3 of those at once). CDC's replication connections come on top.",
+        ),
+    ] = 10
     max_attempts: Annotated[
         Count, Field(description="Failed publishes before an event is dead.")
     ] = 10

@@ -15,11 +15,18 @@ import time
 from collections.abc import Awaitable
 from typing import Protocol
 
+from outbox_relay.db.pool import Coordinator, Listener, Subscription
 from outbox_relay.db.store import OutboxStore, Share
 from outbox_relay.errors import DatabaseUnavailableError
 from outbox_relay.relay.settings import Mode, RelaySettings
-from outbox_relay.relay.wakeup import Waker
 from outbox_relay.relay.window import Batch
+
+# Seconds to withdraw the request for NOTIFY when the relay stops or reconnects.
+WITHDRAW_TIMEOUT = 1.0
+# Seconds a request for NOTIFY outlasts the idle wait it covers (see _listening_ttl).
+LISTENING_MARGIN = 5.0
+# Seconds a poll's question may wait for others to share its round trip.
+QUESTION_DELAY = 0.05
 
 
 class Source(Protocol):
@@ -72,37 +79,60 @@ class TableSource:
     were in progress when it asked; a wake-up or the poll interval ends any wait.
     """
 
-    def __init__(self, settings: RelaySettings, application_name: str, channel: str) -> None:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        listener: Listener,
+        channel: str,
+        coordinator: Coordinator,
+    ) -> None:
         self._settings = settings
-        self._waker = (
-            Waker(settings.database_url, channel, application_name)
-            if settings.mode is Mode.NOTIFY
-            else None
-        )
+        self._listener = listener
+        self._coordinator = coordinator
+        # After a wait that ended by its timeout (a poll), a claim first asks whether anything
+        # is due, in the shared round of statements (db/pool.py, Coordinator.beat): an idle
+        # relay's poll costs a share of one round trip, not a claim of its own.
+        self._quiet = False
+        self._anything_due = ""  # the question, bound (open())
+        self._channel = channel
+        self._waker: Subscription | None = None
         self._listening = False
         self._nudged = asyncio.Event()
         # Writers in progress when producers were asked to ring; see _await_unringing_writers.
         self._unringing: list[int] = []
         self._asked_on: OutboxStore | None = None  # the connection that asked them
+        self._asked_at = 0.0  # time.monotonic() of the last request or renewal
+        self._ttl = 0.0  # what it asked for
 
     async def open(self, store: OutboxStore, stopping: asyncio.Event) -> None:
         self._listening = False
-        if self._waker is not None:
-            await self._waker.connect()
+        self._quiet = False
+        self._anything_due = await self._coordinator.mogrify(store.queries["anything_due"], {})
+        if self._settings.mode is Mode.NOTIFY:
+            # The shared LISTEN connection (db/pool.py) is open: the relay opened its hub.
+            self._waker = await self._listener.subscribe(self._channel)
 
     async def close(self) -> None:
         store, self._asked_on = self._asked_on, None
-        if self._listening and store is not None and store.connected:
-            # Withdraw the request at once, so commits stay NOTIFY-free while no relay listens.
-            with contextlib.suppress(DatabaseUnavailableError):
-                await store.stop_listening()
+        if self._listening and store is not None:
+            # Withdraw the request at once, so commits stay NOTIFY-free while no relay listens
+            # (bounded: on a dead link the request simply lapses).
+            with contextlib.suppress(DatabaseUnavailableError, TimeoutError):
+                await asyncio.wait_for(store.stop_listening(), WITHDRAW_TIMEOUT)
+            await store.rollback()
         self._listening = False
-        if self._waker is not None:
-            await self._waker.close()
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close()
 
     async def claim(
         self, store: OutboxStore, limit: int, exclude: list[int], share: Share
     ) -> Batch | None:
+        if self._quiet:
+            self._quiet = False
+            row = await self._coordinator.beat(self._anything_due, QUESTION_DELAY)
+            if not (row and row[0]):
+                return None
         messages = await store.claim(limit, share, in_flight=exclude)
         if not messages:
             return None
@@ -114,6 +144,8 @@ class TableSource:
 
     def nudge(self) -> None:
         self._nudged.set()
+        if self._waker is not None:
+            self._waker.ring()
 
     async def wait(self, store: OutboxStore, seconds: float) -> None:
         if self._nudged.is_set():
@@ -121,46 +153,49 @@ class TableSource:
             return
         waker = self._waker
         if waker is None:
+            self._quiet = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), seconds)
+                self._quiet = False
             self._nudged.clear()
             return
         if not self._listening:
             # Ask producers to ring, then let the relay look once more: a row committed before
             # they could see the request would otherwise wait for the polling fallback.
-            self._unringing = await store.start_listening(self._listening_ttl)
+            self._ttl = self._listening_ttl(seconds)
+            self._unringing = await store.start_listening(self._ttl)
             self._listening = True
             self._asked_on = store
+            self._asked_at = time.monotonic()
             return
         if self._unringing:
             await self._await_unringing_writers(store, waker, seconds)
             return
-        if not await self._woken(waker, seconds):
-            # Still listening: renew the request so it does not lapse while nothing happens.
-            await store.start_listening(self._listening_ttl)
+        if self._asked_at + self._ttl < time.monotonic() + seconds + LISTENING_MARGIN:
+            # Still listening: renew the request before it could lapse during this wait.
+            self._ttl = self._listening_ttl(seconds)
+            renew = await self._coordinator.mogrify(
+                store.queries["start_listening"],
+                {"seconds": self._ttl, "relay": self._settings.relay_name_or_default},
+            )
+            await self._coordinator.beat(renew, QUESTION_DELAY)
+            self._asked_at = time.monotonic()
+        self._quiet = True
+        self._quiet = not await self._woken(waker, seconds)
 
-    async def _woken(self, waker: Waker, seconds: float) -> bool:
-        """A notification or a nudge within ``seconds``."""
-        notified = asyncio.ensure_future(waker.wait(seconds))
-        nudged = asyncio.ensure_future(self._nudged.wait())
-        try:
-            await asyncio.wait((notified, nudged), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (notified, nudged):
-                task.cancel()
-            await asyncio.gather(notified, nudged, return_exceptions=True)
-        if self._nudged.is_set():
-            self._nudged.clear()
-            return True
-        return not notified.cancelled() and notified.result()
+    def _listening_ttl(self, seconds: float) -> float:
+        """A request lasts a few idle waits (renewed every few), and lapses soon after a relay
+        that died without withdrawing it, so producers stop ringing."""
+        return 3 * max(seconds, self._settings.poll_interval) + LISTENING_MARGIN
 
-    @property
-    def _listening_ttl(self) -> float:
-        # Refreshed every poll interval; lapses soon after a relay dies so producers stop ringing.
-        return self._settings.poll_interval * 3 + 5
+    async def _woken(self, waker: Subscription, seconds: float) -> bool:
+        """A notification or a nudge (which rings the subscription too) within ``seconds``."""
+        rung = await waker.wait(seconds)
+        self._nudged.clear()
+        return rung
 
     async def _await_unringing_writers(
-        self, store: OutboxStore, waker: Waker, seconds: float
+        self, store: OutboxStore, waker: Subscription, seconds: float
     ) -> None:
         """A writer whose trigger ran just before the relay asked for NOTIFY, and that committed
         just after the relay's last look, would otherwise wait for the polling fallback. Wait for

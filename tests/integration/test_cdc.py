@@ -20,6 +20,7 @@ import pytest
 
 from outbox_relay.cdc.stream import ReplicationStream
 from outbox_relay.db.dead_events import retry_dead
+from outbox_relay.db.pool import ConnectionPool
 from outbox_relay.db.store import OutboxStore
 from outbox_relay.relay.settings import Mode, OnSent
 from tests.cdc_support import current_wal_lsn, drop_slot_eventually, slot_row, unique_slot_name
@@ -406,8 +407,8 @@ def test_rows_of_a_transaction_are_read_only_once_it_shows_as_committed(
     # The walsender may send a commit a moment before the committing session makes it visible;
     # the relay waits on the WAL's (32-bit) xid until snapshots show the transaction.
     async def scenario() -> None:
-        store = OutboxStore(relay_settings(database_url, broker_url, exchange, mode=Mode.CDC))
-        await store.connect()
+        pool = ConnectionPool(database_url, 1, "visibility-test")
+        store = OutboxStore(relay_settings(database_url, broker_url, exchange, mode=Mode.CDC), pool)
         try:
             with psycopg.connect(database_url) as writer:
                 xid = int(scalar_of(writer, "SELECT pg_current_xact_id()::text"))
@@ -420,7 +421,8 @@ def test_rows_of_a_transaction_are_read_only_once_it_shows_as_committed(
             # Long committed and unknown-but-old transactions are visible at once.
             await asyncio.wait_for(store.wait_visible([wal_xid, 3]), timeout=1)
         finally:
-            await store.close()
+            await store.rollback()
+            await pool.close()
 
     asyncio.run(scenario())
 

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 
 import outbox_relay
+from outbox_relay.db.pool import DatabaseHub
 from outbox_relay.db.status import OutboxStatus, read_status
-from outbox_relay.db.store import OutboxStore
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     Delivery,
@@ -198,18 +198,25 @@ def test_relay_sessions_probe_their_tcp_connection_so_a_vanished_leader_is_notic
     """After a node failure nothing closes a relay's socket: the server must find out by itself
     (TCP keepalives) to end its session (and so its membership) within about a minute."""
 
-    async def settings_seen_by_the_server() -> list[str]:
-        store = OutboxStore(relay_settings(database_url, broker_url, exchange))
-        await store.connect()
+    async def settings_seen_by_the_server() -> list[list[str]]:
+        # Every connection of the relay: claiming, leases (its membership) and LISTEN.
+        hub = DatabaseHub(database_url, 10, "keepalive-test")
+        hub.lanes.reserve(1)
+        await hub.open(listen=True)
         try:
-            conn = store._connection()
-            names = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
-            return [
-                str((await (await conn.execute(f"SHOW {name}")).fetchone() or [None])[0])
-                for name in names
-            ]
+            seen = []
+            for conn in (await hub.lanes.acquire(), hub.coordinator._conn, hub.listener._conn):
+                assert conn is not None
+                names = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+                seen.append(
+                    [
+                        str((await (await conn.execute(f"SHOW {name}")).fetchone() or [None])[0])
+                        for name in names
+                    ]
+                )
+            return seen
         finally:
-            await store.close()
+            await hub.close()
 
     # Over TCP (on a Unix socket the server reports 0 for all three).
-    assert asyncio.run(settings_seen_by_the_server()) == ["30", "10", "3"]
+    assert asyncio.run(settings_seen_by_the_server()) == [["30", "10", "3"]] * 3

@@ -32,11 +32,31 @@ ON CONFLICT (relay) DO UPDATE
 SET pid = EXCLUDED.pid, backend_start = EXCLUDED.backend_start, joined_at = now(),
     heartbeat_at = now(), lane_pids = EXCLUDED.lane_pids, lane_starts = EXCLUDED.lane_starts;
 
--- name: member_heartbeat
--- Nothing returned: this relay is no longer a member (removed as dead): it must rejoin.
-UPDATE {{schema}}.outbox_relay_members SET heartbeat_at = now()
-WHERE relay = %(relay)s AND pid = pg_backend_pid()
-RETURNING 1;
+-- name: member_beat
+-- The heartbeat in one round trip: refresh this relay's membership, extend its leases, and tell
+-- what the rest of the beat needs (relay/leases.py): whether it is still a member (false: it
+-- was removed as dead and must rejoin), the partitions it still holds, the live members, and
+-- whether a dead one waits to be removed. Nothing else runs while all that is unchanged.
+WITH me AS (
+    UPDATE {{schema}}.outbox_relay_members SET heartbeat_at = now()
+    WHERE relay = %(relay)s AND pid = pg_backend_pid()
+    RETURNING relay
+), renewed AS (
+    UPDATE {{schema}}.outbox_relay_leases
+    SET expires_at = now() + make_interval(secs => %(ttl)s)
+    WHERE scope = %(scope)s AND relay = %(relay)s AND EXISTS (SELECT FROM me)
+    RETURNING partition
+), members AS (
+    SELECT m.relay,
+           m.heartbeat_at > now() - make_interval(secs => %(ttl)s)
+           AND EXISTS (SELECT FROM pg_stat_activity AS a
+                       WHERE a.pid = m.pid AND a.backend_start = m.backend_start) AS alive
+    FROM {{schema}}.outbox_relay_members AS m
+)
+SELECT EXISTS (SELECT FROM me),
+       coalesce((SELECT array_agg(partition ORDER BY partition) FROM renewed), '{}'),
+       coalesce((SELECT array_agg(relay ORDER BY relay) FROM members WHERE alive), '{}'),
+       EXISTS (SELECT FROM members WHERE NOT alive);
 
 -- name: live_members
 SELECT m.relay FROM {{schema}}.outbox_relay_members AS m
@@ -65,14 +85,6 @@ LEFT JOIN lanes AS l ON l.relay = d.relay
 LEFT JOIN pg_stat_activity AS a
     ON a.pid = l.pid AND a.backend_start = l.started AND a.pid <> pg_backend_pid()
 GROUP BY d.relay;
-
--- name: renew_leases
--- Extends this relay's leases; returns those it still holds. Not blocked by its own claims
--- (they hold the rows FOR KEY SHARE, which an update of expires_at does not conflict with).
-UPDATE {{schema}}.outbox_relay_leases
-SET expires_at = now() + make_interval(secs => %(ttl)s)
-WHERE scope = %(scope)s AND relay = %(relay)s
-RETURNING partition, epoch;
 
 -- name: release_leases
 -- Hands partitions over. FOR UPDATE waits until the batches this relay has in flight for them

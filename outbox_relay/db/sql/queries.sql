@@ -108,6 +108,13 @@ FROM unnest(%(xids)s::bigint[]) AS x;
 -- name: stop_listening
 DELETE FROM {{schema}}.outbox_relay_listeners WHERE relay = %(relay)s;
 
+-- name: anything_due
+-- An idle relay's poll (relay/sources.py): is any row pending and due? Only then does it claim.
+-- Run in the shared rounds of statements, so it takes no parameters.
+SELECT EXISTS (SELECT FROM {{schema}}.outbox
+               WHERE published_at IS NULL AND dead_at IS NULL
+                 AND (next_attempt_at IS NULL OR next_attempt_at <= now()));
+
 -- name: next_retry_in
 SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
 FROM {{schema}}.outbox
