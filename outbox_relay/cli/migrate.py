@@ -14,12 +14,20 @@ from outbox_relay.cli import config_file
 from outbox_relay.cli.common import setup_logging
 from outbox_relay.cli.config_file import ConfigOption
 from outbox_relay.cli.options import Values, settings_command
+from outbox_relay.db import discovery, leases, migrations
 from outbox_relay.db import grants as outbox_grants
-from outbox_relay.db import leases, migrations
 from outbox_relay.db.connect import connection
 from outbox_relay.errors import ConfigError, OutboxRelayError
 from outbox_relay.relay.settings import Mode, Publication, RelaySettings, SlotName
-from outbox_relay.settings import DEFAULT_DATABASE_URL, DatabaseUrl, Flag, Schema, Settings
+from outbox_relay.settings import (
+    DEFAULT_DATABASE_URL,
+    DatabaseUrl,
+    Flag,
+    Schema,
+    Settings,
+    env_name,
+    option_name,
+)
 
 
 def check_role(role: str) -> str:
@@ -32,9 +40,25 @@ def check_role(role: str) -> str:
 RoleName = Annotated[str, AfterValidator(check_role), Flag(metavar="ROLE")]
 
 
+def check_glob(pattern: str | None) -> str | None:
+    if pattern is not None and not pattern.strip():
+        raise ValueError("must be a glob of schema names (e.g. 'tenant_*')")
+    return pattern
+
+
 class MigrateOptions(Settings):
     database_url: DatabaseUrl = DEFAULT_DATABASE_URL
     schema_name: Schema = "public"
+    schemas: Annotated[
+        str | None,
+        AfterValidator(check_glob),
+        Field(
+            description="Instead of --schema: every existing schema of the database matching "
+            "this glob (*, ?, [...]) that holds an outbox already; one holding none is skipped "
+            "(create it with --schema NAME)."
+        ),
+        Flag(env=False, metavar="GLOB"),
+    ] = None
     cdc: Annotated[
         bool,
         Field(
@@ -104,13 +128,19 @@ def migrate(values: Values) -> None:
     """Create or upgrade the outbox tables, functions and triggers (safe to re-run).
 
     With --config: every outbox of the file, in its order; the CDC slots and publications of
-    those whose mode is cdc.
+    those whose mode is cdc. With --schemas GLOB: every existing schema of the database
+    matching it that holds an outbox already.
     """
     path = values.get("config")
     options = MigrateOptions.from_mapping({k: v for k, v in values.items() if k != "config"})
+    if options.schemas is not None:
+        _check_glob_options(values, options, path)
     if path is None:
         setup_logging(secrets=options.secrets())
-        _migrate(options)
+        if options.schemas is not None:
+            _migrate_glob(options, options.schemas)
+        else:
+            _migrate(options)
         return
     if options.cdc:
         raise ConfigError(
@@ -139,6 +169,59 @@ def migrate(values: Values) -> None:
         except OutboxRelayError as exc:
             exc.args = (f"outbox {outbox.name!r}: {exc}", *exc.args[1:])
             raise
+
+
+def _check_glob_options(values: Values, options: MigrateOptions, path: str | None) -> None:
+    """--schemas names the schemas; what else would name them (or be shared by them) is refused."""
+    if path is not None:
+        raise ConfigError(
+            f"--schemas: not with --config {path}: the file says which schemas (give an "
+            "[[outbox]] table schemas = 'GLOB'), or use --database-url and --schemas without it"
+        )
+    if "schema" in values:
+        raise ConfigError(
+            f"--schemas: not with {option_name('schema')} ({env_name('schema')}): give one "
+            "schema or a glob of existing ones, not both"
+        )
+    if options.cdc:
+        for key in ("slot_name", "publication"):
+            if key in values:
+                raise ConfigError(
+                    f"{option_name(key)} ({env_name(key)}): would be shared by every schema "
+                    "--schemas matches (leave it out: each gets outbox_relay_<schema>)"
+                )
+
+
+def _migrate_glob(options: MigrateOptions, pattern: str) -> None:
+    """Migrate (upgrade) every schema matching ``pattern`` that holds an outbox; report the
+    matching ones that hold none as skipped: creating an outbox in every schema a glob happens
+    to match (a tenant's other tables, a half-made tenant) is too easy a mistake."""
+    with connection(options.database_url, application_name="outbox-relay migrate") as conn:
+        found = discovery.match_schemas(conn, pattern)
+    for schema in found.outboxes:
+        try:
+            _migrate(options.model_copy(update={"schema_name": schema}))
+        except OutboxRelayError as exc:
+            if repr(schema) not in str(exc):
+                exc.args = (f"schema {schema!r}: {exc}", *exc.args[1:])
+            raise
+    for schema in found.without_outbox:
+        typer.echo(
+            f"schema {schema!r}: holds no outbox, skipped (create one with "
+            f"`outbox-relay migrate --schema {schema}`)"
+        )
+    for schema in found.unusable:
+        typer.echo(
+            f"schema {schema!r}: skipped, not a plain lowercase identifier (the relay never "
+            "serves it)"
+        )
+    skipped = len(found.without_outbox) + len(found.unusable)
+    if not found.outboxes:
+        typer.echo(f"no schema matching {pattern!r} holds an outbox: nothing migrated")
+    else:
+        typer.echo(
+            f"{len(found.outboxes)} schema(s) matching {pattern!r} migrated, {skipped} skipped"
+        )
 
 
 def _migrate(options: MigrateOptions) -> None:

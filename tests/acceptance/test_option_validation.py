@@ -182,6 +182,8 @@ BAD_TEXT: dict[str, list[str]] = {
     "broker_cert_file": [""],
     "broker_key_file": [""],
     "schema": ["pg_temp", "pg_catalog", "information_schema", "Orders", "a b", "a" * 41, ""],
+    # A glob of schema names; any non-blank text is one (matching nothing is reported).
+    "schemas": ["", " "],
     "exchange": ["a b", "", "x" * 256, "a/b"],
     "topic_prefix": ["a..b", "a b", "a.#", "", "x" * 101],
     # With the default amqp:// broker the destination is an exchange.

@@ -7,16 +7,20 @@ are held to the same checks.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import typer.main
 import yaml
 
-from outbox_relay.cli import app
+from outbox_relay.cli import app, config_file
+from outbox_relay.cli.config_file import RelayConfig
+from outbox_relay.settings import ENV_PREFIX
 
 # The oldest Kubernetes the manifests promise to work on (the chart's kubeVersion allows 1.25+,
 # but policy/v1, batch/v1 ttlSecondsAfterFinished and seccompProfile are all older than this).
@@ -214,13 +218,23 @@ CREDENTIALS = ("OUTBOX_RELAY_DATABASE_URL", "OUTBOX_RELAY_BROKER_URL")
 
 
 def env_contract_problems(docs: list[dict[str, Any]]) -> list[str]:
-    """Variables a relay container gets but its command does not read, or would refuse."""
+    """Variables a relay container gets but its command does not read, or would refuse. With a
+    config file, the variables the file references (``${NAME}``) are read too."""
     from tests.deploy.env_contract import unknown_variables
 
     problems = []
     for container in relay_containers(docs):
         env = container.env(docs)
         unknown = unknown_variables(container.args, set(env))
+        mounted = config_file_of(container, docs)
+        if mounted is not None:
+            # A ConfigMap the user manages: any variable may be one the file references.
+            unknown = {
+                name
+                for name in unknown
+                if name not in mounted.referenced
+                and (mounted.text is not None or name.startswith(ENV_PREFIX))
+            }
         if unknown:
             problems.append(
                 f"{container.where}: `outbox-relay {' '.join(container.args)}` does not read "
@@ -323,10 +337,15 @@ def security_problems(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def credential_problems(docs: list[dict[str, Any]]) -> list[str]:
-    """URLs (they carry passwords) come from Secrets, never from a ConfigMap or a literal."""
+    """URLs (they carry passwords) come from Secrets, never from a ConfigMap or a literal: with
+    a config file, the file references them as ``${NAME}`` and NAME comes from a Secret."""
     problems = []
     for container in relay_containers(docs):
         env_entries = {entry["name"]: entry for entry in container.spec.get("env", [])}
+        mounted = config_file_of(container, docs)
+        if mounted is not None:
+            problems += mounted.credential_problems(env_entries)
+            continue
         wanted = CREDENTIALS if container.args[:1] == ["serve"] else CREDENTIALS[:1]
         for name in wanted:
             ref = env_entries.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
@@ -337,3 +356,114 @@ def credential_problems(docs: list[dict[str, Any]]) -> list[str]:
             if key.endswith("_URL") or key.endswith("_SECRET"):
                 problems.append(f"{kn(config_map)}: {key} belongs in a Secret")
     return problems
+
+
+# -- a config file (docs/config-file.md) mounted into a relay container ---------------------------
+
+CONFIG_VARIABLE = "OUTBOX_RELAY_CONFIG"
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Keys of a config file whose values carry passwords: only ever a whole ${NAME}.
+SECRET_KEYS = ("database_url", "broker_url", "webhook_secret")
+
+
+@dataclass(frozen=True)
+class MountedConfig:
+    """The config file a relay container reads: its path, and its text when the ConfigMap it is
+    mounted from is in the manifests (None for a ConfigMap the user manages)."""
+
+    container: Container
+    path: str
+    config_map: str
+    text: str | None
+
+    @property
+    def referenced(self) -> set[str]:
+        return set(_REFERENCE.findall(self.text or ""))
+
+    def tables(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        document = tomllib.loads(self.text or "")
+        yield "[defaults]", document.get("defaults", {})
+        for number, table in enumerate(document.get("outbox", []), start=1):
+            yield f"outbox[{number}]", table
+
+    def credential_problems(self, env_entries: dict[str, dict[str, Any]]) -> list[str]:
+        where = f"{self.container.where} ({self.path})"
+        problems = [
+            f"{where}: {name} is set, but it names one outbox and is refused with a config file"
+            for name in ("OUTBOX_RELAY_DATABASE_URL", "OUTBOX_RELAY_SCHEMA")
+            if name in env_entries
+        ]
+        if self.text is None:
+            return problems
+        for table, values in self.tables():
+            for key in SECRET_KEYS:
+                value = values.get(key)
+                if value is not None and not _REFERENCE.fullmatch(str(value)):
+                    problems.append(f"{where}: {table} {key} is a literal; use ${{NAME}}")
+        for name in sorted(self.referenced):
+            ref = env_entries.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+            if not ref:
+                problems.append(f"{where}: ${{{name}}} does not come from a secretKeyRef")
+        return problems
+
+
+def config_file_of(container: Container, docs: list[dict[str, Any]]) -> MountedConfig | None:
+    """The config file ``container`` reads (OUTBOX_RELAY_CONFIG or ``--config``), found through
+    its volume mounts; None when it reads none. A path no ConfigMap volume provides fails."""
+    path = container.env(docs).get(CONFIG_VARIABLE)
+    if "--config" in container.args:
+        path = container.args[container.args.index("--config") + 1]
+    if path is None:
+        return None
+    volumes = {volume["name"]: volume for volume in container.pod["spec"].get("volumes", [])}
+    for mount in container.spec.get("volumeMounts", []):
+        source = volumes.get(mount["name"], {}).get("configMap")
+        if source is None:
+            continue
+        if mount.get("subPath"):
+            if mount["mountPath"] != path:
+                continue
+            key = mount["subPath"]
+        else:
+            if str(PurePosixPath(path).parent) != mount["mountPath"].rstrip("/"):
+                continue
+            file_name = PurePosixPath(path).name
+            items = {item["path"]: item["key"] for item in source.get("items", [])}
+            key = items.get(file_name, file_name if not items else "")
+        assert mount.get("readOnly"), f"{container.where}: mount {mount['name']} is writable"
+        config_map = named(docs, "ConfigMap").get(source["name"])
+        text = None if config_map is None else config_map.get("data", {}).get(key)
+        assert config_map is None or text is not None, (
+            f"{container.where}: ConfigMap {source['name']} has no key {key!r} for {path}"
+        )
+        return MountedConfig(container, path, source["name"], text)
+    raise AssertionError(f"{container.where}: no ConfigMap volume provides {path}")
+
+
+def load_mounted_config(
+    mounted: MountedConfig, docs: list[dict[str, Any]], secrets: Mapping[str, str], directory: Path
+) -> RelayConfig:
+    """The file validated as ``outbox-relay <command> --config`` does in that container: its
+    ``${NAME}``s from the container's Secrets (``secrets`` for those not in ``docs``), and the
+    container's OUTBOX_RELAY_* variables as given options (refused if they name one outbox)."""
+    assert mounted.text is not None, f"{mounted.container.where}: the file is not in the manifests"
+    environ = {}
+    for entry in mounted.container.spec.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is None:
+            continue
+        kept = named(docs, "Secret").get(ref["name"])
+        environ[entry["name"]] = (
+            secret_strings(docs, ref["name"], ref["key"])
+            if kept is not None
+            else secrets[entry["name"]]
+        )
+    given = {
+        name.removeprefix(ENV_PREFIX).lower(): value if value is not None else "pod-0"
+        for name, value in mounted.container.env(docs).items()
+        if name.startswith(ENV_PREFIX) and name != CONFIG_VARIABLE
+    }
+    path = directory / PurePosixPath(mounted.path).name
+    path.write_text(mounted.text, encoding="utf-8")
+    serve = mounted.container.args[:1] == ["serve"]
+    return config_file.load(str(path), given, environ, observability=serve)

@@ -21,7 +21,8 @@ import typer.main
 import yaml
 
 import examples.order_service
-from outbox_relay.cli import app
+from outbox_relay.cli import app, config_file
+from outbox_relay.cli.config_file import RelayConfig
 from tests.deploy.dockerfile import Dockerfile, parse_dockerfile
 from tests.deploy.env_contract import OTEL_VARIABLES, unknown_variables
 
@@ -108,6 +109,42 @@ def variables_read_by(path: Path) -> set[str]:
         if isinstance(target, ast.Constant) and isinstance(target.value, str):
             names.add(target.value)
     return names
+
+
+CONFIG_VARIABLE = "OUTBOX_RELAY_CONFIG"
+
+
+def mounted_config(service: dict[str, Any], args: list[str]) -> Path | None:
+    """The host file behind the config file a relay service reads (OUTBOX_RELAY_CONFIG or
+    ``--config``), mounted read-only; None when it reads none."""
+    path = environment(service).get(CONFIG_VARIABLE)
+    if "--config" in args:
+        path = args[args.index("--config") + 1]
+    if path is None:
+        return None
+    for volume in service.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        target, _, mode = rest.partition(":")
+        if target == path:
+            assert mode == "ro", f"{volume}: mount the config file read-only"
+            host = (ROOT / source).resolve()
+            assert host.is_file(), f"{volume}: {host} is missing"
+            return host
+    raise AssertionError(f"no volume mounts {path}")
+
+
+def load_service_config(service: dict[str, Any], args: list[str]) -> RelayConfig:
+    """The service's config file validated as ``outbox-relay <args>`` in it would: its
+    ``${NAME}``s from the service's environment, its OUTBOX_RELAY_* variables as given options."""
+    host = mounted_config(service, args)
+    assert host is not None, f"outbox-relay {' '.join(args)} reads no config file"
+    env = environment(service)
+    given = {
+        name.removeprefix("OUTBOX_RELAY_").lower(): value
+        for name, value in env.items()
+        if name.startswith("OUTBOX_RELAY_") and name != CONFIG_VARIABLE
+    }
+    return config_file.load(str(host), given, env, observability=args[:1] == ["serve"])
 
 
 def healthcheck_url(service: dict[str, Any]) -> str:
@@ -257,6 +294,9 @@ def test_relay_services_set_only_variables_their_command_reads(
             continue
         checked.add(name)
         unknown = unknown_variables(args, set(environment(service)))
+        host = mounted_config(service, args)
+        if host is not None:  # the variables the file references are read too
+            unknown -= set(re.findall(r"\$\{(\w+)\}", host.read_text("utf-8")))
         assert not unknown, f"{name} (outbox-relay {' '.join(args)}) ignores {sorted(unknown)}"
     assert checked == {"migrate", "relay", "consumer"}
 
@@ -321,18 +361,49 @@ def test_consumer_setup_prepares_the_database_the_consumer_uses(
 # -- the relay -----------------------------------------------------------------------------------
 
 
-def test_relay_logs_in_as_the_least_privilege_role_that_migrate_creates(
-    services: dict[str, dict[str, Any]],
+def test_one_relay_serves_two_outboxes_that_migrate_prepares_from_the_same_file(
+    services: dict[str, dict[str, Any]], dockerfile: Dockerfile
 ) -> None:
-    relay_url = urlsplit(environment(services["relay"])["OUTBOX_RELAY_DATABASE_URL"])
-    migrate_url = urlsplit(environment(services["migrate"])["OUTBOX_RELAY_DATABASE_URL"])
-    assert relay_url.username == "outbox_relay"
-    assert "--grants" in services["migrate"]["command"]
-    assert (relay_url.hostname, relay_url.port, relay_url.path) == (
-        migrate_url.hostname,
-        migrate_url.port,
-        migrate_url.path,
-    ), "the relay must use the database migrate prepared"
+    relay_args = relay_arguments(services["relay"], dockerfile)
+    migrate_args = relay_arguments(services["migrate"], dockerfile)
+    assert relay_args == ["serve"]
+    assert migrate_args is not None
+    assert migrate_args[:1] == ["migrate"]
+    assert "--config" in migrate_args
+    assert mounted_config(services["relay"], relay_args) == mounted_config(
+        services["migrate"], migrate_args
+    )
+
+    served = load_service_config(services["relay"], relay_args)
+    migrated = load_service_config(services["migrate"], migrate_args)
+
+    outboxes = [(o.name, o.settings.schema_name) for o in served.outboxes]
+    assert outboxes == [("orders", "public"), ("billing", "billing")]
+    assert [(o.name, o.settings.schema_name) for o in migrated.outboxes] == outboxes
+    exchanges = {o.settings.publisher.exchange for o in served.outboxes}
+    assert len(exchanges) == 2, "each outbox to its own exchange"
+
+
+def test_relay_logs_in_as_the_least_privilege_role_that_migrate_creates(
+    services: dict[str, dict[str, Any]], dockerfile: Dockerfile
+) -> None:
+    relay_args = relay_arguments(services["relay"], dockerfile)
+    migrate_args = relay_arguments(services["migrate"], dockerfile)
+    assert relay_args is not None
+    assert migrate_args is not None
+    served = load_service_config(services["relay"], relay_args).outboxes
+    migrated = load_service_config(services["migrate"], migrate_args).outboxes
+    assert "--grants" in migrate_args
+    for relay_outbox, migrate_outbox in zip(served, migrated, strict=True):
+        relay_url = urlsplit(relay_outbox.settings.database_url)
+        migrate_url = urlsplit(migrate_outbox.settings.database_url)
+        assert relay_url.username == "outbox_relay"
+        assert migrate_url.username != "outbox_relay", "migrate runs as the owner"
+        assert (relay_url.hostname, relay_url.port, relay_url.path) == (
+            migrate_url.hostname,
+            migrate_url.port,
+            migrate_url.path,
+        ), "the relay must use the database migrate prepared"
     assert services["relay"]["depends_on"]["migrate"] == {
         "condition": "service_completed_successfully"
     }

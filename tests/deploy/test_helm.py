@@ -18,10 +18,12 @@ from tests.deploy.env_contract import command_variables
 from tests.deploy.manifests import (
     Container,
     by_kind,
+    config_file_of,
     credential_problems,
     env_contract_problems,
     grace_problems,
     load_documents,
+    load_mounted_config,
     pod_template,
     probe_problems,
     relay_containers,
@@ -50,6 +52,7 @@ OWNED = {
     "OUTBOX_RELAY_METRICS_HOST",
     "OUTBOX_RELAY_SHUTDOWN_TIMEOUT",
     "OUTBOX_RELAY_RELAY_NAME",
+    "OUTBOX_RELAY_CONFIG",  # configFile
 }
 SECRET_OPTIONS = {"OUTBOX_RELAY_WEBHOOK_SECRET"}
 
@@ -146,6 +149,57 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "x"}},
             }
         ],
+    },
+}
+
+
+# Many outboxes from one relay: a config file whose URLs come from Secrets.
+RELAY_TOML = """\
+[defaults]
+broker_url = "${RABBITMQ_URL}"
+poll_interval = "2s"
+
+[[outbox]]
+name = "orders"
+database_url = "${ORDERS_DATABASE_URL}"
+
+[[outbox]]
+name = "billing"
+database_url = "${ORDERS_DATABASE_URL}"
+schema = "billing"
+exchange = "billing"
+"""
+RELAY_URL = "postgresql://outbox_relay:pw@db.shop.svc:5432/orders"
+OWNER_URL = "postgresql://orders_owner:pw@db.shop.svc:5432/orders"
+BROKER_URL = "amqp://relay:pw@rabbitmq.shop.svc:5672/%2F"
+CONFIG_PATH = "/etc/outbox-relay/relay.toml"
+# What the Secrets the user manages hold, for validating the file as the pod would read it.
+USER_SECRETS = {"ORDERS_DATABASE_URL": RELAY_URL, "RABBITMQ_URL": BROKER_URL}
+
+VALUE_SETS["config-file"] = {
+    "configFile": {
+        "content": RELAY_TOML,
+        "secretEnv": {
+            "ORDERS_DATABASE_URL": {"existingSecret": "orders-db-relay", "secretKey": "uri"},
+            "RABBITMQ_URL": {"value": BROKER_URL},
+        },
+    },
+    "config": {"logFormat": "json", "batchSize": 500},
+    "migrate": {"secretEnv": {"ORDERS_DATABASE_URL": {"value": OWNER_URL}}},
+}
+VALUE_SETS["config-file-existing"] = {
+    "configFile": {
+        "existingConfigMap": "relay-toml",
+        "key": "outboxes.toml",
+        "secretEnv": {
+            "ORDERS_DATABASE_URL": {"existingSecret": "orders-db-relay", "secretKey": "uri"},
+            "RABBITMQ_URL": {"existingSecret": "rabbitmq-relay"},
+        },
+    },
+    "migrate": {
+        "secretEnv": {
+            "ORDERS_DATABASE_URL": {"existingSecret": "orders-db-owner", "secretKey": "uri"}
+        }
     },
 }
 
@@ -385,6 +439,7 @@ def test_every_config_option_renders_as_the_variable_the_relay_reads(render: Any
     assert config >= command_variables("serve") - SECRET_OPTIONS - {
         "OUTBOX_RELAY_DATABASE_URL",
         "OUTBOX_RELAY_BROKER_URL",
+        "OUTBOX_RELAY_CONFIG",  # configFile (its own value set)
     }
 
 
@@ -442,3 +497,137 @@ def test_values_the_chart_cannot_honour_are_refused(values: dict[str, Any], comp
     result = template(values)
     assert result.returncode != 0, f"helm template accepted {values}"
     assert complaint in result.stderr, result.stderr
+
+
+# -- a config file: many outboxes from one relay --------------------------------------------------
+
+
+def test_a_config_file_is_mounted_pointed_at_and_validates_with_its_secrets(
+    render: Any, tmp_path: Path
+) -> None:
+    docs = render("config-file")
+    (relay,) = serving(docs)
+    env = relay.env(docs)
+    # The file, not single-outbox variables, names every outbox's database, broker and mode.
+    assert env["OUTBOX_RELAY_CONFIG"] == CONFIG_PATH
+    assert not {"OUTBOX_RELAY_DATABASE_URL", "OUTBOX_RELAY_BROKER_URL", "OUTBOX_RELAY_MODE"} & set(
+        env
+    )
+    mounted = config_file_of(relay, docs)
+    assert mounted is not None
+    assert mounted.config_map == f"{FULLNAME}-file"
+    assert mounted.text == RELAY_TOML
+    assert mounted.referenced == {"ORDERS_DATABASE_URL", "RABBITMQ_URL"}
+    assert relay.secret_key_ref("ORDERS_DATABASE_URL") == ("orders-db-relay", "uri")
+    given = relay.secret_key_ref("RABBITMQ_URL")
+    assert given == (f"{FULLNAME}-file-env", "RABBITMQ_URL")
+    assert secret_strings(docs, *given) == BROKER_URL
+
+    # `outbox-relay serve --config` in that pod reads two outboxes, with the chart's options
+    config = load_mounted_config(mounted, docs, USER_SECRETS, tmp_path)
+
+    assert [(o.name, o.settings.schema_name) for o in config.outboxes] == [
+        ("orders", "public"),
+        ("billing", "billing"),
+    ]
+    assert {o.settings.database_url for o in config.outboxes} == {RELAY_URL}
+    assert {o.settings.batch_size for o in config.outboxes} == {500}  # config: wins over the file
+    assert config.observability.health_port == 8080
+
+
+def test_the_migrate_hook_migrates_every_outbox_of_the_file_as_the_owner(
+    render: Any, tmp_path: Path
+) -> None:
+    docs = render("config-file")
+    migrate = migrate_container(docs)
+    assert migrate.args == ["migrate", "--config", CONFIG_PATH, "--grants"]
+    mounted = config_file_of(migrate, docs)
+    assert mounted is not None
+    assert mounted.text == RELAY_TOML
+    # The hook starts before the release's ConfigMap and Secrets exist: its copies are hooks.
+    (config_map,) = (
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == mounted.config_map
+    )
+    job = migrate.workload["metadata"]["annotations"]
+    assert hook_of(config_map) == job[HOOK]
+    assert int(config_map["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        job["helm.sh/hook-weight"]
+    )
+    owner = migrate.secret_key_ref("ORDERS_DATABASE_URL")
+    assert hook_of(named_doc(docs, "Secret", owner[0])) == job[HOOK]
+
+    config = load_mounted_config(mounted, docs, USER_SECRETS, tmp_path)
+
+    assert {o.settings.database_url for o in config.outboxes} == {OWNER_URL}
+
+
+def test_a_config_map_the_user_manages_is_mounted_and_none_is_made(render: Any) -> None:
+    docs = render("config-file-existing")
+    for container in (*serving(docs), migrate_container(docs)):
+        mounted = config_file_of(container, docs)
+        assert mounted is not None
+        assert mounted.path == "/etc/outbox-relay/outboxes.toml"
+        assert mounted.config_map == "relay-toml"
+    (relay,) = serving(docs)
+    assert relay.secret_key_ref("RABBITMQ_URL") == ("rabbitmq-relay", "RABBITMQ_URL")
+    assert migrate_container(docs).secret_key_ref("ORDERS_DATABASE_URL") == (
+        "orders-db-owner",
+        "uri",
+    )
+    assert [d["metadata"]["name"] for d in by_kind(docs, "ConfigMap")] == [FULLNAME]
+    assert not by_kind(docs, "Secret")
+
+
+def test_a_changed_config_file_rolls_the_relays(render: Any) -> None:
+    (relay,) = serving(render("config-file"))
+    values = VALUE_SETS["config-file"]
+    changed = template(
+        {**values, "configFile": {**values["configFile"], "content": RELAY_TOML + "\n# edited\n"}}
+    )
+    assert changed.returncode == 0, changed.stderr
+    (new_relay,) = serving(load_documents(changed.stdout))
+    checksum = "checksum/config"
+    assert (
+        new_relay.pod["metadata"]["annotations"][checksum]
+        != relay.pod["metadata"]["annotations"][checksum]
+    )
+
+
+FILE = {"content": RELAY_TOML}
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"configFile": FILE, "database": {"url": RELAY_URL}}, "database: not with configFile"),
+        ({"configFile": FILE, "broker": {"existingSecret": "b"}}, "broker: not with configFile"),
+        (
+            {"configFile": FILE, "migrate": {"database": {"url": OWNER_URL}}},
+            "migrate.database: not with configFile",
+        ),
+        ({"configFile": FILE, "config": {"schema": "billing"}}, "config.schema: not with"),
+        ({"configFile": {**FILE, "existingConfigMap": "x"}}, "content or existingConfigMap"),
+        ({"configFile": {**FILE, "key": "a/b.toml"}}, "key"),
+        (
+            {"configFile": {**FILE, "secretEnv": {"DB": {"value": "x", "existingSecret": "s"}}}},
+            "DB",
+        ),
+        ({"configFile": {**FILE, "secretEnv": {"DB": {}}}}, "DB"),
+        (
+            {"configFile": {**FILE, "secretEnv": {"OUTBOX_RELAY_DATABASE_URL": {"value": "x"}}}},
+            "OUTBOX_RELAY_DATABASE_URL",
+        ),
+        ({"configFile": {**FILE, "secretEnv": {"not-a-name": {"value": "x"}}}}, "not-a-name"),
+    ],
+)
+def test_config_file_values_the_chart_cannot_honour_are_refused(
+    values: dict[str, Any], complaint: str
+) -> None:
+    result = template(values)
+    assert result.returncode != 0, f"helm template accepted {values}"
+    assert complaint in result.stderr, result.stderr
+
+
+def named_doc(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = (d for d in by_kind(docs, kind) if d["metadata"]["name"] == name)
+    return doc

@@ -11,10 +11,12 @@ import pytest
 
 from tests.deploy.manifests import (
     by_kind,
+    config_file_of,
     credential_problems,
     env_contract_problems,
     grace_problems,
     load_file,
+    load_mounted_config,
     named,
     pod_template,
     probe_problems,
@@ -27,7 +29,9 @@ from tests.deploy.manifests import (
 )
 
 DIRECTORY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
-FILES = ["sidecar.yaml", "standalone.yaml"]
+FILES = ["config-file.yaml", "sidecar.yaml", "standalone.yaml"]
+# Manifests of one outbox, configured by OUTBOX_RELAY_* variables (not a config file).
+SINGLE = ["sidecar.yaml", "standalone.yaml"]
 # The role `outbox-relay migrate --grants` creates for the relay.
 RELAY_ROLE = "outbox_relay"
 
@@ -85,6 +89,12 @@ def test_pods_run_with_a_restricted_security_context(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FILES)
+def test_credentials_come_from_secrets(name: str) -> None:
+    problems = credential_problems(documents(name))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", SINGLE)
 def test_credentials_come_from_secrets_in_the_file(name: str) -> None:
     docs = documents(name)
     problems = credential_problems(docs)
@@ -97,7 +107,7 @@ def test_credentials_come_from_secrets_in_the_file(name: str) -> None:
             assert secret_strings(docs, secret, key), f"{container.where}: {variable} is empty"
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", SINGLE)
 def test_the_relay_connects_as_the_least_privilege_role(name: str) -> None:
     docs = documents(name)
     for container in serving(docs):
@@ -154,3 +164,43 @@ def test_standalone_migrate_job_runs_grants_as_the_owner_from_its_own_secret() -
     # Both work on the same schema: the Job reads the relay's OUTBOX_RELAY_SCHEMA.
     schema = named(docs, "ConfigMap")[relay.spec["envFrom"][0]["configMapRef"]["name"]]
     assert migrate.env(docs).get("OUTBOX_RELAY_SCHEMA") == schema["data"]["OUTBOX_RELAY_SCHEMA"]
+
+
+def test_config_file_relays_every_outbox_of_a_mounted_file_as_the_least_privilege_role(
+    tmp_path: Path,
+) -> None:
+    docs = documents("config-file.yaml")
+    (relay,) = serving(docs)
+    assert relay.env(docs)["OUTBOX_RELAY_CONFIG"] == "/etc/outbox-relay/relay.toml"
+    mounted = config_file_of(relay, docs)
+    assert mounted is not None
+    assert mounted.text is not None
+
+    # `outbox-relay serve` in that pod: the file, its ${NAME}s from the Secret
+    config = load_mounted_config(mounted, docs, {}, tmp_path)
+
+    assert [o.name for o in config.outboxes] == ["orders", "billing", "tenants"]
+    assert [o.schemas for o in config.outboxes] == [None, None, "tenant_*"]
+    for outbox in config.outboxes:
+        assert urlsplit(outbox.settings.database_url).username == RELAY_ROLE
+
+
+def test_config_file_migrate_job_migrates_every_outbox_of_the_file_as_the_owner(
+    tmp_path: Path,
+) -> None:
+    docs = documents("config-file.yaml")
+    (job,) = by_kind(docs, "Job")
+    (migrate,) = (c for c in relay_containers(docs) if c.workload is job)
+    assert migrate.args == ["migrate", "--config", "/etc/outbox-relay/relay.toml", "--grants"]
+    mounted = config_file_of(migrate, docs)
+    (relay,) = serving(docs)
+    relay_file = config_file_of(relay, docs)
+    assert mounted is not None
+    assert relay_file is not None
+    assert mounted.config_map == relay_file.config_map, "both must work on the same outboxes"
+
+    config = load_mounted_config(mounted, docs, {}, tmp_path)
+
+    owners = {urlsplit(o.settings.database_url).username for o in config.outboxes}
+    assert owners
+    assert RELAY_ROLE not in owners

@@ -82,6 +82,7 @@ Refuse combinations that would start pods reading a key that no Secret holds: wh
 makes the Secret <fullname>, every URL read from it must be given; and the two keys must differ.
 */}}
 {{- define "outbox-relay.validate" -}}
+{{- include "outbox-relay.validateFile" . }}
 {{- $made := include "outbox-relay.secretData" . | fromYaml }}
 {{- if $made }}
 {{- range $field, $ref := dict "database" .Values.database "broker" .Values.broker }}
@@ -136,4 +137,85 @@ A value for an environment variable: YAML numbers reach templates as float64, wh
 {{/* The variable the relay reads for a config key: batchSize -> OUTBOX_RELAY_BATCH_SIZE. */}}
 {{- define "outbox-relay.envName" -}}
 {{- printf "OUTBOX_RELAY_%s" (snakecase . | upper) }}
+{{- end }}
+
+{{/* Whether the relay reads a config file (configFile): "true" or "". */}}
+{{- define "outbox-relay.fileMode" -}}
+{{- if or .Values.configFile.content .Values.configFile.existingConfigMap }}true{{ end }}
+{{- end }}
+
+{{/* Where the config file is mounted; OUTBOX_RELAY_CONFIG points at it. */}}
+{{- define "outbox-relay.configDir" -}}
+/etc/outbox-relay
+{{- end }}
+
+{{- define "outbox-relay.configPath" -}}
+{{- printf "%s/%s" (include "outbox-relay.configDir" .) .Values.configFile.key }}
+{{- end }}
+
+{{/* The relay's ConfigMap holding the file: the user's, or the chart's <fullname>-file. */}}
+{{- define "outbox-relay.fileConfigMap" -}}
+{{- .Values.configFile.existingConfigMap | default (printf "%s-file" (include "outbox-relay.fullname" . | trunc 58 | trimSuffix "-")) }}
+{{- end }}
+
+{{/* The Secret the chart stores configFile.secretEnv values in. */}}
+{{- define "outbox-relay.fileEnvSecret" -}}
+{{- printf "%s-file-env" (include "outbox-relay.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The migrate hook's copy of the file (a hook runs before the release's own ConfigMap exists). */}}
+{{- define "outbox-relay.migrateFileConfigMap" -}}
+{{- .Values.configFile.existingConfigMap | default (printf "%s-file" (include "outbox-relay.migrateName" .)) }}
+{{- end }}
+
+{{/* Values of configFile.secretEnv the chart stores: {NAME: value}. */}}
+{{- define "outbox-relay.fileEnvData" -}}
+{{- $data := dict }}
+{{- range $name, $ref := .Values.configFile.secretEnv }}
+{{- if $ref.value }}
+{{- $_ := set $data $name $ref.value }}
+{{- end }}
+{{- end }}
+{{- toYaml $data }}
+{{- end }}
+
+{{/* The migrate hook's variables with a file: configFile.secretEnv, migrate.secretEnv over it. */}}
+{{- define "outbox-relay.migrateFileEnv" -}}
+{{- $env := dict }}
+{{- range $name, $ref := .Values.configFile.secretEnv }}{{ $_ := set $env $name $ref }}{{ end }}
+{{- range $name, $ref := .Values.migrate.secretEnv }}{{ $_ := set $env $name $ref }}{{ end }}
+{{- toYaml $env }}
+{{- end }}
+
+{{/*
+Variables from Secrets: one env entry per {NAME: {value} | {existingSecret, secretKey}}; values
+the chart stores are read from the Secret .default under key NAME.
+*/}}
+{{- define "outbox-relay.secretEnvEntries" -}}
+{{- range $name, $ref := .env }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.existingSecret | default $.default }}
+      key: {{ $ref.secretKey | default $name }}
+{{- end }}
+{{- end }}
+
+{{/* With a config file, what would name one outbox for all of them is refused. */}}
+{{- define "outbox-relay.validateFile" -}}
+{{- if include "outbox-relay.fileMode" . }}
+{{- if and .Values.configFile.content .Values.configFile.existingConfigMap }}
+{{- fail "configFile: set content or existingConfigMap, not both" }}
+{{- end }}
+{{- range $field, $ref := dict "database" .Values.database "broker" .Values.broker "migrate.database" .Values.migrate.database }}
+{{- if or $ref.url $ref.existingSecret }}
+{{- fail (printf "%s: not with configFile: the file names each outbox's URLs; reference them as ${NAME} and set NAME in configFile.secretEnv (migrate.secretEnv for the owner's)" $field) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "schema" "slotName" "publication" }}
+{{- if hasKey $.Values.config $key }}
+{{- fail (printf "config.%s: not with configFile: it names one outbox (set it in the file's [[outbox]] tables)" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
