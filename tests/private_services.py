@@ -141,6 +141,10 @@ def _directory(name: str) -> Path:
 # -- the brokers ------------------------------------------------------------------------------------
 
 
+# Debian's package: the script itself, not /usr/sbin's wrapper that switches to the rabbitmq user.
+_RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
 def rabbitmq(tls: ServerTls) -> PrivateServer:
     """A RabbitMQ node of its own (name, Erlang distribution port, Mnesia, logs, config,
     plugins, cookie), with an ``amqps`` listener verifying peers against ``tls.ca`` and a
@@ -178,11 +182,11 @@ def rabbitmq(tls: ServerTls) -> PrivateServer:
     return PrivateServer(
         "RabbitMQ",
         directory,
-        ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+        [_RABBITMQ_SERVER if Path(_RABBITMQ_SERVER).exists() else "rabbitmq-server"],
         tls_port=tls_port,
         plain_port=plain_port,
         env=env,
-        log_files=("output.log", "*.log"),
+        log_files=("*.log",),  # its own logs under log/ too
     )
 
 

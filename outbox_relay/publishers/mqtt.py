@@ -605,7 +605,7 @@ class MqttPublisher:
         paho's own keepalive timer ending a silent connection proves nothing: retried."""
         value = getattr(reason, "value", None)
         if value == _CONNECTION_LOST:
-            if self._read_error is not None:
+            if self._tls is not None and self._read_error is not None:
                 where = redact_url(self._settings.broker_url)
                 refused = tls.refused("the MQTT broker", where, OSError(self._read_error))
                 if refused is not None:
