@@ -348,8 +348,9 @@ class MqttSubscriber:
     its max_queued_messages, dropping) messages for a slow reader.
     """
 
-    def __init__(self, topic_filter: str) -> None:
+    def __init__(self, topic_filter: str, port: int = 1883) -> None:
         self.topic_filter = topic_filter
+        self.port = port
         self.client_id = unique("contract-sub-")
         self._lock = threading.Lock()
         self._messages: list[Received] = []
@@ -369,10 +370,10 @@ class MqttSubscriber:
     def stop(self, *, forget_session: bool = True) -> None:
         self._stopping.set()
         self._thread.join(timeout=15)
-        if forget_session and port_open(1883):
+        if forget_session and port_open(self.port):
             # Connect once with a clean start so Mosquitto drops the persisted session.
             client = self._client()
-            client.connect("127.0.0.1", 1883, clean_start=True)
+            client.connect("127.0.0.1", self.port, clean_start=True)
             client.disconnect()
 
     @property
@@ -428,7 +429,11 @@ class MqttSubscriber:
             client.on_subscribe = lambda *_args: self._subscribed.set()
             try:
                 client.connect(
-                    "127.0.0.1", 1883, keepalive=30, clean_start=False, properties=connect_props
+                    "127.0.0.1",
+                    self.port,
+                    keepalive=30,
+                    clean_start=False,
+                    properties=connect_props,
                 )
             except OSError:
                 self._stopping.wait(0.05)

@@ -6,11 +6,6 @@ that between a client and a server on this machine: ``freeze()`` stops reading a
 in both directions (the kernel buffers fill, writes stall, no reply ever comes), ``thaw()``
 resumes, nothing is closed either way. Runs its own event loop on a thread, so synchronous tests
 and relays on other threads or processes can use it alike.
-
-With ``tls`` (a server-side SSLContext) it also terminates TLS: clients speak TLS to the proxy,
-which forwards plaintext to the server, so a client's TLS (verification of the server's
-certificate and host name, its own certificate when the context requires one) is exercised for
-real without reconfiguring a shared service.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import threading
 from types import TracebackType
 
@@ -26,15 +20,9 @@ from types import TracebackType
 class HangingProxy:
     """``with HangingProxy(5432) as proxy: connect to 127.0.0.1:proxy.port; proxy.freeze()``."""
 
-    def __init__(
-        self, target_port: int, target_host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None
-    ) -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self._target = (target_host, target_port)
-        self._tls = tls
         self._loop = asyncio.new_event_loop()
-        if tls is not None:
-            # A client refusing our certificate aborts the handshake: expected here, not news.
-            self._loop.set_exception_handler(lambda _loop, _context: None)
         self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
@@ -49,13 +37,7 @@ class HangingProxy:
     async def _listen(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server = await asyncio.start_server(
-            self._accept,
-            "127.0.0.1",
-            0,
-            ssl=self._tls,
-            ssl_handshake_timeout=10 if self._tls is not None else None,
-        )
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

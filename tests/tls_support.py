@@ -2,19 +2,15 @@
 
 ``Pki(directory)`` holds a CA, a second CA nobody trusts, and certificates signed by the first:
 for ``localhost`` and ``127.0.0.1``, for another host name only, an expired one, and client
-certificates. Server-side contexts for a TLS-terminating proxy (tests/faults.py) come from here.
+certificates. Server-side contexts (the HTTPS webhook sink's) come from here too.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-from tests.faults import HangingProxy
 
 _CA_CONFIG = """
 [ ca ]
@@ -108,37 +104,3 @@ class Pki:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(client_ca)
         return context
-
-
-class NatsTlsProxy(HangingProxy):
-    """A NATS server's TLS, in front of a plaintext one: NATS greets in plaintext (``INFO``)
-    and the client upgrades the same connection when the greeting says ``tls_required``. The
-    proxy forwards the server's INFO with ``tls_required`` set, takes the TLS handshake as the
-    server would (``context``), then forwards plaintext to the real server."""
-
-    def __init__(self, target_port: int, context: ssl.SSLContext) -> None:
-        super().__init__(target_port)
-        self._context = context
-        self._loop.set_exception_handler(lambda _loop, _context: None)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            try:
-                up_reader, up_writer = await asyncio.open_connection(*self._target)
-            except OSError:
-                return
-            try:
-                greeting = await up_reader.readline()
-                info = json.loads(greeting.partition(b" ")[2])
-                info["tls_required"] = True
-                writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
-                await writer.drain()
-                await writer.start_tls(self._context)
-            except (OSError, ValueError):  # ssl.SSLError is an OSError
-                up_writer.close()
-                return
-            await self._forward(reader, writer, up_reader, up_writer)
-        finally:
-            self._writers.discard(writer)
-            writer.close()

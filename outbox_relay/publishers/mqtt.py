@@ -214,6 +214,7 @@ class MqttPublisher:
         # Once a CONNACK came from the URL, it is an MQTT broker's: later odd answers (a broker
         # restarting, a proxy without a backend) are retried, not called a wrong URL.
         self._answered = False
+        self._read_error: str | None = None  # paho's last failed read before the CONNACK
 
     @property
     def mqtt5(self) -> bool:
@@ -246,6 +247,9 @@ class MqttPublisher:
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
+        # Until the CONNACK only: paho formats every log line for it, a cost per message.
+        client.on_log = self._on_log
+        self._read_error = None
         self._connack = loop.create_future()
         self._failure = None
         self._client = client
@@ -282,6 +286,7 @@ class MqttPublisher:
         except BaseException:
             await self.close()
             raise
+        client.on_log = None
         self._connected = self._answered = True
         log.info("connected to broker", extra={"broker": "mqtt", "url": where})
 
@@ -545,6 +550,14 @@ class MqttPublisher:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._lost, client, reason_code)
 
+    def _on_log(self, _client: paho.Client, _u: Any, level: int, text: str) -> None:
+        # paho reports why a read failed only in a log line, then calls the connection lost:
+        # through TLS the reason may be the broker's alert refusing our client certificate
+        # (TLS 1.3 sends it after the handshake, at the first read), which must be told apart
+        # from a service hanging up on a CONNECT.
+        if level == paho.MQTT_LOG_ERR and text.startswith("failed to receive on socket"):
+            self._read_error = text
+
     def _on_publish(
         self, client: paho.Client, _u: Any, mid: int, reason_code: ReasonCode, _p: Any
     ) -> None:
@@ -592,6 +605,11 @@ class MqttPublisher:
         paho's own keepalive timer ending a silent connection proves nothing: retried."""
         value = getattr(reason, "value", None)
         if value == _CONNECTION_LOST:
+            if self._tls is not None and self._read_error is not None:
+                where = redact_url(self._settings.broker_url)
+                refused = tls.refused("the MQTT broker", where, OSError(self._read_error))
+                if refused is not None:
+                    return refused
             return self._not_a_broker("it closed the connection without a CONNACK")
         if value in _NOT_A_PACKET:
             return self._not_a_broker(f"its answer to CONNECT was not a CONNACK: {reason}")

@@ -264,7 +264,12 @@ class RedisStreamsPublisher:
             raise BrokerUnavailableError(
                 f"no answer to PING from {where} within {timeout:g}s (is it a Redis server?)"
             ) from exc
-        except OSError:
+        except OSError as exc:
+            # Through TLS 1.3 a server refusing our client certificate says so here, at the
+            # first read after the handshake: a certificate problem, not another service.
+            refused = tls.refused("Redis", where, exc)
+            if refused is not None:
+                raise refused from exc
             answer = b""  # reset: hung up without answering
         finally:
             writer.close()

@@ -6,8 +6,9 @@ options: PostgreSQL through libpq's URL parameters (``sslmode=verify-full``, ``s
 A private CA made with ``openssl`` signs every certificate. PostgreSQL gets TLS by a reload
 (``ALTER SYSTEM SET ssl = on`` and its files; never a restart), put back as it was afterwards;
 plaintext connections of other users keep working throughout. The shared brokers are not
-touched: a TLS-terminating proxy (tests/faults.py) sits in front of each, so the relay's
-client-side TLS (chain, host name, client certificate) is exercised for real.
+touched: the tests start private RabbitMQ nodes, a Redis, a NATS server (JetStream) and Mosquitto
+brokers of their own (tests/private_services.py) with their own TLS listeners on other ports, and
+an HTTPS webhook sink, so both sides of each TLS link are the real ones.
 
 Every certificate problem must end the command at start-up with exit code 3 and one line that
 names the link and the cause, never a retry loop and never a plaintext fallback.
@@ -21,17 +22,21 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pika
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
+from tests import private_services
 from tests.acceptance.conftest import RelayProcess, cli_env, run_cli
 from tests.conftest import RabbitQueue, wait_until
-from tests.faults import HangingProxy
+from tests.private_services import PrivateServer, PrivateServers, ServerTls
 from tests.services import Services
 from tests.tls_support import Leaf, Pki
 
@@ -82,17 +87,15 @@ def serve_once(
     return done
 
 
-def emit(env: dict[str, str], count: int, aggregate: str = "a1") -> list[str]:
-    """``count`` events of one aggregate through ``outbox-relay emit``; their event ids."""
-    ids = []
-    for index in range(count):
-        done = run_cli(
-            "emit", "order.created", "--aggregate-id", aggregate, "--payload", f'{{"n": {index}}}',
-            env={k: v for k, v in env.items() if not k.startswith("OUTBOX_RELAY_BROKER")},
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        ids.append(done.stdout.strip().split()[-1])
-    return ids
+def emit(env: dict[str, str], count: int, aggregate: str = "a1") -> None:
+    """``count`` events of one aggregate (payloads ``{"n": 0}``, ``{"n": 1}``, ...), written as
+    an application writes them: INSERTs into the outbox, in one transaction."""
+    with psycopg.connect(env["OUTBOX_RELAY_DATABASE_URL"]) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO outbox (event_type, aggregate_type, aggregate_id, payload)"
+            " VALUES ('order.created', 'order', %s, %s)",
+            [(aggregate, Jsonb({"n": index})) for index in range(count)],
+        )
 
 
 def payload_numbers(queue: RabbitQueue, count: int) -> list[int]:
@@ -260,21 +263,52 @@ def tls_database_url(database_url: str, host: str = "localhost", **parameters: s
     return f"postgresql://{netloc}{parts.path}?{query}"
 
 
-# -- brokers: a TLS-terminating proxy in front of each ------------------------------------------------
+# -- brokers: private instances with their own TLS listeners ------------------------------------------
 
 
-@pytest.fixture
-def tls_proxy() -> Iterator[Callable[..., HangingProxy]]:
-    made: list[HangingProxy] = []
+@dataclass(frozen=True)
+class TlsBrokers:
+    """Private brokers (tests/private_services.py) presenting a certificate for ``localhost``
+    only (so ``127.0.0.1`` in a URL is another host name), signed by the test CA."""
 
-    def make(port: int, context: Any) -> HangingProxy:
-        proxy = HangingProxy(port, tls=context).start()
-        made.append(proxy)
-        return proxy
+    rabbitmq: PrivateServer  # a client certificate optional, verified when given
+    rabbitmq_strict: PrivateServer  # a client certificate required
+    rabbitmq_expired: PrivateServer  # presents an expired certificate
+    redis: PrivateServer
+    redis_strict: PrivateServer  # a client certificate required, as for the others
+    nats: PrivateServer
+    nats_strict: PrivateServer
+    mosquitto: PrivateServer
+    mosquitto_strict: PrivateServer
 
-    yield make
-    for proxy in made:
-        proxy.close()
+
+@pytest.fixture(scope="module")
+def broker_leaf(pki: Pki) -> Leaf:
+    return pki.leaf("broker", "localhost", hosts=("localhost",))
+
+
+@pytest.fixture(scope="module")
+def brokers(pki: Pki, broker_leaf: Leaf) -> Iterator[TlsBrokers]:
+    expired = pki.leaf(
+        "broker-expired", "localhost", hosts=("localhost",),
+        start="20200101000000Z", end="20200102000000Z",
+    )  # fmt: skip
+    lenient = ServerTls(broker_leaf, pki.ca.cert)
+    strict = ServerTls(broker_leaf, pki.ca.cert, client_cert_required=True)
+    with PrivateServers() as servers:
+        yield TlsBrokers(
+            *servers.start(
+                private_services.rabbitmq(lenient),
+                private_services.rabbitmq(strict),
+                private_services.rabbitmq(ServerTls(expired, pki.ca.cert)),
+                private_services.redis(lenient),
+                private_services.redis(strict),
+                private_services.nats(lenient),
+                private_services.nats(strict),
+                private_services.mosquitto(lenient),
+                private_services.mosquitto(strict),
+            )
+        )
 
 
 def amqps_url(broker_url: str, port: int, host: str = "localhost") -> str:
@@ -286,38 +320,54 @@ def rabbit_port(broker_url: str) -> int:
     return urlsplit(broker_url).port or 5672
 
 
+def private_amqp_url(node: PrivateServer) -> str:
+    """The node's plaintext port, where the test itself declares and reads queues."""
+    return f"amqp://guest:guest@127.0.0.1:{node.plain_port}/%2F"
+
+
+def private_queue(node: PrivateServer) -> RabbitQueue:
+    """A fresh exchange on ``node`` with a queue bound to everything."""
+    url = private_amqp_url(node)
+    exchange, name = f"events.tls.{uuid.uuid4().hex[:8]}", f"q.tls.{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = conn.channel()
+        channel.exchange_declare(exchange, "topic", durable=True)
+        channel.queue_declare(name, durable=True)
+        channel.queue_bind(name, exchange, "#")
+    finally:
+        conn.close()
+    return RabbitQueue(url, exchange, name, ["#"])
+
+
 # -- the relay over verified TLS on both links ----------------------------------------------------------
 
 
 def test_relay_over_verify_full_postgres_and_amqps_publishes_every_event_in_order(
     postgres_tls: PostgresTls,
     pki: Pki,
-    server_leaf: Leaf,
     database_url: str,
     broker_url: str,
-    exchange: str,
-    bind_queue: Callable[..., RabbitQueue],
-    tls_proxy: Callable[..., HangingProxy],
+    brokers: TlsBrokers,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
-    # Given PostgreSQL with TLS, RabbitMQ behind TLS, and the relay told only the CA
-    proxy = tls_proxy(rabbit_port(broker_url), pki.server_context(server_leaf))
-    queue = bind_queue("#")
+    # Given PostgreSQL with TLS, RabbitMQ's own amqps listener, and the relay told only the CA
+    queue = private_queue(brokers.rabbitmq)
     env = cli_env(
         database_url=tls_database_url(database_url, sslrootcert=str(pki.ca.cert)),
-        broker_url=amqps_url(broker_url, proxy.port),
+        broker_url=amqps_url(broker_url, brokers.rabbitmq.tls_port),
         broker_ca_file=pki.ca.cert,
-        exchange=exchange,
+        exchange=queue.exchange,
         poll_interval=0.2,
     )
     # migrate and status take the same URL
     assert run_cli("migrate", env=env).returncode == 0
-    ids = emit(env, 10)
+    emit(env, 10)
     # When the relay runs
     relay = relay_factory(env).start()
     try:
         # Then every event arrives, in order, and the relay's PostgreSQL sessions are TLS
-        assert payload_numbers(queue, len(ids)) == list(range(10))
+        assert payload_numbers(queue, 10) == list(range(10))
         with psycopg.connect(database_url, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) "
@@ -435,91 +485,26 @@ def test_postgres_client_certificate_required_by_pg_hba(
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
-# -- RabbitMQ: bad certificates are configuration errors -------------------------------------------
+# -- RabbitMQ's own amqps listener: client certificates, and bad certificates -------------------------
 
 
-@pytest.mark.parametrize(
-    ("case", "needle"),
-    [
-        ("other-ca", "not signed by a trusted CA"),
-        ("wrong-host", "not valid for the host"),
-        ("expired", "expired"),
-        ("client-cert-required", "client certificate"),
-        ("plaintext", "did not answer in TLS"),
-    ],
-)
-def test_rabbitmq_bad_certificate_is_one_line_exit_3(
-    case: str,
-    needle: str,
+def test_rabbitmq_client_certificate_required_and_given_publishes(
     pki: Pki,
-    server_leaf: Leaf,
     database_url: str,
     broker_url: str,
-    tls_proxy: Callable[..., HangingProxy],
-) -> None:
-    port = rabbit_port(broker_url)
-    if case == "other-ca":
-        proxy_port = tls_proxy(
-            port,
-            pki.server_context(
-                pki.leaf(
-                    "foreign", "localhost", hosts=("localhost", "127.0.0.1"), signer=pki.other_ca
-                )
-            ),
-        ).port
-    elif case == "wrong-host":
-        proxy_port = tls_proxy(
-            port, pki.server_context(pki.leaf("elsewhere", "mq.example", hosts=("mq.example",)))
-        ).port
-    elif case == "expired":
-        expired = pki.leaf(
-            "mq-expired", "localhost", hosts=("localhost", "127.0.0.1"),
-            start="20200101000000Z", end="20200102000000Z",
-        )  # fmt: skip
-        proxy_port = tls_proxy(port, pki.server_context(expired)).port
-    elif case == "client-cert-required":
-        proxy_port = tls_proxy(port, pki.server_context(server_leaf, client_ca=pki.ca.cert)).port
-    else:
-        proxy_port = port  # RabbitMQ's plaintext port, asked for TLS
-    env = cli_env(
-        database_url=database_url,
-        broker_url=amqps_url(broker_url, proxy_port),
-        broker_ca_file=pki.ca.cert,
-    )
-    line = assert_one_line_config_error(serve_once(env), "TLS with RabbitMQ", needle)
-    assert "guest" not in line.replace("guest:***", "")  # no password in the line
-    # The consumer's commands take the same options and fail the same way.
-    queue = f"q.tls.{uuid.uuid4().hex[:8]}"
-    topology = run_cli("topology", "apply", "--queue", queue, env=env)
-    assert_one_line_config_error(topology, "TLS with RabbitMQ", needle)
-    consume = run_cli(
-        "consume", "--handler", "tests.acceptance.consumer_app:consumer", "--queue", queue, env=env
-    )
-    assert_one_line_config_error(consume, "TLS with RabbitMQ", needle)
-
-
-def test_rabbitmq_client_certificate_accepted_publishes(
-    pki: Pki,
-    server_leaf: Leaf,
-    database_url: str,
-    broker_url: str,
-    exchange: str,
-    bind_queue: Callable[..., RabbitQueue],
-    tls_proxy: Callable[..., HangingProxy],
+    brokers: TlsBrokers,
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
-    proxy = tls_proxy(
-        rabbit_port(broker_url), pki.server_context(server_leaf, client_ca=pki.ca.cert)
-    )
+    # fail_if_no_peer_cert = true: the node takes this connection only with the certificate
+    queue = private_queue(brokers.rabbitmq_strict)
     client = pki.leaf("relay-client", "outbox-relay")
-    queue = bind_queue("#")
     env = cli_env(
         database_url=database_url,
-        broker_url=amqps_url(broker_url, proxy.port, host="127.0.0.1"),
+        broker_url=amqps_url(broker_url, brokers.rabbitmq_strict.tls_port),
         broker_ca_file=pki.ca.cert,
         broker_cert_file=client.cert,
         broker_key_file=client.key,
-        exchange=exchange,
+        exchange=queue.exchange,
         poll_interval=0.2,
     )
     emit(env, 5)
@@ -530,27 +515,73 @@ def test_rabbitmq_client_certificate_accepted_publishes(
         assert relay.terminate() == 0
 
 
-def test_consumer_commands_take_the_broker_tls_options(
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("other-ca", "not signed by a trusted CA"),
+        ("wrong-host", "not valid for the host"),
+        ("expired", "expired"),
+        ("client-cert-required", "client certificate"),
+        ("client-cert-unknown-ca", "client certificate"),
+        ("plaintext", "did not answer in TLS"),
+    ],
+)
+def test_rabbitmq_bad_certificate_is_one_line_exit_3(
+    case: str,
+    needle: str,
     pki: Pki,
-    server_leaf: Leaf,
+    database_url: str,
     broker_url: str,
-    tls_proxy: Callable[..., HangingProxy],
+    brokers: TlsBrokers,
 ) -> None:
-    proxy = tls_proxy(rabbit_port(broker_url), pki.server_context(server_leaf))
+    node, host, ca_file = brokers.rabbitmq, "localhost", pki.ca.cert
+    port = node.tls_port
+    client: Leaf | None = None
+    if case == "other-ca":
+        ca_file = pki.other_ca.cert  # the relay trusts another CA than the node's
+    elif case == "wrong-host":
+        host = "127.0.0.1"  # the node's certificate names localhost only
+    elif case == "expired":
+        port = brokers.rabbitmq_expired.tls_port
+    elif case == "client-cert-required":
+        port = brokers.rabbitmq_strict.tls_port
+    elif case == "client-cert-unknown-ca":
+        port = brokers.rabbitmq_strict.tls_port
+        client = pki.leaf("relay-foreign", "outbox-relay", signer=pki.other_ca)
+    else:
+        port = rabbit_port(broker_url)  # the shared node's plaintext port, asked for TLS
+    env = cli_env(
+        database_url=database_url,
+        broker_url=amqps_url(broker_url, port, host=host),
+        broker_ca_file=ca_file,
+    )
+    if client is not None:
+        env["OUTBOX_RELAY_BROKER_CERT_FILE"] = str(client.cert)
+        env["OUTBOX_RELAY_BROKER_KEY_FILE"] = str(client.key)
+    line = assert_one_line_config_error(serve_once(env), "TLS with RabbitMQ", needle)
+    assert "guest" not in line.replace("guest:***", "")  # no password in the line
+    # The consumer takes the same options and fails the same way (as do its other commands:
+    # one connection function serves them all).
     queue = f"q.tls.{uuid.uuid4().hex[:8]}"
-    env = cli_env(broker_url=amqps_url(broker_url, proxy.port), broker_ca_file=pki.ca.cert)
-    try:
-        done = run_cli("topology", "apply", "--queue", queue, "--binding", "order.*", env=env)
-        assert done.returncode == 0, done.stderr
-        listed = run_cli("dlq", "list", "--queue", queue, "--json", env=env)
-        assert listed.returncode == 0, listed.stderr
-        status = run_cli("consumer-status", "--queue", queue, "--json", env=env)
-        assert status.returncode == 0, status.stderr
-    finally:
-        from tests.conftest import rabbit_cleanup
+    consume = run_cli(
+        "consume", "--handler", "tests.acceptance.consumer_app:consumer", "--queue", queue, env=env
+    )
+    assert_one_line_config_error(consume, "TLS with RabbitMQ", needle)
 
-        for name in (queue, f"{queue}.dlq", *(f"{queue}.retry.{i}" for i in range(10))):
-            rabbit_cleanup(broker_url, lambda ch, n=name: ch.queue_delete(n))
+
+def test_consumer_commands_take_the_broker_tls_options(
+    pki: Pki, broker_url: str, brokers: TlsBrokers
+) -> None:
+    queue = f"q.tls.{uuid.uuid4().hex[:8]}"
+    env = cli_env(
+        broker_url=amqps_url(broker_url, brokers.rabbitmq.tls_port), broker_ca_file=pki.ca.cert
+    )
+    done = run_cli("topology", "apply", "--queue", queue, "--binding", "order.*", env=env)
+    assert done.returncode == 0, done.stderr
+    listed = run_cli("dlq", "list", "--queue", queue, "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    status = run_cli("consumer-status", "--queue", queue, "--json", env=env)
+    assert status.returncode == 0, status.stderr
 
 
 @pytest.mark.parametrize(
@@ -587,143 +618,176 @@ def test_unreadable_broker_ca_file_is_one_line_exit_3(
     assert_one_line_config_error(serve_once(env), "--broker-ca-file", "no PEM certificate")
 
 
-# -- Redis, MQTT and the webhook: the same options, the same checks ---------------------------------
+# -- Redis, NATS, Mosquitto and the webhook: their own TLS listeners, the same options --------------
 
 
-@pytest.mark.parametrize("scheme", ["rediss", "mqtts", "https"])
-def test_other_brokers_over_verified_tls_publish_and_refuse_a_foreign_ca(
-    scheme: str,
-    pki: Pki,
-    server_leaf: Leaf,
-    database_url: str,
-    tls_proxy: Callable[..., HangingProxy],
-    relay_factory: Callable[..., RelayProcess],
-) -> None:
-    from tests.brokers import (
-        MQTT_URL,
-        REDIS_URL,
-        MqttSubscriber,
-        redis_cleanup,
-        redis_keys,
-        unique,
-    )
-    from tests.contract.http_sink import HttpSink
+@dataclass
+class Target:
+    """One broker's TLS listener as the relay is pointed at it, and what arrived there."""
+
+    broker_url: str
+    link: str  # how the relay's error lines name it
+    settings: dict[str, str]
+    received: Callable[[], int]
+    stop: Callable[[], None] = lambda: None
+
+
+def redis_target(server: PrivateServer) -> Target:
+    import redis
 
     prefix = unique("tls")
-    received: Callable[[], int]
-    stop: Callable[[], None]
-    if scheme == "rediss":
-        port, path, link = urlsplit(REDIS_URL).port or 6379, "/0", "TLS with Redis"
-        extra = {"topic_prefix": prefix}
 
-        def received() -> int:
-            import redis
-
-            client = redis.Redis.from_url(REDIS_URL)
-            try:
-                return sum(int(client.xlen(key)) for key in redis_keys(f"{prefix}:*"))
-            finally:
-                client.close()
-
-        def stop() -> None:
-            redis_cleanup(f"{prefix}:*")
-
-    elif scheme == "mqtts":
-        port, path, link = urlsplit(MQTT_URL).port or 1883, "", "TLS with the MQTT broker"
-        extra = {"topic_prefix": prefix}
-        subscriber = MqttSubscriber(f"{prefix}/#").start()
-
-        def received() -> int:
-            return subscriber.unique_count()
-
-        def stop() -> None:
-            subscriber.stop()
-
-    else:
-        sink = HttpSink().start()
-        port, path, link = sink.port, "/hooks/outbox", "TLS with the webhook"
-        extra = {}
-
-        def received() -> int:
-            return len(
-                {
-                    r.headers["idempotency-key"]
-                    for r in sink.requests
-                    if r.headers.get("idempotency-key")
-                }
-            )
-
-        def stop() -> None:
-            sink.stop()
-
-    try:
-        good = tls_proxy(port, pki.server_context(server_leaf))
-        env = cli_env(
-            database_url=database_url,
-            broker_url=f"{scheme}://localhost:{good.port}{path}",
-            broker_ca_file=pki.ca.cert,
-            poll_interval=0.2,
-            **extra,
-        )
-        emit(env, 3)
-        relay = relay_factory(env).start()
+    def received() -> int:
+        client = redis.Redis(host="127.0.0.1", port=server.plain_port)
         try:
-            wait_until(lambda: received() >= 3, timeout=30)
+            return sum(int(client.xlen(key)) for key in client.keys(f"{prefix}:*"))
         finally:
-            assert relay.terminate() == 0
-        foreign = pki.leaf(
-            f"foreign-{scheme}", "localhost", hosts=("localhost", "127.0.0.1"), signer=pki.other_ca
-        )
-        bad = tls_proxy(port, pki.server_context(foreign))
-        env["OUTBOX_RELAY_BROKER_URL"] = f"{scheme}://localhost:{bad.port}{path}"
-        assert_one_line_config_error(serve_once(env), link, "not signed by a trusted CA")
-    finally:
-        stop()
+            client.close()
+
+    return Target(
+        f"rediss://localhost:{server.tls_port}/0",
+        "TLS with Redis",
+        {"topic_prefix": prefix},
+        received,
+    )
 
 
-def test_nats_over_verified_tls_publishes_and_refuses_a_foreign_ca(
-    pki: Pki,
-    server_leaf: Leaf,
-    database_url: str,
-    relay_factory: Callable[..., RelayProcess],
-) -> None:
+def nats_target(server: PrivateServer, pki: Pki) -> Target:
+    """Read over TLS too (NATS has one client port), with a certificate of the test's own."""
     import asyncio
+    import ssl
 
+    import nats
     import nats.js.errors
 
-    from tests.brokers import NATS_URL, nats_cleanup, nats_stream_count, unique
-    from tests.tls_support import NatsTlsProxy
-
     prefix, stream = unique("tls"), unique("TLS").upper()
-    port = urlsplit(NATS_URL).port or 4222
-    with NatsTlsProxy(port, pki.server_context(server_leaf)) as proxy:
+    reader = pki.leaf("nats-reader", "test-reader")
+
+    async def count() -> int:
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        context.load_cert_chain(reader.cert, reader.key)
+        nc = await nats.connect(
+            f"tls://localhost:{server.tls_port}", tls=context, allow_reconnect=False
+        )
         try:
-            env = cli_env(
-                database_url=database_url,
-                broker_url=f"tls://localhost:{proxy.port}",
-                broker_ca_file=pki.ca.cert,
-                topic_prefix=prefix,
-                nats_stream=stream,
-                poll_interval=0.2,
-            )
-            emit(env, 3)
-            relay = relay_factory(env).start()
-            try:
-
-                def published() -> bool:
-                    try:
-                        return asyncio.run(nats_stream_count(stream)) >= 3
-                    except nats.js.errors.NotFoundError:
-                        return False  # the relay has not created the stream yet
-
-                wait_until(published, timeout=30, interval=0.3)
-            finally:
-                assert relay.terminate() == 0
+            info = await nc.jetstream().stream_info(stream)
+            return int(info.state.messages)
+        except nats.js.errors.NotFoundError:
+            return 0  # the relay has not created the stream yet
         finally:
-            nats_cleanup(stream)
-    foreign = pki.leaf(
-        "foreign-nats", "localhost", hosts=("localhost", "127.0.0.1"), signer=pki.other_ca
+            await nc.close()
+
+    return Target(
+        f"tls://localhost:{server.tls_port}",
+        "TLS with NATS",
+        {"topic_prefix": prefix, "nats_stream": stream},
+        lambda: asyncio.run(count()),
     )
-    with NatsTlsProxy(port, pki.server_context(foreign)) as bad:
-        env["OUTBOX_RELAY_BROKER_URL"] = f"tls://localhost:{bad.port}"
-        assert_one_line_config_error(serve_once(env), "TLS with NATS", "not signed by a trusted CA")
+
+
+def mqtt_target(server: PrivateServer) -> Target:
+    from tests.brokers import MqttSubscriber
+
+    prefix = unique("tls")
+    assert server.plain_port is not None
+    subscriber = MqttSubscriber(f"{prefix}/#", port=server.plain_port).start()
+    return Target(
+        f"mqtts://localhost:{server.tls_port}",
+        "TLS with the MQTT broker",
+        {"topic_prefix": prefix},
+        subscriber.unique_count,
+        subscriber.stop,
+    )
+
+
+def webhook_target(pki: Pki, leaf: Leaf) -> Target:
+    from tests.contract.http_sink import HttpSink
+
+    sink = HttpSink(tls=pki.server_context(leaf)).start()
+    return Target(
+        sink.url,
+        "TLS with the webhook",
+        {},
+        lambda: len({r.headers.get("idempotency-key") for r in sink.requests} - {None}),
+        sink.stop,
+    )
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def publishes(
+    target: Target, env: dict[str, str], relay_factory: Callable[..., RelayProcess]
+) -> None:
+    """Three events through a relay with ``env``, all of them arriving."""
+    emit(env, 3)
+    relay = relay_factory(env).start()
+    try:
+        wait_until(lambda: target.received() >= 3, timeout=30, interval=0.2)
+    finally:
+        assert relay.terminate() == 0
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "tls", "mqtts", "https"])
+def test_other_brokers_over_their_own_tls_publish_and_refuse_a_foreign_ca(
+    scheme: str,
+    pki: Pki,
+    broker_leaf: Leaf,
+    database_url: str,
+    brokers: TlsBrokers,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    target = {
+        "rediss": lambda: redis_target(brokers.redis),
+        "tls": lambda: nats_target(brokers.nats, pki),
+        "mqtts": lambda: mqtt_target(brokers.mosquitto),
+        "https": lambda: webhook_target(pki, broker_leaf),
+    }[scheme]()
+    try:
+        env = cli_env(
+            database_url=database_url,
+            broker_url=target.broker_url,
+            broker_ca_file=pki.ca.cert,
+            poll_interval=0.2,
+            **target.settings,
+        )
+        publishes(target, env, relay_factory)
+        # The same server, a relay that trusts another CA: one line, exit 3.
+        env["OUTBOX_RELAY_BROKER_CA_FILE"] = str(pki.other_ca.cert)
+        assert_one_line_config_error(serve_once(env), target.link, "not signed by a trusted CA")
+    finally:
+        target.stop()
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "tls", "mqtts"])
+def test_other_brokers_requiring_a_client_certificate(
+    scheme: str,
+    pki: Pki,
+    database_url: str,
+    brokers: TlsBrokers,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    target = {
+        "rediss": lambda: redis_target(brokers.redis_strict),
+        "tls": lambda: nats_target(brokers.nats_strict, pki),
+        "mqtts": lambda: mqtt_target(brokers.mosquitto_strict),
+    }[scheme]()
+    try:
+        env = cli_env(
+            database_url=database_url,
+            broker_url=target.broker_url,
+            broker_ca_file=pki.ca.cert,
+            poll_interval=0.2,
+            **target.settings,
+        )
+        # Without a client certificate: one line, exit 3 (TLS 1.3 servers refuse it after the
+        # handshake, at the client's first read: not to be mistaken for another service)
+        assert_one_line_config_error(serve_once(env), target.link, "client certificate")
+        # With one signed by the CA the server trusts: published
+        client = pki.leaf(f"client-{scheme}", "outbox-relay")
+        env["OUTBOX_RELAY_BROKER_CERT_FILE"] = str(client.cert)
+        env["OUTBOX_RELAY_BROKER_KEY_FILE"] = str(client.key)
+        publishes(target, env, relay_factory)
+    finally:
+        target.stop()

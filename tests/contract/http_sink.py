@@ -1,7 +1,9 @@
 """A real HTTP server for the webhook publisher's tests: ``http.server`` on a thread.
 
 It records every request and answers with the status its ``respond`` rule picks (200 unless told
-otherwise). It can be stopped and started again on the same port, like a broker restart.
+otherwise). It can be stopped and started again on the same port, like a broker restart. With
+``tls`` (a server-side SSLContext) it is an HTTPS endpoint: each connection's handshake runs on
+that connection's own thread, so a client that refuses the certificate fails alone.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +35,10 @@ Respond = Callable[[Request], int]
 
 
 class HttpSink:
-    def __init__(self, respond: Respond | None = None) -> None:
+    def __init__(
+        self, respond: Respond | None = None, *, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.tls = tls
         self.respond: Respond = respond or (lambda _request: 200)
         self.delay = 0.0  # seconds to wait before answering (timeouts)
         self._lock = threading.Lock()
@@ -43,6 +50,8 @@ class HttpSink:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"https://localhost:{self.port}/hooks/outbox"  # the certificate's name
         return f"http://127.0.0.1:{self.port}/hooks/outbox"
 
     @property
@@ -90,6 +99,17 @@ class HttpSink:
         class Server(ThreadingHTTPServer):
             request_queue_size = 256  # the publisher opens many connections at once
             daemon_threads = True
+
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                if sink.tls is None:
+                    super().finish_request(request, client_address)
+                    return
+                try:
+                    wrapped = sink.tls.wrap_socket(request, server_side=True)
+                except OSError:  # the client refused our certificate, or we refused its
+                    return
+                with wrapped:
+                    super().finish_request(wrapped, client_address)
 
         server = Server(("127.0.0.1", self.port), Handler)
         self.port = server.server_address[1]
