@@ -28,7 +28,12 @@ from outbox_relay.db.pool import DatabaseHub
 from outbox_relay.errors import OutboxRelayError
 from outbox_relay.observability.logs import OUTBOX
 from outbox_relay.observability.settings import ObservabilitySettings
-from outbox_relay.publishers import broker_options, check_options, create_publisher
+from outbox_relay.publishers import (
+    SharedClients,
+    broker_options,
+    check_options,
+    create_publisher,
+)
 from outbox_relay.publishers.base import PublisherSettings
 from outbox_relay.relay.settings import RelaySettings
 
@@ -125,9 +130,10 @@ class Fleet:
     process; one of a discovered schema is let go (the schema was dropped, most likely) and
     taken up again if the next look still finds the schema ready."""
 
-    def __init__(self, wiring: RelayObservability, hubs: Hubs) -> None:
+    def __init__(self, wiring: RelayObservability, hubs: Hubs, shared: SharedClients) -> None:
         self._wiring = wiring
         self._hubs = hubs
+        self._shared = shared
         self._loop = asyncio.get_running_loop()
         self.members: dict[str | None, _Member] = {}
         self.failure: BaseException | None = None
@@ -141,9 +147,14 @@ class Fleet:
     def add(self, outbox: Outbox, *, discovered: bool = False) -> None:
         from outbox_relay.relay.loop import Relay
 
-        publisher = create_publisher(outbox.settings.publisher)
-        hooks = self._wiring.hooks_for(outbox.settings, publisher.name, outbox.name)
-        relay = Relay(outbox.settings, publisher, hooks, hub=self._hubs.of(outbox.settings))
+        # Outboxes of a file on one broker share its connection (a relay alone keeps its own).
+        shared = self._shared if outbox.name is not None else None
+        publisher = create_publisher(outbox.settings.publisher, shared=shared)
+        hub = self._hubs.of(outbox.settings)
+        hooks = self._wiring.hooks_for(
+            outbox.settings, publisher.name, hub.coordinator, outbox.name
+        )
+        relay = Relay(outbox.settings, publisher, hooks, hub=hub)
         # Every line the relay (and each task it starts) logs names its outbox.
         _named(outbox, log.info, "starting relay", extra=outbox.settings.describe())
         task = _named(outbox, asyncio.ensure_future, _failing_named(outbox, relay.run()))
@@ -202,7 +213,7 @@ async def run(outboxes: Sequence[Outbox], observability: ObservabilitySettings) 
     loop.set_exception_handler(_unhandled)
     wiring = RelayObservability(observability)
     hubs = Hubs(outboxes)
-    fleet = Fleet(wiring, hubs)
+    fleet = Fleet(wiring, hubs, SharedClients())
     static = [outbox for outbox in outboxes if outbox.schemas is None]
     for outbox in static:
         fleet.add(outbox)

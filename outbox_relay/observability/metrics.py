@@ -7,7 +7,6 @@ Every instrument is named ``outbox_relay.*`` (Prometheus: ``outbox_relay_*``, co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from opentelemetry import metrics
 
-from outbox_relay.db.connect import connect_async
+from outbox_relay.db.pool import Coordinator
 from outbox_relay.db.queries import Queries
 from outbox_relay.errors import ConfigError, MissingExtraError, OutboxRelayError
 from outbox_relay.messages import OutboxMessage, PublishResult
@@ -338,45 +337,37 @@ class RelayMetrics:
             self._dead.add(dead, self._attrs)
 
 
+# Seconds a backlog sample may wait for other statements to share its round trip.
+SAMPLE_COMPANY = 0.2
+
+
 class BacklogSampler:
-    """Samples the backlog every ``interval`` seconds on its own connection, so a scrape never
-    waits on the database and the relay's claiming connection is left alone."""
+    """Samples the backlog every ``interval`` seconds through the coordinator of the outbox's
+    database (db/pool.py: in the shared rounds of statements, no connection of its own), so a
+    scrape never waits on the database and the claiming connections are left alone."""
 
     def __init__(
-        self, database_url: str, schema: str, backlog: Backlog, interval: float = 15.0
+        self, coordinator: Coordinator, schema: str, backlog: Backlog, interval: float = 15.0
     ) -> None:
-        self._database_url = database_url
+        self._coordinator = coordinator
         self._query = Queries(schema)["pending_summary"]
         self._backlog = backlog
         self._interval = interval
 
     async def run(self) -> None:
         """Sample until cancelled; database errors are logged and retried next interval."""
-        conn: psycopg.AsyncConnection[Any] | None = None
-        try:
-            while True:
-                try:
-                    if conn is None or conn.closed:
-                        conn = await connect_async(
-                            self._database_url,
-                            autocommit=True,
-                            application_name="outbox-relay metrics",
-                        )
-                    cur = await conn.execute(self._query)
-                    row = await cur.fetchone()
-                    if row is not None:
-                        self._backlog.pending = int(row[0])
-                        self._backlog.oldest_age = float(row[1] or 0.0)
-                except (psycopg.Error, OutboxRelayError) as exc:
-                    log.debug("backlog sample failed: %s", exc)
-                    if conn is not None:
-                        await conn.close()
-                    conn = None
-                await asyncio.sleep(self._interval)
-        finally:
-            if conn is not None:
-                with contextlib.suppress(psycopg.Error):
-                    await conn.close()
+        statement = ""
+        while True:
+            try:
+                if not statement:
+                    statement = await self._coordinator.mogrify(self._query, {})
+                row = await self._coordinator.beat(statement, SAMPLE_COMPANY)
+                if row is not None:
+                    self._backlog.pending = int(row[0])
+                    self._backlog.oldest_age = float(row[1] or 0.0)
+            except (psycopg.Error, OutboxRelayError) as exc:
+                log.debug("backlog sample failed: %s", exc)
+            await asyncio.sleep(self._interval)
 
 
 # -- consumer ------------------------------------------------------------------------------------

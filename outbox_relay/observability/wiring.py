@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from outbox_relay.consumer.hooks import CompositeConsumerHooks, ConsumerHooks
+from outbox_relay.db.pool import Coordinator
 from outbox_relay.observability.health import HealthServer, HealthThread
 from outbox_relay.observability.metrics import (
     Backlog,
@@ -70,9 +71,14 @@ class RelayObservability:
         self._metrics: dict[str | None, RelayMetrics] = {}
 
     def hooks_for(
-        self, settings: RelaySettings, publisher_name: str, outbox: str | None = None
+        self,
+        settings: RelaySettings,
+        publisher_name: str,
+        coordinator: Coordinator,
+        outbox: str | None = None,
     ) -> RelayHooks | None:
-        """The hooks of one relay; ``outbox`` (its name in a config file) labels its metrics."""
+        """The hooks of one relay; ``outbox`` (its name in a config file) labels its metrics;
+        its backlog is sampled through ``coordinator`` (its database's, db/pool.py)."""
         hooks: list[RelayHooks] = []
         if self.tracer_provider is not None:
             tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
@@ -93,7 +99,7 @@ class RelayObservability:
             hooks.append(metrics)
             self._metrics[outbox] = metrics
             sampler = BacklogSampler(
-                settings.database_url,
+                coordinator,
                 settings.schema_name,
                 backlog,
                 interval=max(1.0, min(15.0, settings.poll_interval * 5)),

@@ -105,7 +105,12 @@ def check_options(settings: PublisherSettings) -> BrokerOptions:
     return options.of(settings)
 
 
-def create_publisher(settings: PublisherSettings) -> Publisher:
+def create_publisher(
+    settings: PublisherSettings, *, shared: SharedClients | None = None
+) -> Publisher:
+    """The publisher of ``settings``' broker; with ``shared``, publishers of one process that
+    use the same broker share its connections where the broker allows (RabbitMQ: one
+    connection, a channel each)."""
     broker = broker_for(settings)
     check_options(settings)
     module = _module(broker)
@@ -115,5 +120,18 @@ def create_publisher(settings: PublisherSettings) -> Publisher:
             f"--broker-url {settings.scheme}:// needs the {missing.name!r} client: "
             f"pip install 'outbox-relay[{broker.extra}]'"
         ) from missing
+    if shared is not None and broker is _RABBITMQ:
+        from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
+
+        return RabbitMQPublisher(settings, shared.amqp)
     publisher: Publisher = getattr(module, broker.publisher)(settings)
     return publisher
+
+
+class SharedClients:
+    """Broker connections shared by the publishers of one process (serve --config)."""
+
+    def __init__(self) -> None:
+        from outbox_relay.publishers.rabbitmq import AmqpConnections
+
+        self.amqp = AmqpConnections()

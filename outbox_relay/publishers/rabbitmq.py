@@ -21,6 +21,7 @@ method, stable across pika 1.x), hence ``pika>=1.3,<2`` in pyproject.toml.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Sequence
@@ -114,6 +115,82 @@ class _CorkedConnection(AsyncioConnection):
         super()._on_connection_workflow_done(conn_or_exc)
 
 
+class AmqpConnections:
+    """One AMQP connection per broker for the relays of one process (``serve --config``): each
+    relay publishes on a channel of its own (confirms and delivery tags are per channel), so
+    200 outboxes cost the broker one connection, not 200. A lost connection fails every relay on
+    it; each reconnects, and the first to do so opens the next connection for all."""
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple[str, object], _SharedConnection] = {}
+
+    async def attach(self, publisher: RabbitMQPublisher) -> _CorkedConnection:
+        key = (publisher._settings.broker_url, publisher._settings.broker_tls)
+        shared = self._shared.get(key)
+        if shared is None or shared.connection.is_closing or shared.connection.is_closed:
+            shared = self._shared[key] = _SharedConnection(publisher._parameters)
+            try:
+                await shared.opened(publisher)
+            except BaseException:
+                if self._shared.get(key) is shared:
+                    del self._shared[key]
+                raise
+        else:
+            await shared.opened(publisher)
+        shared.users.add(publisher)
+        return shared.connection
+
+    def detach(self, publisher: RabbitMQPublisher) -> None:
+        """``publisher`` closed its channel: the last one out closes the connection."""
+        for key, shared in list(self._shared.items()):
+            shared.users.discard(publisher)
+            if not shared.users and shared.opening.done():
+                del self._shared[key]
+                if shared.connection.is_open:
+                    shared.connection.close()
+
+
+class _SharedConnection:
+    def __init__(self, parameters: pika.URLParameters) -> None:
+        loop = asyncio.get_running_loop()
+        self.opening: asyncio.Future[None] = loop.create_future()
+        self.users: set[RabbitMQPublisher] = set()
+        self.connection = _CorkedConnection(
+            parameters,
+            on_open_callback=lambda _connection: self._settle(None),
+            on_open_error_callback=lambda _connection, exc: self._settle(exc),
+            on_close_callback=self._closed,
+            custom_ioloop=loop,
+        )
+
+    async def opened(self, publisher: RabbitMQPublisher) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.opening), timeout=amqp.CONNECT_TIMEOUT + 5)
+        except TimeoutError as exc:
+            self.connection.close()
+            raise BrokerUnavailableError(
+                f"no AMQP handshake from {redact_url(publisher._settings.broker_url)} within "
+                f"{amqp.CONNECT_TIMEOUT:g}s (is it a RabbitMQ server, and reachable?)"
+            ) from exc
+        except BaseException as exc:
+            raise amqp.translate(exc, publisher._settings.broker_url) from exc
+
+    def _settle(self, error: BaseException | str | None) -> None:
+        if self.opening.done():
+            return
+        if error is None:
+            self.opening.set_result(None)
+        else:
+            self.opening.set_exception(
+                error if isinstance(error, BaseException) else Exception(error)
+            )
+
+    def _closed(self, connection: AsyncioConnection, exc: BaseException) -> None:
+        self._settle(exc)
+        for publisher in list(self.users):
+            publisher._on_connection_closed(connection, exc)
+
+
 class RabbitMQOptions(BrokerOptions):
     """RabbitMQ needs nothing beyond the common settings (--exchange, --confirm-timeout, ...)."""
 
@@ -164,8 +241,12 @@ class RabbitMQPublisher:
 
     name = "rabbitmq"
 
-    def __init__(self, settings: PublisherSettings) -> None:
+    def __init__(
+        self, settings: PublisherSettings, connections: AmqpConnections | None = None
+    ) -> None:
         self._settings = settings
+        # Shared with the other relays of the process (serve --config), or None: its own.
+        self._connections = connections
         RabbitMQOptions.of(settings)
         self._router = settings.router()
         self._declaring = settings.exchange  # the exchange being declared, for errors
@@ -257,13 +338,17 @@ class RabbitMQPublisher:
         self._next_tag = 1
         self._unconfirmed.clear()
         self._by_message_id.clear()
-        self._connection = _CorkedConnection(
-            self._parameters,
-            on_open_callback=on_open,
-            on_open_error_callback=on_open_error,
-            on_close_callback=self._on_connection_closed,
-            custom_ioloop=loop,
-        )
+        if self._connections is not None:
+            self._connection = await self._connections.attach(self)
+            self._connection.channel(on_open_callback=on_channel)
+        else:
+            self._connection = _CorkedConnection(
+                self._parameters,
+                on_open_callback=on_open,
+                on_open_error_callback=on_open_error,
+                on_close_callback=self._on_connection_closed,
+                custom_ioloop=loop,
+            )
         self._opening = opened
         try:
             # pika gives up itself after amqp.CONNECT_TIMEOUT (stack_timeout); this is a backstop.
@@ -284,6 +369,14 @@ class RabbitMQPublisher:
         log.info("connected to broker", extra={"broker": "rabbitmq", "url": where})
 
     async def close(self) -> None:
+        if self._connections is not None:
+            channel, self._channel = self._channel, None
+            self._connection = None
+            if channel is not None and channel.is_open:
+                with contextlib.suppress(pika.exceptions.AMQPError):
+                    channel.close()
+            self._connections.detach(self)
+            return
         connection, self._connection = self._connection, None
         self._channel = None
         if connection is None or connection.is_closed or connection.is_closing:
@@ -544,7 +637,7 @@ class RabbitMQPublisher:
         self._channel = None
         self._fail(exc)
         connection = self._connection
-        if connection is not None and connection.is_open:
+        if connection is not None and connection.is_open and self._connections is None:
             connection.close()
 
     def _on_connection_closed(self, connection: AsyncioConnection, exc: BaseException) -> None:
