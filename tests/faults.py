@@ -6,6 +6,10 @@ that between a client and a server on this machine: ``freeze()`` stops reading a
 in both directions (the kernel buffers fill, writes stall, no reply ever comes), ``thaw()``
 resumes, nothing is closed either way. Runs its own event loop on a thread, so synchronous tests
 and relays on other threads or processes can use it alike.
+
+``cut_and_restore`` is the dead-link scenario every such test runs: cut mid-stream for CUT_FOR
+seconds, assert the process noticed within its documented bound (docs/deploy.md, "Dead links")
+plus SLACK, stayed alive and unready while cut, and resumed within RESUMES_WITHIN of the thaw.
 """
 
 from __future__ import annotations
@@ -14,7 +18,22 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
+
+from tests.conftest import wait_until
+
+# How long every dead-link test keeps its link cut (the issue's 60 s): longer than every bound,
+# so the process must notice the dead link, not wait it out.
+CUT_FOR = 60.0
+# Added to each documented detection bound: a loaded two-core CI machine.
+SLACK = 10.0
+# Work must go on within this long after the link is back.
+RESUMES_WITHIN = 10.0
 
 
 class HangingProxy:
@@ -127,8 +146,107 @@ class HangingProxy:
         self.close()
 
 
+class Trap:
+    """A TCP listener that counts the connections made to it and closes them at once (so a
+    command that should not have connected fails fast instead of waiting out a timeout)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port: int = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def via(url: str, port: int) -> str:
+    """``url`` pointed at 127.0.0.1:``port`` (the proxy), credentials, path and query kept."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urlunsplit(
+        parts._replace(netloc=f"{userinfo + '@' if userinfo else ''}127.0.0.1:{port}")
+    )
+
+
+def readyz(port: int) -> Callable[[], bool]:
+    """Whether the health endpoint on ``port`` answers 200 (not yet listening: not ready)."""
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                status = int(response.status)
+        except urllib.error.HTTPError as exc:
+            status = int(exc.code)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+        assert status in (200, 503), f"/readyz answered {status}"
+        return status == 200
+
+    return ready
+
+
+def cut_and_restore(
+    proxy: HangingProxy,
+    *,
+    progress: Callable[[], int],
+    log: Callable[[], str],
+    alive: Callable[[], bool],
+    ready: Callable[[], bool],
+    bound: float,
+    link_line: str,
+    in_flight: int,
+    flowing_at: int = 200,
+) -> float:
+    """Freeze once ``progress()`` (events delivered or applied) reaches ``flowing_at``: assert
+    the process notices within ``bound`` + SLACK, unready, with ``link_line`` in its log; keep
+    the link cut for CUT_FOR seconds, the process alive and unready throughout; thaw; assert
+    progress resumes within RESUMES_WITHIN and readiness comes back. Progress counts as resumed
+    beyond ``in_flight``: what the proxy held when it froze arrives at the thaw by itself.
+    Returns the detection time."""
+    wait_until(lambda: progress() >= flowing_at, timeout=60)
+    assert ready()
+    logged_before = len(log())
+    proxy.freeze()
+    cut_at = time.monotonic()
+    try:
+        wait_until(lambda: not ready(), timeout=bound + SLACK, interval=0.2)
+    except AssertionError:
+        raise AssertionError(
+            f"still ready {bound + SLACK:g}s into the cut:\n{log()[-4000:]}"
+        ) from None
+    noticed = time.monotonic() - cut_at
+    wait_until(lambda: link_line in log()[logged_before:], timeout=SLACK)
+    assert noticed <= bound + SLACK, noticed
+    # Still unready, and still alive, for as long as the link is dead.
+    while time.monotonic() - cut_at < CUT_FOR:
+        assert alive()
+        assert not ready(), f"ready again {time.monotonic() - cut_at:.1f}s into the cut"
+        time.sleep(1.0)
+    done = progress()
+    proxy.thaw()
+    back_at = time.monotonic()
+    wait_until(lambda: progress() > done + in_flight, timeout=RESUMES_WITHIN + 5)
+    resumed = time.monotonic() - back_at
+    assert resumed <= RESUMES_WITHIN, resumed
+    wait_until(ready, timeout=RESUMES_WITHIN)
+    print(f"{link_line}: noticed after {noticed:.1f}s (bound {bound:g}s), resumed {resumed:.1f}s")
+    return noticed

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from outbox_relay.consumer.settings import ConsumerSettings
 from outbox_relay.db import migrations
 from outbox_relay.db.connect import connect
 from outbox_relay.db.queries import Queries
@@ -32,6 +33,8 @@ from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 # Seconds past the statement timeout after which a query without an answer means a dead link
 # (docs/deploy.md, "Dead links"): a live server has cancelled the query by then.
 ANSWER_GRACE = 5.0
+# The worker's own default (--statement-timeout), for inboxes built outside the CLI.
+STATEMENT_TIMEOUT: float = ConsumerSettings.model_fields["statement_timeout"].default
 
 INBOX_MIGRATIONS = migrations.MigrationSet(
     folder="inbox",
@@ -51,6 +54,11 @@ def migrate_inbox(conn: psycopg.Connection[Any], schema: str = "public") -> list
         conn, schema, INBOX_MIGRATIONS, migrations.migration_files(INBOX_MIGRATIONS)
     )
     return [f"{migration.version:04d}_{migration.name}" for migration in applied]
+
+
+def _set_statement_timeout(conn: psycopg.Connection[Any], queries: Queries, seconds: float) -> None:
+    milliseconds = str(max(1, round(seconds * 1000)))
+    conn.execute(queries["inbox_statement_timeout"], {"ms": milliseconds})
 
 
 def _inbox_exists(conn: psycopg.Connection[Any], queries: Queries) -> bool:
@@ -141,8 +149,7 @@ class PsycopgInbox:
                 migrate_inbox(conn, self._schema)
             found = _inbox_exists(conn, self._queries)
             if timeout is not None:
-                milliseconds = str(max(1, round(timeout * 1000)))
-                conn.execute(self._queries["inbox_statement_timeout"], {"ms": milliseconds})
+                _set_statement_timeout(conn, self._queries, timeout)
         except psycopg.OperationalError as exc:
             conn.close()
             raise DatabaseUnavailableError(f"preparing the inbox failed: {exc}") from exc
@@ -214,7 +221,45 @@ class SQLAlchemyInbox:
 
     ``session_factory`` is a ``sessionmaker`` bound to the consumer's PostgreSQL engine. The inbox
     table must exist (``migrate_inbox`` with a psycopg connection, or ``outbox-relay consume``).
+    Build the engine with :meth:`engine_options` so that a dead link is noticed::
+
+        engine = create_engine("postgresql+psycopg://", **SQLAlchemyInbox.engine_options(url))
     """
+
+    @staticmethod
+    def engine_options(
+        database_url: str,
+        *,
+        statement_timeout: float = STATEMENT_TIMEOUT,
+        application_name: str = "outbox-relay-consumer",
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``sqlalchemy.create_engine`` bounding every wait on PostgreSQL.
+
+        Connections come from this package's connector: a 10 s connect timeout, TCP keepalives
+        and ``tcp_user_timeout`` (a peer gone), ``statement_timeout`` for the session (a query
+        merely slow fails as a query), and an answer timeout ``statement_timeout`` + 5 s (a link
+        that hangs behind something still acknowledging TCP, which keepalives cannot see). SQLAlchemy
+        then sees a closed connection, invalidates it, and the worker reconnects, as with the
+        default inbox (docs/deploy.md, "Dead links").
+        """
+        url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        queries = Queries("public")  # the statement timeout names no table
+
+        def creator() -> psycopg.Connection[Any]:
+            conn = connect(
+                url,
+                application_name=application_name,
+                answer_timeout=statement_timeout + ANSWER_GRACE,
+            )
+            try:
+                _set_statement_timeout(conn, queries, statement_timeout)
+            except psycopg.OperationalError as exc:
+                conn.close()
+                raise DatabaseUnavailableError(f"preparing the inbox failed: {exc}") from exc
+            conn.autocommit = False  # SQLAlchemy runs its own transactions
+            return conn
+
+        return {"creator": creator}
 
     def __init__(
         self, session_factory: Callable[[], Any], consumer: str, schema: str = "public"
@@ -267,19 +312,25 @@ class SQLAlchemyInbox:
             return True
         except sa_exc.DBAPIError as exc:
             if exc.connection_invalidated:
-                raise DatabaseUnavailableError(f"lost the database connection: {exc}") from exc
+                raise DatabaseUnavailableError(f"lost the PostgreSQL connection: {exc}") from exc
             raise
 
     def cleanup(self, retention_seconds: float) -> int:
+        from sqlalchemy import exc as sa_exc
         from sqlalchemy import text
 
         statement = text(self._queries.sqlalchemy("inbox_cleanup"))
-        with self._factory() as session, session.begin():
-            result = session.execute(
-                statement,
-                {"consumer": self._consumer, "secs": retention_seconds, "limit": 1_000_000},
-            )
-            return int(result.rowcount)
+        try:
+            with self._factory() as session, session.begin():
+                result = session.execute(
+                    statement,
+                    {"consumer": self._consumer, "secs": retention_seconds, "limit": 1_000_000},
+                )
+                return int(result.rowcount)
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise DatabaseUnavailableError(f"inbox cleanup failed: {exc}") from exc
+            raise
 
 
 def inbox_stats(

@@ -17,8 +17,10 @@ batches as ``application/cloudevents-batch+json``): docs/cloudevents.md.
 
 Verdicts: 2xx confirmed; 408, 429 and 5xx failed and retried with backoff; any other 4xx is a
 permanent failure (dead at once: resending the same request cannot change the answer); a
-timeout fails the event (retried). An endpoint that cannot be reached at all raises
-BrokerUnavailableError, so the relay reconnects and republishes the batch.
+timeout fails the event (retried) when the endpoint still answers a probe. An endpoint that cannot
+be reached at all, or that answers nothing (a cut link, a frozen host: the probe times out too),
+raises BrokerUnavailableError, so the relay goes unready, reconnects and republishes the batch:
+a dead link is noticed within twice ``--webhook-timeout`` (docs/deploy.md, "Dead links").
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import hmac
 import itertools
 import json
 import logging
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Coroutine, Sequence
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -80,7 +82,11 @@ class WebhookOptions(BrokerOptions):
     ] = None
     webhook_timeout: Annotated[
         Seconds,
-        Field(le=3600, description="Seconds to wait for the webhook's answer."),
+        Field(
+            le=3600,
+            description="Seconds to wait for the webhook's answer; twice this, a silent "
+            "endpoint counts as a dead link.",
+        ),
         Flag(panel="Webhook"),
     ] = 10.0
     webhook_batch: Annotated[
@@ -146,6 +152,10 @@ class WebhookPublisher:
         # presents --broker-cert-file to endpoints that require a client certificate.
         self._tls = settings.broker_tls_context()
         self._client: httpx.AsyncClient | None = None
+        # A connection of its own for the liveness probe: the main pool may be full of requests
+        # hung on a dead link, and queueing behind them would delay the verdict.
+        self._prober: httpx.AsyncClient | None = None
+        self._probe: asyncio.Future[bool] | None = None
         self._ce = settings.cloudevents
         self._format = settings.message_format
         if self._format is MessageFormat.BINARY and self._options.webhook_batch:
@@ -198,15 +208,27 @@ class WebhookPublisher:
                     f"cannot reach the webhook at {where}: {exc!r}"
                 ) from exc
         self._client = client
+        self._prober = httpx.AsyncClient(
+            timeout=httpx.Timeout(self._options.webhook_timeout),
+            # A fresh connection per probe: a kept-alive one may be stale, which proves nothing.
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=0),
+            follow_redirects=False,
+            verify=self._tls if self._tls is not None else True,
+        )
         log.info(
             "connected to broker",
             extra={"broker": "webhook", "url": redact_url(self._settings.broker_url)},
         )
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+        for client in (self._client, self._prober):
+            if client is not None:
+                await client.aclose()
+        self._client = self._prober = None
 
     def is_healthy(self) -> bool:
         return self._client is not None
@@ -267,10 +289,7 @@ class WebhookPublisher:
             unordered = chains.pop(None, [])
             work = [self._chain(client, messages, chain, report) for chain in chains.values()]
             work += [self._chain(client, messages, [index], report) for index in unordered]
-            outcomes = await asyncio.gather(*work, return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            await _all_or_first_error(work)
         return [result if result is not None else CONFIRMED for result in results]
 
     async def _chain(
@@ -352,6 +371,10 @@ class WebhookPublisher:
         try:
             response = await client.post(url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
+            # A slow endpoint fails this event (retried with backoff); one that answers nothing,
+            # not even the probe, is a dead link: stop, unready, until it answers again.
+            if not await self._reachable():
+                raise self._unreachable(exc) from exc
             return failed(
                 f"webhook did not answer within {self._options.webhook_timeout}s "
                 f"(--webhook-timeout): {type(exc).__name__}"
@@ -361,16 +384,26 @@ class WebhookPublisher:
         except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
             # The connection broke during this request. If the endpoint still answers, it was
             # this request (e.g. a body it resets on): fail it alone; else the link is down.
-            if not await self._reachable(client):
+            if not await self._reachable():
                 raise self._unreachable(exc) from exc
             return failed(f"the webhook broke the connection during the request: {exc!r}")
         except httpx.HTTPError as exc:
             return failed(f"webhook request failed: {exc!r}")
         return verdict(response.status_code, response.reason_phrase)
 
-    async def _reachable(self, client: httpx.AsyncClient) -> bool:
+    async def _reachable(self) -> bool:
+        """Whether the endpoint answers a probe (any status) within --webhook-timeout. The
+        requests failing together on a dead link share one probe."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_once())
+        return await asyncio.shield(self._probe)
+
+    async def _probe_once(self) -> bool:
+        prober = self._prober
+        if prober is None:
+            return False
         try:
-            await client.request("OPTIONS", self._settings.broker_url)
+            await prober.request("OPTIONS", self._settings.broker_url)
         except httpx.HTTPError:
             return False
         return True
@@ -379,3 +412,20 @@ class WebhookPublisher:
         return BrokerUnavailableError(
             f"cannot reach the webhook at {redact_url(self._settings.broker_url)}: {exc!r}"
         )
+
+
+async def _all_or_first_error(work: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` concurrently; on the first error cancel the rest and raise it. A dead link
+    found by one request ends the wave at once instead of after every other request's timeout."""
+    tasks = [asyncio.ensure_future(step) for step in work]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            assert error is not None
+            raise error

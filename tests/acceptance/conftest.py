@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pika.exceptions
@@ -159,6 +159,89 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     yield make
     for relay in made:
         relay.ensure_stopped()
+
+
+# -- consumer workers ------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+# The acceptance handler (tests/acceptance/consumer_app.py): records each application in effects.
+HANDLER = "tests.acceptance.consumer_app:consumer"
+
+
+class ConsumerLinks(Protocol):
+    """Where a worker connects (tests.integration.consumer_harness.ConsumerEnv has these)."""
+
+    database_url: str
+    broker_url: str
+    exchange: str
+
+
+class WorkerProcess:
+    """``outbox-relay consume`` as a child process, its output in a log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*relay_command(), "consume", *args],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.running():
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"worker did not exit within {timeout}s:\n{self.log()[-3000:]}")
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Worker processes a test starts; any still running are killed at the end."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        if worker.running():
+            worker.process.kill()
+            worker.process.wait()
+
+
+def start_worker(
+    workers: list[WorkerProcess], tmp_path: Path, env: ConsumerLinks, queue: str, **extra: str
+) -> WorkerProcess:
+    variables = cli_env(
+        database_url=env.database_url,
+        broker_url=env.broker_url,
+        exchange=env.exchange,
+        queue=queue,
+        max_attempts=3,
+        retry_delay=0.1,
+        log_level="info",
+    )
+    variables.update(extra)
+    worker = WorkerProcess(
+        variables,
+        tmp_path / f"worker-{len(workers)}.log",
+        "--handler",
+        HANDLER,
+        "--binding",
+        "order.*",
+    )
+    workers.append(worker)
+    return worker
 
 
 # -- consuming ------------------------------------------------------------------------------------

@@ -31,9 +31,8 @@ from tests.acceptance.conftest import (
     cli_env,
     run_cli,
 )
-from tests.acceptance.test_option_validation import Trap
 from tests.conftest import rabbit_cleanup, wait_until
-from tests.faults import free_port
+from tests.faults import Trap, free_port
 
 pytestmark = pytest.mark.acceptance
 

@@ -14,86 +14,23 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.acceptance.conftest import cli_env, relay_command, run_cli
+from tests.acceptance.conftest import (
+    ROOT,
+    WorkerProcess,
+    cli_env,
+    relay_command,
+    run_cli,
+    start_worker,
+)
 from tests.conftest import wait_until
 from tests.integration.consumer_harness import ConsumerEnv, consumer_env
 
 pytestmark = pytest.mark.acceptance
 
-ROOT = Path(__file__).resolve().parents[2]
-HANDLER = "tests.acceptance.consumer_app:consumer"
-
 
 @pytest.fixture
 def env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:
     yield from consumer_env(broker_url, database_url, exchange)
-
-
-class WorkerProcess:
-    """``outbox-relay consume`` as a child process, its output in a log file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
-        self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*relay_command(), "consume", *args],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.running():
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"worker did not exit within {timeout}s:\n{self.log()[-3000:]}")
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        if worker.running():
-            worker.process.kill()
-            worker.process.wait()
-
-
-def start_worker(
-    workers: list[WorkerProcess], tmp_path: Path, env: ConsumerEnv, queue: str, **extra: str
-) -> WorkerProcess:
-    variables = cli_env(
-        database_url=env.database_url,
-        broker_url=env.broker_url,
-        exchange=env.exchange,
-        queue=queue,
-        max_attempts=3,
-        retry_delay=0.1,
-        log_level="info",
-    )
-    variables.update(extra)
-    worker = WorkerProcess(
-        variables,
-        tmp_path / f"worker-{len(workers)}.log",
-        "--handler",
-        HANDLER,
-        "--binding",
-        "order.*",
-    )
-    workers.append(worker)
-    return worker
 
 
 def open_transactions(database_url: str) -> int:

@@ -19,8 +19,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.acceptance.conftest import cli_env, run_cli
-from tests.acceptance.test_consumer_cli import HANDLER, WorkerProcess
+from tests.acceptance.conftest import HANDLER, WorkerProcess, cli_env, run_cli
 from tests.conftest import wait_until
 from tests.integration.consumer_harness import ConsumerEnv, consumer_env, require_consistent_hash
 from tests.integration.relay_harness import kill, start_cli_relay
@@ -38,16 +37,6 @@ PARTITIONS = 16
 def env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:
     require_consistent_hash(broker_url)
     yield from consumer_env(broker_url, database_url, exchange)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        if worker.running():
-            worker.process.kill()
-            worker.process.wait()
 
 
 def ordered_env(env: ConsumerEnv, queue: str, **app: str) -> dict[str, str]:

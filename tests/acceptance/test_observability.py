@@ -22,13 +22,14 @@ import pytest
 
 from outbox_relay.consumer import topology as topo
 from tests.acceptance.conftest import (
+    HANDLER,
     RelayProcess,
+    WorkerProcess,
     cli_env,
     rabbitmq_start_app,
     rabbitmq_stop_app,
     run_cli,
 )
-from tests.acceptance.test_consumer_cli import HANDLER, WorkerProcess
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.consumer_harness import ConsumerEnv, consumer_env
 

@@ -22,10 +22,8 @@ import enum
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 import uuid
@@ -46,6 +44,7 @@ from outbox_relay.publishers import broker_options
 from outbox_relay.settings import Settings, env_name, flag_of, option_name
 from tests.acceptance.cli_batch import run_all
 from tests.acceptance.conftest import RelayProcess, cli_env, relay_command
+from tests.faults import Trap
 
 pytestmark = pytest.mark.acceptance
 
@@ -283,31 +282,6 @@ def test_every_text_option_has_bad_values_or_is_free_text() -> None:
 
 
 # -- running the CLI in this process, with every URL pointing at a trap ----------------------------
-
-
-class Trap:
-    """A TCP listener that counts the connections made to it and closes them at once (so a
-    command that should not have connected fails fast instead of waiting out a timeout)."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port: int = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import gc
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Iterator
 
 import nats
@@ -16,12 +17,13 @@ import pika.exceptions
 import pytest
 
 from outbox_relay.errors import BrokerUnavailableError
-from outbox_relay.publishers import PublisherSettings
+from outbox_relay.publishers import PublisherSettings, create_publisher
 from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
 from tests.brokers import NATS_URL, REDIS_URL, redis_cleanup, redis_client, unique
 from tests.contract.adapters import NatsUnderTest, WebhookUnderTest
 from tests.contract.http_sink import HttpSink, Request
 from tests.contract.test_publisher_contract import TRACEPARENT, make_messages, publish
+from tests.faults import HangingProxy, via
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +91,35 @@ def test_webhook_timeout_fails_the_event_for_a_retry(webhook: WebhookUnderTest) 
     assert not results[0].confirmed
     assert not results[0].permanent
     assert "did not answer within 0.2s" in (results[0].reason or "")
+
+
+def test_webhook_that_answers_nothing_is_a_dead_link_within_twice_the_timeout(
+    webhook: WebhookUnderTest,
+) -> None:
+    """Behind a link that hangs, the requests time out and so does the probe: the publisher
+    raises BrokerUnavailableError (the relay goes unready and reconnects) within twice
+    --webhook-timeout, instead of failing each event as a slow answer."""
+    timeout = 0.5
+    with HangingProxy(webhook.sink.port) as proxy:
+
+        async def run() -> float:
+            publisher = create_publisher(
+                webhook.settings(
+                    broker_url=via(webhook.sink.url, proxy.port), webhook_timeout=timeout
+                )
+            )
+            await publisher.connect()
+            try:
+                proxy.freeze()
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailableError, match="cannot reach the webhook"):
+                    await publisher.publish_batch(make_messages(40, aggregates=list("abcdefgh")))
+                return time.monotonic() - started
+            finally:
+                await publisher.close()
+
+        waited = asyncio.run(run())
+    assert waited <= 2 * timeout + 1.0, waited
 
 
 def test_webhook_batch_mode_posts_one_request_for_the_wave(webhook: WebhookUnderTest) -> None:

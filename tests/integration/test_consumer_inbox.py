@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +25,7 @@ from outbox_relay.consumer.inbox import (
 )
 from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 from tests.conftest import wait_until
-from tests.faults import HangingProxy
+from tests.faults import HangingProxy, cut_and_restore, via
 from tests.integration.consumer_harness import ConsumerEnv, WorkerThread, consumer_env
 
 pytestmark = pytest.mark.integration
@@ -167,6 +169,55 @@ def test_a_query_unanswered_past_the_statement_timeout_means_a_dead_link(
             assert 1.0 + ANSWER_GRACE - 0.5 <= waited <= 1.0 + ANSWER_GRACE + 2.0, waited
         finally:
             inbox.close()
+
+
+def test_a_sqlalchemy_inbox_behind_a_link_that_hangs_notices_in_bound_and_applies_every_event_once(
+    env: ConsumerEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With SQLAlchemyInbox.engine_options, a consumer's SQLAlchemy inbox gives a hung link up
+    ANSWER_GRACE seconds past the statement timeout, goes unready, and resumes once it is back."""
+    statement_timeout = 5.0
+    with psycopg.connect(env.database_url, autocommit=True) as conn:
+        migrate_inbox(conn)
+    consumer = Consumer()
+
+    @consumer.handler("order.*")
+    def handle(event: Event, session: Session) -> None:
+        session.execute(
+            text("INSERT INTO effects (event_id, event_type) VALUES (:id, :type)"),
+            {"id": event.event_id, "type": event.event_type},
+        )
+        time.sleep(0.01)  # still applying when the link hangs
+
+    settings = env.settings()
+    env.declare(settings)
+    ids = [str(uuid.uuid4()) for _ in range(1000)]
+    env.publish_many([("order.created", {}, id_, None, None) for id_ in ids])
+    with HangingProxy(urlsplit(env.database_url).port or 5432) as proxy:
+        engine = create_engine(
+            "postgresql+psycopg://",
+            **SQLAlchemyInbox.engine_options(
+                via(env.database_url, proxy.port), statement_timeout=statement_timeout
+            ),
+        )
+        thread = WorkerThread(consumer, settings)
+        thread.worker.inbox = SQLAlchemyInbox(sessionmaker(engine), settings.inbox_consumer)
+        try:
+            with caplog.at_level(logging.WARNING, logger="outbox_relay"), thread as worker:
+                cut_and_restore(
+                    proxy,
+                    progress=lambda: len(env.effect_counts()),
+                    log=lambda: caplog.text,
+                    alive=lambda: thread.error is None,
+                    ready=worker.ready.is_set,
+                    bound=statement_timeout + ANSWER_GRACE,
+                    link_line="lost the PostgreSQL connection",
+                    in_flight=1,  # a commit held by the proxy
+                )
+                wait_until(lambda: len(env.effect_counts()) == len(ids), timeout=120)
+        finally:
+            engine.dispose()
+    assert env.effect_counts() == dict.fromkeys(ids, 1)
 
 
 def _lock_waiters(database_url: str) -> int:
