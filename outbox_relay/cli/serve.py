@@ -103,7 +103,9 @@ class Hubs:
             url = outbox.settings.database_url
             budget[url] = min(budget.get(url, 1000), outbox.settings.max_db_connections)
         for url, size in budget.items():
-            label = outboxes[0].settings.schema_name if len(outboxes) == 1 else "fleet"
+            # pg_stat_activity names a lone outbox's connections by its schema, as before.
+            alone = len(outboxes) == 1 and outboxes[0].schemas is None
+            label = outboxes[0].settings.schema_name if alone else "fleet"
             hub = self._hubs[url] = DatabaseHub(url, size, label)
             if any(o.schemas is not None for o in outboxes if o.settings.database_url == url):
                 hub.lanes.size = max(1, hub.lanes.size - 1)
