@@ -257,6 +257,7 @@ class Leases:
     async def _adjust(self, owned: set[int], members: list[str], dead_waiting: bool) -> None:
         """Remove dead members, then hand the excess over or take the share's missing part."""
         relay, ttl, scope = self.relay, LEASE_SECONDS, self._scope
+        before = self.owned
         try:
             if dead_waiting:
                 for dead, ended in await self._fetch("remove_dead_members", {"ttl": ttl}):
@@ -288,10 +289,12 @@ class Leases:
         except DatabaseUnavailableError as exc:
             log.warning("lease heartbeat failed: %s", exc)  # the next beat tries again
             return
-        self._hold(owned)
+        self._hold(owned, before)
 
-    def _hold(self, owned: set[int]) -> None:
-        before = self.owned
+    def _hold(self, owned: set[int], before: frozenset[int] | None = None) -> None:
+        """Claim from ``owned`` from now on; tell on_change what changed since ``before`` (what
+        was held when the change began: a hand-over stops claiming the excess first)."""
+        before = self.owned if before is None else before
         self.owned = frozenset(owned)
         gained, lost = len(self.owned - before), len(before - self.owned)
         if (gained or lost) and self._on_change is not None:
