@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -549,6 +550,24 @@ class Subscription:
         self._listener.unsubscribe(self)
 
 
+class Activity:
+    """Which relays of the process found work lately: a backlog in one outbox takes at most
+    its share of the broker's attention while others have events (relay/loop.py)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[object, float] = {}
+
+    def busy(self, relay: object) -> None:
+        self._seen[relay] = time.monotonic()
+
+    def relays(self, within: float) -> int:
+        """Relays that found work in the last ``within`` seconds (at least 1)."""
+        since = time.monotonic() - within
+        for relay in [r for r, at in self._seen.items() if at < since]:
+            del self._seen[relay]
+        return max(1, len(self._seen))
+
+
 class DatabaseHub:
     """The connections of one process to one database: claiming pool, coordinator, listener."""
 
@@ -560,7 +579,7 @@ class DatabaseHub:
         )
         self.coordinator = Coordinator(url, f"outbox-relay:{label}:leases")
         self.listener = Listener(url, f"outbox-relay:{label}:listen")
-        self.users = 0
+        self.activity = Activity()
 
     @property
     def connected(self) -> bool:

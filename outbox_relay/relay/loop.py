@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
-HOUSEKEEPING_SHARING = 20  # outboxes sharing a database before each prunes less often
+HOUSEKEEPING_SHARING = 20
+# Seconds a relay that found work counts as busy for fair claim sizes, and the least a busy
+# relay claims at once however many share the process.
+FAIRNESS_WINDOW = 2.0
+MIN_FAIR_CLAIM = 50  # outboxes sharing a database before each prunes less often
 # Connections claiming and settling batches: while one batch settles, the next is claimed, and
 # at least one more is on the wire, so the broker always has work.
 LANES = 3
@@ -301,9 +305,10 @@ class Relay:
                     window.before_claim()
                     claimed_at = time.perf_counter()
                     batch = await self._source.claim(
-                        lane, self._claim_size, window.in_flight_ids(), self._share()
+                        lane, self._fair_claim_size(), window.in_flight_ids(), self._share()
                     )
                     if batch is not None:
+                        self._hub.activity.busy(self)
                         batch.lane = lane
                         if self._hooks is not None:
                             self._hooks.after_claim(
@@ -340,6 +345,13 @@ class Relay:
             for task in settling:
                 task.cancel()
             await asyncio.gather(*settling, return_exceptions=True)
+
+    def _fair_claim_size(self) -> int:
+        """A third of --batch-size, or, while other outboxes of the process have work too, a
+        share of it: the broker confirms in arrival order, so a backlog with thousands of events
+        on the wire would make every other outbox's events wait behind them."""
+        sharing = self._hub.activity.relays(within=FAIRNESS_WINDOW)
+        return max(MIN_FAIR_CLAIM, self._claim_size // sharing)
 
     def _tick(self, window: Window, settling: set[asyncio.Task[None]]) -> None:
         """A sign of life for /livez; a failed publish or settle ends the loop; a lost broker is
