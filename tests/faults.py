@@ -4,7 +4,9 @@ A killed process or a stopped server closes its sockets, so the peer learns at o
 link or a frozen host leaves the connection open with nobody answering; this proxy reproduces
 that between a client and a server on this machine: ``freeze()`` stops reading and forwarding
 in both directions (the kernel buffers fill, writes stall, no reply ever comes), ``thaw()``
-resumes, nothing is closed either way. Runs its own event loop on a thread, so synchronous tests
+resumes, nothing is closed either way. ``unplug()`` is the other way a proxy fails, as HAProxy or a
+load balancer does when the server behind it restarts: open connections are closed, new ones
+accepted and closed at once, until ``plug()``. Runs its own event loop on a thread, so synchronous tests
 and relays on other threads or processes can use it alike.
 
 With ``tls`` (a server-side SSLContext) it also terminates TLS: clients speak TLS to the proxy,
@@ -39,6 +41,7 @@ class HangingProxy:
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._plugged = True
         self.port = 0
 
     def start(self) -> HangingProxy:
@@ -64,6 +67,8 @@ class HangingProxy:
         self._writers.add(writer)
         try:
             await self._flowing.wait()  # a frozen link accepts but never gets anywhere
+            if not self._plugged:
+                return  # accepted, then closed: no server behind the proxy
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self._target)
             except OSError:
@@ -112,6 +117,23 @@ class HangingProxy:
     def thaw(self) -> None:
         assert self._flowing is not None
         self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def unplug(self) -> None:
+        """The server behind the proxy is gone: close every connection, accept and close new
+        ones."""
+
+        def cut() -> None:
+            self._plugged = False
+            for writer in list(self._writers):
+                writer.transport.abort()
+
+        self._loop.call_soon_threadsafe(cut)
+
+    def plug(self) -> None:
+        def restore() -> None:
+            self._plugged = True
+
+        self._loop.call_soon_threadsafe(restore)
 
     def close(self) -> None:
         async def shut() -> None:
