@@ -387,6 +387,7 @@ def analyse(
             "broker_redeliveries": 0,
             "longest_pause_s": 0.0,
             "pause_at_s": None,
+            "pause_end_s": None,
             "longest_commit_gap_s": 0.0,
         }
         for _ in windows
@@ -439,6 +440,7 @@ def analyse(
         if pause > slot["longest_pause_s"]:
             slot["longest_pause_s"] = pause
             slot["pause_at_s"] = round(began - windows[window_of(began)].start, 1)
+            slot["pause_end_s"] = round(order[i + 1][0] - windows[window_of(began)].start, 1)
     # The producers' own gaps (a PostgreSQL restart stops them too): context for the pauses.
     commits = sorted(at for _a, _s, at in committed.values())
     for a, b in itertools.pairwise(commits):
@@ -556,6 +558,9 @@ def soak(args: argparse.Namespace, svc: Services, log_dir: Path) -> dict[str, An
         recorder.stop()
         deliveries.read()
         committed = committed_steps(env.database_url)
+        with (log_dir / "committed.tsv").open("w") as out:  # the truth, kept for a second look
+            for event_id, (aggregate, seq, at) in committed.items():
+                out.write(f"{event_id}\t{aggregate}\t{seq}\t{at:.6f}\n")
         left = outbox_left(env.database_url)
         analysis = analyse(committed, deliveries.rows, windows)
     exits = supervisor.exits
@@ -567,6 +572,15 @@ def soak(args: argparse.Namespace, svc: Services, log_dir: Path) -> dict[str, An
             1 for e in exits if window.start <= e.at < window.end and not e.expected
         )
         slot.update(window.detail)
+        # A fault that lasts (a black hole, a restart): how long after it ended publishing
+        # resumed, when the window's longest pause was still on at its end.
+        began, end = slot["pause_at_s"], slot["pause_end_s"]
+        lasted = window.detail.get("fault_seconds")
+        slot["resumed_after_fault_s"] = (
+            round(max(0.0, end - lasted), 1)
+            if began is not None and end is not None and lasted and began <= lasted <= end + 0.5
+            else None
+        )
     return {
         **analysis,
         "drain_seconds": round(drained, 1),
@@ -595,9 +609,10 @@ def render(results: dict[str, Any]) -> None:
         "fault",
         "committed",
         "duplicates",
-        "broker redeliveries",
+        "broker redeliv.",
         "longest pause s",
-        "producers' longest gap s",
+        "resumed after s",
+        "producers' gap s",
         "relay exits",
     ):
         table.add_column(column, justify="left" if column == "fault" else "right")
@@ -609,8 +624,16 @@ def render(results: dict[str, Any]) -> None:
             str(slot["duplicates"]),
             str(slot["broker_redeliveries"]),
             f"{slot['longest_pause_s']:.1f}",
+            "-"
+            if slot["resumed_after_fault_s"] is None
+            else f"{slot['resumed_after_fault_s']:.1f}",
             f"{slot['longest_commit_gap_s']:.1f}",
-            f"{slot['relay_exits']} ({slot['unexpected_relay_exits']} unexpected)",
+            f"{slot['relay_exits']}"
+            + (
+                f" ({slot['unexpected_relay_exits']} unexpected)"
+                if slot["unexpected_relay_exits"]
+                else ""
+            ),
         )
     console = Console(width=150)
     console.print(table)

@@ -98,16 +98,23 @@ class HangingProxy:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
-        while True:
-            await self._flowing.wait()
-            data = await reader.read(65536)
-            if not data:
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
-                return
-            await self._flowing.wait()  # data read just before a freeze is held too
-            writer.write(data)
-            await writer.drain()
+        try:
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+                    return
+                await self._flowing.wait()  # data read just before a freeze is held too
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            # A reset on one side is passed on as a reset on the other. (A server that exits
+            # with a query unread, as PostgreSQL's backends do on a fast shutdown, resets rather
+            # than closes: without this the client would wait on a half-dead proxy connection
+            # that a real network would have reset.)
+            writer.transport.abort()
 
     def freeze(self) -> None:
         """Stop forwarding: every connection through the proxy hangs, none is closed."""
@@ -137,6 +144,8 @@ class HangingProxy:
 
     def close(self) -> None:
         async def shut() -> None:
+            # Connections cancelled here are not news (asyncio would log each one).
+            self._loop.set_exception_handler(lambda _loop, _context: None)
             if self._server is not None:
                 self._server.close()
             for writer in list(self._writers):
