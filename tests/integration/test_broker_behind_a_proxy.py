@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
+from outbox_relay.consumer import Consumer, Event
 from outbox_relay.consumer.topology import connect
 from outbox_relay.errors import BrokerUnavailableError, ConfigError
 from outbox_relay.publishers import PublisherSettings
 from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
 from tests.conftest import RabbitQueue, wait_until
 from tests.faults import HangingProxy
+from tests.integration.consumer_harness import (
+    ConsumerEnv,
+    WorkerThread,
+    consumer_env,
+    record_effect,
+)
 from tests.integration.relay_harness import RelayThread, collect, drain, relay_settings, scalar
 from tests.integration.test_relay_disruption import (
     Producer,
@@ -129,3 +139,33 @@ def test_the_relay_rides_out_a_broker_restarting_behind_a_proxy(
             assert relay.running
     arrived += drain(queue)
     assert_every_event_delivered_in_order(arrived, producer.versions())
+
+
+@pytest.fixture
+def env(broker_url: str, database_url: str, exchange: str) -> Iterator[ConsumerEnv]:
+    yield from consumer_env(broker_url, database_url, exchange)
+
+
+def test_the_consumer_rides_out_a_broker_restarting_behind_a_proxy(env: ConsumerEnv) -> None:
+    consumer = Consumer()
+
+    @consumer.handler("order.*")
+    def handle(event: Event, db: psycopg.Connection[Any]) -> None:
+        record_effect(event, db)
+
+    with proxy_to(env.broker_url) as proxy:
+        settings = env.settings(broker_url=via(env.broker_url, proxy.port))
+        env.declare(settings)
+        before = env.publish("order.created", {"n": 1})
+        thread = WorkerThread(consumer, settings)
+        with thread as worker:
+            wait_until(lambda: before in env.effect_counts())
+            proxy.unplug()
+            wait_until(lambda: not worker.ready.is_set())
+            # Reconnects (at most reconnect_max_delay = 1 s apart) hang up for a while.
+            after = env.publish("order.paid", {"n": 2})
+            time.sleep(3)
+            assert thread.error is None, thread.error
+            proxy.plug()
+            wait_until(lambda: after in env.effect_counts(), timeout=30)
+    assert env.effect_counts() == {before: 1, after: 1}
