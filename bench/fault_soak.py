@@ -491,6 +491,7 @@ def memory(samples: list[Sample]) -> dict[str, Any]:
                 "pid": pid,
                 "samples": len(group),
                 "first_mib": group[0].rss_mib,
+                "peak_mib": max(s.rss_mib for s in group),
                 "last_mib": group[-1].rss_mib,
                 "minutes": round((group[-1].at - group[0].at) / 60, 1),
             }
@@ -574,11 +575,11 @@ def soak(args: argparse.Namespace, svc: Services, log_dir: Path) -> dict[str, An
         slot.update(window.detail)
         # A fault that lasts (a black hole, a restart): how long after it ended publishing
         # resumed, when the window's longest pause was still on at its end.
-        began, end = slot["pause_at_s"], slot["pause_end_s"]
+        paused, end = slot["pause_at_s"], slot["pause_end_s"]
         lasted = window.detail.get("fault_seconds")
         slot["resumed_after_fault_s"] = (
             round(max(0.0, end - lasted), 1)
-            if began is not None and end is not None and lasted and began <= lasted <= end + 0.5
+            if paused is not None and end is not None and lasted and paused <= lasted <= end + 0.5
             else None
         )
     return {
