@@ -11,7 +11,7 @@ import uuid
 from multiprocessing.connection import Connection
 
 import psycopg
-from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, PAYLOAD_SQL, payload_json
+from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, PAD, PAYLOAD_SQL, payload_json
 
 INSERT = (
     "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, payload)"
@@ -268,6 +268,145 @@ class StreamingProducers:
                 self._pipe.send("stop")
             self._process.join(10)
         self.kill()
+
+    def kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(10)
+
+
+# The fault soak's application table: one row per event, written in the same transaction as its
+# outbox row (as an application writes its own state and the event together). What committed is
+# read from here at the end, whatever the producers saw of a commit cut by a restart.
+SEQUENCED_TABLE = """
+CREATE TABLE IF NOT EXISTS soak_steps (
+    aggregate_id text NOT NULL,
+    seq integer NOT NULL,
+    event_id uuid NOT NULL,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (aggregate_id, seq)
+)
+"""
+SEQUENCED_EVENT_TYPE = "soak.step"
+SEQUENCED_INSERT = (
+    "WITH step AS (INSERT INTO soak_steps (aggregate_id, seq, event_id)"
+    " VALUES (%(aggregate)s, %(seq)s, %(event_id)s))"
+    " INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, payload)"
+    " VALUES (%(event_id)s, %(event_type)s, %(aggregate_type)s, %(aggregate)s,"
+    " jsonb_build_object('aggregate', %(aggregate)s::text, 'seq', %(seq)s::int, 'pad', %(pad)s::text))"
+)
+SEQUENCED_COMMITTED = "SELECT 1 FROM soak_steps WHERE aggregate_id = %s AND seq = %s"
+
+
+def _sequenced_thread(
+    database_url: str,
+    rate: float,
+    offset: float,
+    aggregates: list[str],
+    stop: threading.Event,
+    errors: list[str],
+) -> None:
+    """Insert at ``rate``, each event the next step (1, 2, ...) of one of this thread's own
+    aggregates, so each aggregate's steps commit in order. Survives a restarting server: a
+    statement that fails is retried on a new connection, unless its commit went through (an
+    error on the commit itself is ambiguous: the application table says)."""
+    rng = random.Random()
+    steps = dict.fromkeys(aggregates, 0)
+    interval = 1.0 / rate
+    due = time.time() + offset
+    conn: psycopg.Connection[tuple[object, ...]] | None = None
+    pending: tuple[str, int, str] | None = None  # written, outcome unknown
+    while not stop.is_set():
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(database_url, autocommit=True, connect_timeout=5)
+            if pending is not None:
+                aggregate, seq, event_id = pending
+                if conn.execute(SEQUENCED_COMMITTED, (aggregate, seq)).fetchone() is None:
+                    conn.execute(SEQUENCED_INSERT, _step(aggregate, seq, event_id))
+                steps[aggregate] = seq
+                pending = None
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -1.0:
+                due = time.time()  # a steady rate after an outage, not a burst to catch up
+            aggregate = rng.choice(aggregates)
+            pending = (aggregate, steps[aggregate] + 1, str(uuid.uuid4()))
+            conn.execute(SEQUENCED_INSERT, _step(*pending), prepare=True)
+            steps[aggregate] = pending[1]
+            pending = None
+            due += interval
+        except psycopg.Error as exc:
+            errors.append(type(exc).__name__)
+            if conn is not None:
+                conn.close()
+            conn = None
+            stop.wait(0.2)
+    if conn is not None:
+        conn.close()
+
+
+def _step(aggregate: str, seq: int, event_id: str) -> dict[str, object]:
+    return {
+        "aggregate": aggregate,
+        "seq": seq,
+        "event_id": event_id,
+        "event_type": SEQUENCED_EVENT_TYPE,
+        "aggregate_type": AGGREGATE_TYPE,
+        "pad": PAD[:200],
+    }
+
+
+def _sequenced_child(
+    database_url: str, rate: float, connections: int, aggregates: int, pipe: Connection
+) -> None:
+    names = [f"agg-{n}" for n in range(aggregates)]
+    stop = threading.Event()
+    errors: list[str] = []
+    threads = [
+        threading.Thread(
+            target=_sequenced_thread,
+            args=(database_url, rate / connections, i / rate, names[i::connections], stop, errors),
+            daemon=True,
+        )
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    pipe.recv()  # "stop"
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    pipe.send(errors)
+    pipe.close()
+
+
+class SequencedProducers:
+    """``connections`` producer threads (a process of their own) inserting ``rate`` events/s in
+    total over ``aggregates`` aggregates, each event carrying its aggregate's next step number
+    (``{"aggregate": ..., "seq": n}``) and recorded in ``soak_steps`` in the same transaction
+    (create it with ``SEQUENCED_TABLE``). They run until ``stop()``, riding out restarts."""
+
+    def __init__(self, database_url: str, rate: float, connections: int, aggregates: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_sequenced_child,
+            args=(database_url, rate, connections, aggregates, child_end),
+            name="bench-sequenced-producers",
+        )
+        self._process.start()
+        child_end.close()
+
+    def stop(self, timeout: float = 60) -> list[str]:
+        """Stop producing; the names of the errors the producers rode out."""
+        self._pipe.send("stop")
+        if not self._pipe.poll(timeout):
+            raise RuntimeError("sequenced producers did not stop")
+        errors: list[str] = self._pipe.recv()
+        self._process.join(10)
+        return errors
 
     def kill(self) -> None:
         if self._process.is_alive():

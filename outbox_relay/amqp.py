@@ -87,8 +87,9 @@ def parameters(
     return params
 
 
-def translate(exc: BaseException, url: str) -> OutboxRelayError:
-    """A connection failure as the project's error: ConfigError when retrying cannot help."""
+def translate(exc: BaseException, url: str, *, answered: bool = False) -> OutboxRelayError:
+    """A connection failure as the project's error: ConfigError when retrying cannot help.
+    ``answered``: the URL has answered like RabbitMQ before, in this process."""
     where = redact_url(url)
     refused = tls.refused("RabbitMQ", where, exc)
     if refused is not None:
@@ -108,6 +109,14 @@ def translate(exc: BaseException, url: str) -> OutboxRelayError:
                 "connection right after the TLS handshake (does it require a client "
                 f"certificate? set {tls.CERT_OPTION} and {tls.KEY_OPTION}, or check that it "
                 "trusts their CA)"
+            )
+        if answered:
+            # Once the URL answered like RabbitMQ, it is RabbitMQ: a hang-up before the
+            # handshake is a restart, or a proxy (HAProxy, a load balancer) with no broker behind
+            # it. Retried, not called a wrong URL (which would stop the relay mid-run).
+            return BrokerUnavailableError(
+                f"RabbitMQ at {where} closed the connection before the AMQP handshake "
+                "(restarting, or a proxy with no broker behind it)"
             )
         return ConfigError(
             f"--broker-url: {where} did not answer like an AMQP 0-9-1 server (is the host or "

@@ -4,7 +4,9 @@ A killed process or a stopped server closes its sockets, so the peer learns at o
 link or a frozen host leaves the connection open with nobody answering; this proxy reproduces
 that between a client and a server on this machine: ``freeze()`` stops reading and forwarding
 in both directions (the kernel buffers fill, writes stall, no reply ever comes), ``thaw()``
-resumes, nothing is closed either way. Runs its own event loop on a thread, so synchronous tests
+resumes, nothing is closed either way. ``unplug()`` is the other way a proxy fails, as HAProxy or a
+load balancer does when the server behind it restarts: open connections are closed, new ones
+accepted and closed at once, until ``plug()``. Runs its own event loop on a thread, so synchronous tests
 and relays on other threads or processes can use it alike.
 
 ``cut_and_restore`` is the dead-link scenario every such test runs: cut mid-stream for CUT_FOR
@@ -46,6 +48,7 @@ class HangingProxy:
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._plugged = True
         self.port = 0
 
     def start(self) -> HangingProxy:
@@ -65,6 +68,8 @@ class HangingProxy:
         self._writers.add(writer)
         try:
             await self._flowing.wait()  # a frozen link accepts but never gets anywhere
+            if not self._plugged:
+                return  # accepted, then closed: no server behind the proxy
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self._target)
             except OSError:
@@ -94,16 +99,23 @@ class HangingProxy:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
-        while True:
-            await self._flowing.wait()
-            data = await reader.read(65536)
-            if not data:
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
-                return
-            await self._flowing.wait()  # data read just before a freeze is held too
-            writer.write(data)
-            await writer.drain()
+        try:
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+                    return
+                await self._flowing.wait()  # data read just before a freeze is held too
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            # A reset on one side is passed on as a reset on the other. (A server that exits
+            # with a query unread, as PostgreSQL's backends do on a fast shutdown, resets rather
+            # than closes: without this the client would wait on a half-dead proxy connection
+            # that a real network would have reset.)
+            writer.transport.abort()
 
     def freeze(self) -> None:
         """Stop forwarding: every connection through the proxy hangs, none is closed."""
@@ -114,8 +126,27 @@ class HangingProxy:
         assert self._flowing is not None
         self._loop.call_soon_threadsafe(self._flowing.set)
 
+    def unplug(self) -> None:
+        """The server behind the proxy is gone: close every connection, accept and close new
+        ones."""
+
+        def cut() -> None:
+            self._plugged = False
+            for writer in list(self._writers):
+                writer.transport.abort()
+
+        self._loop.call_soon_threadsafe(cut)
+
+    def plug(self) -> None:
+        def restore() -> None:
+            self._plugged = True
+
+        self._loop.call_soon_threadsafe(restore)
+
     def close(self) -> None:
         async def shut() -> None:
+            # Connections cancelled here are not news (asyncio would log each one).
+            self._loop.set_exception_handler(lambda _loop, _context: None)
             if self._server is not None:
                 self._server.close()
             for writer in list(self._writers):

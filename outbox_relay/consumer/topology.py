@@ -317,17 +317,22 @@ def _declare_queue(channel: BlockingChannel, name: str, arguments: dict[str, Any
 
 
 def connect(
-    broker_url: str, *, heartbeat: int | None = None, tls_files: TlsFiles | None = None
+    broker_url: str,
+    *,
+    heartbeat: int | None = None,
+    tls_files: TlsFiles | None = None,
+    answered: bool = False,
 ) -> BlockingConnection:
     """A blocking connection to RabbitMQ, with driver errors translated; ``tls_files`` for an
-    ``amqps://`` URL (``--broker-ca-file``, ...)."""
+    ``amqps://`` URL (``--broker-ca-file``, ...); ``answered``: the URL has answered like
+    RabbitMQ before (a hang-up is then retried, see amqp.translate)."""
     parameters = amqp.parameters(broker_url, tls_files=tls_files)
     if heartbeat is not None:
         parameters.heartbeat = heartbeat
     try:
         return BlockingConnection(parameters)
     except amqp.CONNECT_ERRORS as exc:
-        raise amqp.translate(exc, broker_url) from exc
+        raise amqp.translate(exc, broker_url, answered=answered) from exc
 
 
 def apply(broker_url: str, topology: Topology, *, tls_files: TlsFiles | None = None) -> None:

@@ -102,6 +102,9 @@ class Worker:
         self._stopping = threading.Event()
         self._next_cleanup = time.monotonic()
         self._partitioned: PartitionedSession | None = None
+        # Once the broker URL answered like RabbitMQ, a hang-up before the handshake (a restart,
+        # a proxy with no broker behind it) is reconnected to, not called a wrong URL.
+        self._answered = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -182,7 +185,9 @@ class Worker:
                 # Heartbeats notice a silent broker within --broker-timeout (amqp.heartbeat_for).
                 heartbeat=amqp.heartbeat_for(self.settings.broker_timeout),
                 tls_files=self.settings.broker_tls,
+                answered=self._answered,
             )
+            self._answered = True
             channel = connection.channel()
             if self.settings.declare_topology:
                 self.topology.declare(channel)

@@ -279,6 +279,9 @@ class RabbitMQPublisher:
         self._opening: asyncio.Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         self._frame_max = 131072  # until the broker says otherwise (Connection.Tune)
+        # Once the URL answered like RabbitMQ, a later hang-up before the handshake is retried
+        # (amqp.translate), not called a wrong URL.
+        self._answered = False
 
     @property
     def max_message_bytes(self) -> int:
@@ -298,7 +301,9 @@ class RabbitMQPublisher:
         def on_open_error(_connection: AsyncioConnection, exc: BaseException | str) -> None:
             if not opened.done():
                 error = exc if isinstance(exc, BaseException) else Exception(exc)
-                opened.set_exception(amqp.translate(error, self._settings.broker_url))
+                opened.set_exception(
+                    amqp.translate(error, self._settings.broker_url, answered=self._answered)
+                )
 
         def on_channel(channel: Channel) -> None:
             self._channel = channel
@@ -366,6 +371,7 @@ class RabbitMQPublisher:
         finally:
             self._opening = None
         self._frame_max = int(self._connection.params.frame_max)
+        self._answered = True
         log.info("connected to broker", extra={"broker": "rabbitmq", "url": where})
 
     async def close(self) -> None:
@@ -625,7 +631,7 @@ class RabbitMQPublisher:
                 "with another type or flags; it must be a durable topic exchange)"
             )
         if opening:
-            return amqp.translate(exc, self._settings.broker_url)
+            return amqp.translate(exc, self._settings.broker_url, answered=self._answered)
         if code in _MESSAGE_FAULTS:
             # Closed over something we sent: the relay finds out which message (see window.py).
             return BrokerRejectedMessageError(f"RabbitMQ closed the channel: ({code}) {text}")
