@@ -173,7 +173,9 @@ class _SharedConnection:
                 f"{amqp.CONNECT_TIMEOUT:g}s (is it a RabbitMQ server, and reachable?)"
             ) from exc
         except BaseException as exc:
-            raise amqp.translate(exc, publisher._settings.broker_url) from exc
+            raise amqp.translate(
+                exc, publisher._settings.broker_url, answered=publisher._answered
+            ) from exc
 
     def _settle(self, error: BaseException | str | None) -> None:
         if self.opening.done():
