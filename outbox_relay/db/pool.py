@@ -257,6 +257,7 @@ class Coordinator:
         # Relays beating on it, and the task running their rounds.
         self._enrolled: dict[Beating, None] = {}
         self._ticking: asyncio.Task[None] | None = None
+        # Statements waiting for a round: (statement, run by then at the latest, its row).
         self._beats: list[tuple[str, float, asyncio.Future[tuple[Any, ...] | None]]] = []
         self._rounds: asyncio.Task[None] | None = None
 
@@ -328,11 +329,12 @@ class Coordinator:
             assert self._conn is not None
             return psycopg.AsyncClientCursor(self._conn).mogrify(query, params)
 
-    async def beat(self, statement: str, every: float) -> tuple[Any, ...] | None:
-        """Run ``statement`` (bound by mogrify(); one row or none) in the next round of
-        heartbeats, at most ``every`` seconds after the previous round; its row."""
-        future: asyncio.Future[tuple[Any, ...] | None] = asyncio.get_running_loop().create_future()
-        self._beats.append((statement, every, future))
+    async def beat(self, statement: str, company: float) -> tuple[Any, ...] | None:
+        """Run ``statement`` (bound by mogrify(); one row or none) in a round with the others
+        waiting, after at most ``company`` seconds of waiting for them; its row."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, ...] | None] = loop.create_future()
+        self._beats.append((statement, loop.time() + company, future))
         if self._rounds is None or self._rounds.done():
             self._rounds = asyncio.ensure_future(self._run_rounds())
         return await future

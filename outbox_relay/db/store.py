@@ -99,11 +99,6 @@ class OutboxStore:
         """This store's name in logs and tests (``outbox-relay:<schema>[:<role>]``)."""
         return self._application_name
 
-    @property
-    def in_transaction(self) -> bool:
-        """Holding a pooled connection: a transaction (a claimed batch) is open."""
-        return self._conn is not None
-
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         """The transaction's connection, taken from the pool at its first statement."""
         if self._conn is None:
