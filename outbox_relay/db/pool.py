@@ -116,16 +116,23 @@ class ConnectionPool:
 
     async def acquire(self) -> Connection:
         """A connection with no transaction open, for the caller alone until release()."""
+        woken = False  # told a place came free: it may open one ahead of later waiters
         while True:
-            while self._idle:
-                conn = self._idle.popleft()
-                if _usable(conn) and self._open.get(conn) == self._generation:
-                    return conn
-                self._forget(conn)
-            if self._in_budget() < self.size:
-                return await self._open_one()
+            if woken or not self._waiters:
+                while self._idle:
+                    conn = self._idle.popleft()
+                    if _usable(conn) and self._open.get(conn) == self._generation:
+                        return conn
+                    self._forget(conn)
+                if self._in_budget() < self.size:
+                    return await self._open_one()
             waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            if woken:
+                # Woken, but the place is not free yet (a connection still closing): it keeps
+                # its place at the head of the line.
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
             try:
                 given = await waiter
             except asyncio.CancelledError:
@@ -140,13 +147,13 @@ class ConnectionPool:
                 raise
             if given is not None:
                 return given
+            woken = True
 
     def release(self, conn: Connection) -> None:
         """Give a connection back (its transaction ended); a broken one, or one of a link
         found dead since it was taken, is closed and its place given to the next waiter."""
         if not _usable(conn) or self._open.get(conn) != self._generation:
             self._forget(conn)
-            self._wake_one(None)
             return
         if not self._wake_one(conn):
             self._idle.append(conn)
@@ -187,6 +194,7 @@ class ConnectionPool:
             _close_soon(conn)  # of a pool closed meanwhile: out of the budget already
             return
         if conn.closed:
+            self._wake_one(None)  # its place is free now
             return
         self._closing += 1
 
