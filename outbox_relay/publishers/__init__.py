@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from outbox_relay.errors import ConfigError, MissingExtraError
 from outbox_relay.publishers.base import BrokerOptions, Publisher, PublisherSettings
@@ -21,11 +22,17 @@ class Broker:
     module: str
     publisher: str  # the class in that module
     extra: str | None  # the install extra with its client; None when it is a core dependency
+    # The class in that module sharing one connection among publishers (SharedClients).
+    shares: str | None = None
 
 
-_RABBITMQ = Broker("outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None)
-_NATS = Broker("outbox_relay.publishers.nats", "NatsPublisher", "nats")
-_REDIS = Broker("outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis")
+_RABBITMQ = Broker(
+    "outbox_relay.publishers.rabbitmq", "RabbitMQPublisher", None, shares="AmqpConnections"
+)
+_NATS = Broker("outbox_relay.publishers.nats", "NatsPublisher", "nats", shares="NatsConnections")
+_REDIS = Broker(
+    "outbox_relay.publishers.redis_streams", "RedisStreamsPublisher", "redis", shares="RedisClients"
+)
 _MQTT = Broker("outbox_relay.publishers.mqtt", "MqttPublisher", "mqtt")
 _WEBHOOK = Broker("outbox_relay.publishers.webhook", "WebhookPublisher", "webhook")
 
@@ -120,18 +127,30 @@ def create_publisher(
             f"--broker-url {settings.scheme}:// needs the {missing.name!r} client: "
             f"pip install 'outbox-relay[{broker.extra}]'"
         ) from missing
-    if shared is not None and broker is _RABBITMQ:
-        from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
-
-        return RabbitMQPublisher(settings, shared.amqp)
-    publisher: Publisher = getattr(module, broker.publisher)(settings)
+    publisher: Publisher
+    if shared is not None and broker.shares is not None:
+        # Publishers of one process on one server share its connection (SharedClients).
+        connections = shared.of(broker)
+        publisher = getattr(module, broker.publisher)(settings, connections)
+    else:
+        publisher = getattr(module, broker.publisher)(settings)
     return publisher
 
 
 class SharedClients:
-    """Broker connections shared by the publishers of one process (serve --config)."""
+    """Broker connections shared by the publishers of one process (serve --config): one
+    registry per broker whose protocol multiplexes independent streams on a connection:
+    RabbitMQ (a channel per publisher), NATS, Redis. MQTT keeps a session per outbox (a
+    session's in-flight window is the broker's: one outbox's backlog would hold the others'
+    messages back), and a webhook a connection pool per outbox (a dead endpoint is handled by
+    dropping that outbox's pool)."""
 
     def __init__(self) -> None:
-        from outbox_relay.publishers.rabbitmq import AmqpConnections
+        self._registries: dict[str, Any] = {}
 
-        self.amqp = AmqpConnections()
+    def of(self, broker: Broker) -> Any:
+        assert broker.shares is not None
+        registry = self._registries.get(broker.shares)
+        if registry is None:
+            registry = self._registries[broker.shares] = getattr(_module(broker), broker.shares)()
+        return registry

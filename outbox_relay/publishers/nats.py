@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -140,13 +140,57 @@ class NatsOptions(BrokerOptions):
 OPTIONS = NatsOptions
 
 
+class NatsConnections:
+    """One NATS connection per server (URL and TLS files) for the publishers of one process
+    (``serve --config``): JetStream publishes and their acks are independent per message, so
+    outboxes share it as they would share a server. A lost connection fails every publisher on
+    it; each reconnects, and the first to do so opens the next connection for all."""
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple[str, object], _SharedNats] = {}
+        self._opening = asyncio.Lock()
+
+    async def attach(self, publisher: NatsPublisher, lost: asyncio.Future[None]) -> Client:
+        key = (publisher._settings.broker_url, publisher._settings.broker_tls)
+        async with self._opening:
+            shared = self._shared.get(key)
+            if shared is None or not shared.client.is_connected:
+                fresh = _SharedNats()
+                fresh.client = await publisher.open_client(fresh.losses)
+                shared = self._shared[key] = fresh
+        shared.users[publisher] = lost
+        return shared.client
+
+    async def detach(self, publisher: NatsPublisher) -> Client | None:
+        """Forget ``publisher``; the connection to close when it was the last one on it."""
+        for key, shared in list(self._shared.items()):
+            if shared.users.pop(publisher, None) is not None and not shared.users:
+                del self._shared[key]
+                return shared.client
+        return None
+
+
+class _SharedNats:
+    client: Client
+
+    def __init__(self) -> None:
+        self.users: dict[NatsPublisher, asyncio.Future[None]] = {}
+
+    def losses(self) -> list[asyncio.Future[None]]:
+        return list(self.users.values())
+
+
 class NatsPublisher:
     """Publishes to JetStream; the stream (``--nats-stream``) is created or checked at start-up."""
 
     name = "nats"
 
-    def __init__(self, settings: PublisherSettings) -> None:
+    def __init__(
+        self, settings: PublisherSettings, connections: NatsConnections | None = None
+    ) -> None:
         self._settings = settings
+        # Shared with the other relays of the process (serve --config), or None: its own.
+        self._connections = connections
         self._options = NatsOptions.of(settings)
         self._tls = settings.broker_tls_context()
         self._prefix = settings.topic_prefix
@@ -178,20 +222,43 @@ class NatsPublisher:
         where = redact_url(self._settings.broker_url)
         lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._lost = lost
+        if self._connections is not None:
+            self._nc = await self._connections.attach(self, lost)
+        else:
+            self._nc = await self.open_client(lambda: [lost])
+        self._js = self._nc.jetstream(
+            timeout=self._settings.confirm_timeout,
+            # A batch is the relay's window; unacked futures are cancelled (freeing their slots)
+            # when it ends, so nats-py's own limit must never make a batch wait.
+            publish_async_max_pending=1_000_000,
+        )
+        try:
+            await self._ensure_stream(self._js)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("connected to broker", extra={"broker": "nats", "url": where})
 
+    async def open_client(self, losses: Callable[[], Iterable[asyncio.Future[None]]]) -> Client:
+        """A connection to the server; when it is lost, every future ``losses()`` gives then
+        fails (one per publisher on it: several with a shared connection)."""
+        where = redact_url(self._settings.broker_url)
         errors: list[Exception] = []
 
         async def on_disconnected() -> None:
-            if lost.done():
-                return
             last = errors[-1] if errors else None
-            if last is not None and _MESSAGE_FAULT.search(str(last)):
-                # The server closed the connection over something that was sent.
-                lost.set_exception(
-                    BrokerRejectedMessageError(f"NATS closed the connection: {last}")
-                )
-            else:
-                lost.set_exception(BrokerUnavailableError(f"lost the NATS connection to {where}"))
+            for lost in losses():
+                if lost.done():
+                    continue
+                if last is not None and _MESSAGE_FAULT.search(str(last)):
+                    # The server closed the connection over something that was sent.
+                    lost.set_exception(
+                        BrokerRejectedMessageError(f"NATS closed the connection: {last}")
+                    )
+                else:
+                    lost.set_exception(
+                        BrokerUnavailableError(f"lost the NATS connection to {where}")
+                    )
 
         async def on_error(exc: Exception) -> None:
             errors.append(exc)
@@ -201,7 +268,7 @@ class NatsPublisher:
         try:
             # The relay owns reconnecting (and republishing the batch in flight), so the client
             # must not silently reconnect and leave acks hanging.
-            self._nc = await nats.connect(
+            return await nats.connect(
                 self._settings.broker_url,
                 allow_reconnect=False,
                 # nats-py retries even the first connect (60 x 2 s by default; 0 = forever):
@@ -225,18 +292,6 @@ class NatsPublisher:
             if refused is not None:
                 raise refused from exc
             raise BrokerUnavailableError(f"cannot connect to NATS at {where}: {exc!r}") from exc
-        self._js = self._nc.jetstream(
-            timeout=self._settings.confirm_timeout,
-            # A batch is the relay's window; unacked futures are cancelled (freeing their slots)
-            # when it ends, so nats-py's own limit must never make a batch wait.
-            publish_async_max_pending=1_000_000,
-        )
-        try:
-            await self._ensure_stream(self._js)
-        except BaseException:
-            await self.close()
-            raise
-        log.info("connected to broker", extra={"broker": "nats", "url": where})
 
     async def _check_server(self, where: str) -> None:
         """Read the server's INFO line before the client sends anything.
@@ -344,6 +399,8 @@ class NatsPublisher:
         nc, self._nc = self._nc, None
         self._js = None
         lost, self._lost = self._lost, None
+        if self._connections is not None:
+            nc = await self._connections.detach(self)  # the last one out closes it
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                 await asyncio.wait_for(nc.close(), timeout=5)

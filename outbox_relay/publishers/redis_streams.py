@@ -131,12 +131,44 @@ def reply_problem(answer: bytes) -> str | None:
     return None
 
 
+# Connections of a Redis client shared by the outboxes of a process: two pipelines on the wire
+# at once keep Redis busy (it runs commands one at a time anyway).
+SHARED_CONNECTIONS = 2
+
+
+class RedisClients:
+    """One Redis client per server (URL and TLS files) for the publishers of one process
+    (``serve --config``): every outbox's pipelines take turns on its SHARED_CONNECTIONS
+    connections."""
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple[str, object], tuple[Any, set[RedisStreamsPublisher]]] = {}
+
+    def attach(self, publisher: RedisStreamsPublisher) -> Any:
+        key = (publisher._settings.broker_url, publisher._settings.broker_tls)
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = self._shared[key] = (publisher.make_client(shared=True), set())
+        shared[1].add(publisher)
+        return shared[0]
+
+    def detach(self, publisher: RedisStreamsPublisher) -> Any:
+        """Forget ``publisher``; the client to close when it was the last one on it."""
+        for key, (client, users) in list(self._shared.items()):
+            if publisher in users:
+                users.discard(publisher)
+                if not users:
+                    del self._shared[key]
+                    return client
+        return None
+
+
 class RedisStreamsPublisher:
     """Appends events to Redis streams with ``XADD`` (optionally ``MAXLEN ~``)."""
 
     name = "redis"
 
-    def __init__(self, settings: PublisherSettings) -> None:
+    def __init__(self, settings: PublisherSettings, clients: RedisClients | None = None) -> None:
         self._settings = settings
         self._options = RedisOptions.of(settings)
         self._router = settings.router()
@@ -159,6 +191,8 @@ class RedisStreamsPublisher:
         # and the two disagree (generic or not, aclose or close).
         self._client: Any = None
         self._healthy = False
+        # Shared with the other relays of the process (serve --config), or None: its own.
+        self._clients = clients
         # Once the URL answered like Redis, it is Redis: a later connection dropped before any
         # reply (a restart, a proxy without a backend) is retried, not called a wrong URL.
         self._answered = False
@@ -185,18 +219,7 @@ class RedisStreamsPublisher:
 
     async def connect(self) -> None:
         where = redact_url(self._settings.broker_url)
-        try:
-            client: Any = redis.asyncio.Redis.from_url(
-                self._settings.broker_url,
-                socket_connect_timeout=min(self._settings.confirm_timeout, 10.0),
-                socket_timeout=self._settings.confirm_timeout,
-                # The relay retries, and republishes the whole batch: a hidden client retry of
-                # a pipeline would only add duplicates.
-                retry=Retry(NoBackoff(), 0),
-                **self._tls_arguments,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"--broker-url: invalid Redis URL {where}: {exc}") from exc
+        client = self._clients.attach(self) if self._clients is not None else self.make_client()
         self._client = client
         try:
             if not self._answered:
@@ -226,6 +249,32 @@ class RedisStreamsPublisher:
             raise BrokerUnavailableError(f"cannot connect to Redis at {where}: {exc}") from exc
         self._healthy = self._answered = True
         log.info("connected to broker", extra={"broker": "redis", "url": where})
+
+    def make_client(self, shared: bool = False) -> Any:
+        """A client of the URL (connections open at its first command); ``shared`` by the
+        publishers of a process: at most SHARED_CONNECTIONS connections, pipelines waiting
+        their turn for one."""
+        arguments: dict[str, Any] = {
+            "socket_connect_timeout": min(self._settings.confirm_timeout, 10.0),
+            "socket_timeout": self._settings.confirm_timeout,
+            # The relay retries, and republishes the whole batch: a hidden client retry of a
+            # pipeline would only add duplicates.
+            "retry": Retry(NoBackoff(), 0),
+            **self._tls_arguments,
+        }
+        try:
+            if not shared:
+                return redis.asyncio.Redis.from_url(self._settings.broker_url, **arguments)
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self._settings.broker_url,
+                max_connections=SHARED_CONNECTIONS,
+                timeout=self._settings.confirm_timeout,
+                **arguments,
+            )
+            return redis.asyncio.Redis(connection_pool=pool)
+        except ValueError as exc:
+            where = redact_url(self._settings.broker_url)
+            raise ConfigError(f"--broker-url: invalid Redis URL {where}: {exc}") from exc
 
     async def _check_server(self, client: Any, where: str) -> None:
         """One PING on a connection of its own, before the client's first, its answer read raw.
@@ -285,6 +334,8 @@ class RedisStreamsPublisher:
     async def close(self) -> None:
         client, self._client = self._client, None
         self._healthy = False
+        if self._clients is not None:
+            client = self._clients.detach(self)  # the last one out closes it
         if client is not None:
             with contextlib.suppress(*_ANY_FAILURE):
                 await client.aclose()

@@ -1,7 +1,7 @@
 """A connection budget for many outboxes: one ``serve --config`` process relaying every tenant
 schema of a database stays within ``max_db_connections`` to it (the outboxes share a claiming
 pool, one lease connection and one LISTEN connection), and its relays share one RabbitMQ
-connection, a channel each."""
+connection (a channel each), one NATS connection, one Redis client."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import psycopg
 import pytest
 
 from outbox_relay.db.migrations import migrate
+from outbox_relay.publishers.redis_streams import SHARED_CONNECTIONS
 from tests.acceptance.conftest import QueueConsumer, RelayProcess, cli_env
+from tests.acceptance.sinks import NatsSink, RedisSink
 from tests.conftest import rabbit_cleanup, wait_until
 
 pytestmark = pytest.mark.acceptance
@@ -147,3 +149,51 @@ def emit_late(database_url: str, schema: str) -> str:
         ).fetchone()
     assert row is not None
     return str(row[0])
+
+
+@pytest.mark.parametrize("broker", ["nats", "redis"])
+def test_outboxes_on_one_nats_or_redis_server_share_its_connection(
+    broker: str,
+    tmp_path: Path,
+    database_url: str,
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    # Given three outboxes (schemas of one database) on one NATS or Redis server
+    sink = NatsSink() if broker == "nats" else RedisSink()
+    prefix = f"s{uuid.uuid4().hex[:8]}_"
+    sent: set[str] = set()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for n in range(3):
+            migrate(conn, f"{prefix}{n}")
+            rows = conn.execute(
+                f"INSERT INTO {prefix}{n}.outbox (event_type, aggregate_type, aggregate_id,"
+                " payload) SELECT 'order.created', 'order', 'a', '{}'::jsonb"
+                " FROM generate_series(1, 20) RETURNING event_id"
+            ).fetchall()
+            sent |= {str(row[0]) for row in rows}
+    options = "".join(f'{key} = "{value}"\n' for key, value in sink.options().items())
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[defaults]\ndatabase_url = "${{TEST_DB}}"\n{options}'
+        + "".join(f'[[outbox]]\nname = "o{n}"\nschema = "{prefix}{n}"\n' for n in range(3))
+    )
+    sink.start()
+    try:
+        relay = relay_factory({**cli_env(), "TEST_DB": database_url}, "--config", str(path))
+        relay.start()
+        # When they have relayed their events
+        wait_until(lambda: sink.count() >= len(sent), timeout=60)
+        assert {r.event_id for r in sink.received()} >= sent
+        # Then the process holds one connection to the server for all three (Redis: the
+        # shared client's two, one pipeline on the wire while the next is sent)
+        assert relay.process is not None
+        port = int(urlsplit(sink.options()["broker_url"]).port or 0)
+        most = 1 if broker == "nats" else SHARED_CONNECTIONS
+        assert 1 <= broker_connections_of(relay.process.pid, port) <= most
+        assert relay.terminate() == 0
+        assert "Traceback" not in relay.log()
+    finally:
+        sink.cleanup()
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for n in range(3):
+                conn.execute(f"DROP SCHEMA IF EXISTS {prefix}{n} CASCADE")
