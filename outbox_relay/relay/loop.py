@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (DatabaseUnavailableError, BrokerUnavailableError)
 HOUSEKEEPING_EVERY = 60.0
-HOUSEKEEPING_SHARING = 20
+HOUSEKEEPING_SHARING = 20  # outboxes sharing a database before each prunes less often
 # Seconds a relay that found work counts as busy for fair claim sizes, and the least a busy
 # relay claims at once however many share the process.
 FAIRNESS_WINDOW = 2.0
-MIN_FAIR_CLAIM = 50  # outboxes sharing a database before each prunes less often
+MIN_FAIR_CLAIM = 50
 # Connections claiming and settling batches: while one batch settles, the next is claimed, and
 # at least one more is on the wire, so the broker always has work.
 LANES = 3
