@@ -22,6 +22,10 @@ TOTAL = 10_000
 BATCH_SIZE = 500
 KILL_AT = 2_500  # events arrived when the relay is SIGKILLed
 BROKER_RESTART_AT = 6_000  # events produced when the broker restarts: mid-stream by design
+# Few enough producers that the last 4,000 events are still being written while the broker
+# restarts (a relay that has caught up sends nothing to a broker going down, so it would not
+# be tested): 8 producers could finish inside the restart's first moments.
+PRODUCERS = 3
 
 
 @pytest.fixture(params=sorted(SINKS))
@@ -53,7 +57,7 @@ def test_every_event_arrives_in_commit_order_through_a_relay_kill_and_a_broker_r
     sink.start()
     relay = relay_factory(env).start()
     relay.wait_for_log("holding 64 of 64 partitions")
-    load = workload(total=TOTAL, producers=8, aggregates=200).start()
+    load = workload(total=TOTAL, producers=PRODUCERS, aggregates=200).start()
 
     wait_until(lambda: sink.count() >= KILL_AT, timeout=60, interval=0.1)
     relay.kill()

@@ -68,6 +68,8 @@ def _sample(key: str, rule: dict[str, Any]) -> Any:
     """A value the schema accepts for a config key, typed as a user would write it."""
     if "enum" in rule:
         return rule["enum"][-1]
+    if "maximum" in rule:
+        return rule["maximum"]
     samples: dict[str, Any] = {
         "boolean": True,
         "integer": 134217728,  # big enough to catch 1.34217728e+08 renderings
