@@ -314,6 +314,8 @@ class Coordinator:
         while self._enrolled:
             await asyncio.sleep(every(len(self._enrolled)))
             members = list(self._enrolled)
+            if not members:
+                continue  # every relay withdrew during the sleep: the loop ends
             beats = [asyncio.ensure_future(self.beat(m.beat_statement, 0)) for m in members]
             # Not awaited under a timeout: a round that hangs on a dead link stops nobody's
             # watchdog, and ends when the link is reset.

@@ -116,7 +116,9 @@ class TableSource:
         store, self._asked_on = self._asked_on, None
         if self._listening and store is not None:
             # Withdraw the request at once, so commits stay NOTIFY-free while no relay listens
-            # (bounded: on a dead link the request simply lapses).
+            # (bounded: on a dead link the request simply lapses). On a connection of its own:
+            # the store's may have been left mid-statement by the stop.
+            await store.rollback()
             with contextlib.suppress(DatabaseUnavailableError, TimeoutError):
                 await asyncio.wait_for(store.stop_listening(), WITHDRAW_TIMEOUT)
             await store.rollback()
@@ -163,9 +165,10 @@ class TableSource:
             # Ask producers to ring, then let the relay look once more: a row committed before
             # they could see the request would otherwise wait for the polling fallback.
             self._ttl = self._listening_ttl(seconds)
-            self._unringing = await store.start_listening(self._ttl)
+            # Marked before asking: a relay stopped while the request commits withdraws it.
             self._listening = True
             self._asked_on = store
+            self._unringing = await store.start_listening(self._ttl)
             self._asked_at = time.monotonic()
             return
         if self._unringing:
