@@ -88,6 +88,9 @@ def status(values: Values) -> None:
             console.print(_relays(current))
         if len(current.slots) > 1:
             console.print(_slots(current))
+    behind = current.storage.behind_line if current.storage is not None else None
+    if behind is not None:
+        typer.echo(behind, err=True)
     if wal_lagging:
         typer.echo(
             f"lagging: slot {most.slot if most else None!r} retains {retained} bytes of WAL "
@@ -203,9 +206,37 @@ def _table(schema: str, current: OutboxStatus) -> Table:
             ("slot confirmed flush LSN", current.slot_confirmed_flush_lsn),
             ("slot retained WAL bytes", current.slot_retained_wal_bytes),
         ]
+    storage = current.storage
+    if storage is not None:
+        rows += [
+            ("outbox size", _bytes(storage.outbox_bytes)),
+            ("outbox dead rows (not vacuumed)", storage.outbox_dead_rows),
+        ]
+        if storage.kept_partitions or storage.legacy_kept:
+            rows += [
+                ("kept sent events (estimate)", storage.kept_events + storage.legacy_kept),
+                ("kept since", storage.kept_since or "-"),
+                (
+                    "kept size",
+                    f"{_bytes(storage.kept_bytes)} in {storage.kept_partitions} partitions",
+                ),
+                (
+                    "retention",
+                    "behind"
+                    if storage.retention_behind_seconds is not None
+                    else f"{storage.retention_seconds or 0:g}s, on time",
+                ),
+            ]
     for name, value in rows:
         table.add_row(name, str(value))
     return table
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def _relays(current: OutboxStatus) -> Table:

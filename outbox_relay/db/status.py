@@ -39,6 +39,41 @@ class CdcSlotStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageStatus:
+    """The outbox's storage (``status --json``: ``storage``; docs/retention.md)."""
+
+    outbox_bytes: int  # the outbox table with its indexes and TOAST
+    outbox_dead_rows: int  # dead row versions not vacuumed yet (the statistics' estimate)
+    kept_events: int  # sent events kept by --on-sent keep (estimate; 0 before any ANALYZE)
+    kept_partitions: int
+    kept_bytes: int
+    kept_since: str | None  # start of the oldest partition
+    retention_seconds: float | None  # as the relays enforcing it recorded it (None: none did)
+    # How long the oldest partition has outlived --retention (None: retention is on time).
+    retention_behind_seconds: float | None
+    legacy_kept: int  # sent rows still kept in the outbox itself (relays before migration 0006)
+
+    @property
+    def behind_line(self) -> str | None:
+        """One line for people when retention is behind."""
+        if self.retention_behind_seconds is None:
+            return None
+        return (
+            f"retention behind by {_span(self.retention_behind_seconds)}: partitions of sent "
+            f"events older than the --retention of {_span(self.retention_seconds or 0)} are "
+            "still kept; the relays with --on-sent keep drop them (is one running, and are its "
+            "upkeep warnings in its log?)"
+        )
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}".replace(".0" + unit, unit)
+    return f"{seconds:.0f}s"
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     schema: str
     schema_version: int
@@ -63,6 +98,7 @@ class OutboxStatus:
     relays: list[RelayStatus] = field(default_factory=list)
     partitions: int = 0
     slots: list[CdcSlotStatus] = field(default_factory=list)
+    storage: StorageStatus | None = None
 
     @property
     def most_retained_wal(self) -> CdcSlotStatus | None:
@@ -97,6 +133,7 @@ def read_status(
         for name, pid, joined, partitions, shards, lag in conn.execute(queries["status_relays"])
     ]
     counted = conn.execute(queries["lease_count"], {"scope": "partition"}).fetchone()
+    storage = _storage(conn, queries)
     base = slot_name or default_replication_name(schema)
     slot = slots.slot_status(conn, schema, base)
     holders = {shard: member.relay for member in members for shard in member.cdc_shards}
@@ -134,4 +171,22 @@ def read_status(
         relays=members,
         partitions=int(counted[0]) if counted else 0,
         slots=shard_slots,
+        storage=storage,
+    )
+
+
+def _storage(conn: psycopg.Connection[Any], queries: Queries) -> StorageStatus:
+    row = conn.execute(queries["status_kept"]).fetchone()
+    assert row is not None
+    partitions, kept, kept_bytes, since, retention, behind, legacy, dead_rows, outbox_bytes = row
+    return StorageStatus(
+        outbox_bytes=int(outbox_bytes),
+        outbox_dead_rows=int(dead_rows or 0),
+        kept_events=int(kept),
+        kept_partitions=int(partitions),
+        kept_bytes=int(kept_bytes),
+        kept_since=since.isoformat() if since is not None else None,
+        retention_seconds=float(retention) if retention is not None else None,
+        retention_behind_seconds=round(float(behind), 1) if behind is not None else None,
+        legacy_kept=int(legacy),
     )

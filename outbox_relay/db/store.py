@@ -22,6 +22,7 @@ import psycopg
 
 from outbox_relay.cdc.wal_events import WalEvent
 from outbox_relay.db import migrations
+from outbox_relay.db.archive import SentArchive
 from outbox_relay.db.connect import translate_errors_async
 from outbox_relay.db.pool import ConnectionPool
 from outbox_relay.db.queries import Queries
@@ -81,9 +82,19 @@ def _buckets(partitions: tuple[int, ...], count: int) -> list[int]:
 
 
 class OutboxStore:
-    def __init__(self, settings: RelaySettings, pool: ConnectionPool, role: str = "") -> None:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        pool: ConnectionPool,
+        role: str = "",
+        archive: SentArchive | None = None,
+    ) -> None:
         self._settings = settings
         self._pool = pool
+        # --on-sent keep: where sent rows go (db/archive.py); shared by the relay's lanes.
+        self._archive = archive
+        if settings.on_sent is OnSent.KEEP and archive is None:
+            raise ValueError("--on-sent keep needs the outbox's SentArchive")
         self._queries = Queries(settings.schema_name)
         self._application_name = self._queries.application_name + (f":{role}" if role else "")
         self._where = redact_url(settings.database_url)
@@ -179,13 +190,21 @@ class OutboxStore:
 
     async def settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
         """Mark the confirmed rows sent and record failures, then commit. Returns dead-lettered."""
+        try:
+            return await self._settle(sent, failures)
+        except BaseException:
+            if self._archive is not None:
+                self._archive.forget()
+            raise
+
+    async def _settle(self, sent: Sequence[int], failures: Sequence[Failure]) -> int:
         if not failures:
             await self._settle_all_sent(sent)
             return 0
         dead = 0
         if sent:
-            query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
-            await self._fetch(query, {"ids": list(sent)})
+            await self._cover_if_needed()
+            await self._fetch(self._sent_query, {"ids": list(sent)})
         if failures:
             rows = await self._fetch(
                 "record_failures",
@@ -204,15 +223,32 @@ class OutboxStore:
         await self.commit()
         return dead
 
+    @property
+    def _sent_query(self) -> str:
+        """Sent rows leave the outbox: deleted, or moved to outbox_sent (db/archive.py)."""
+        query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "archive_sent"
+        return query
+
+    async def _cover_if_needed(self) -> None:
+        """Keep mode: partitions for now() exist before rows are moved there. The upkeep pass
+        extends them long before they run out; this covers a relay's first settle, and one
+        after partitions went missing."""
+        archive = self._archive
+        if archive is None or not archive.needs_cover():
+            return
+        rows = await self._fetch("sent_cover", archive.policy.parameters())
+        archive.covered(float(rows[0][0]))
+
     async def _settle_all_sent(self, sent: Sequence[int]) -> None:
         """The common case in one round trip: mark, count and commit sent through libpq's
         pipeline mode instead of waiting for each statement."""
-        query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "mark_sent"
+        if sent:
+            await self._cover_if_needed()
         async with translate_errors_async(self._where):
             conn = await self._connection()
             async with conn.pipeline():
                 if sent:
-                    await conn.execute(self._queries[query], {"ids": list(sent)})
+                    await conn.execute(self._queries[self._sent_query], {"ids": list(sent)})
                     await conn.execute(
                         self._queries["count_published"], {"published": len(sent), "dead": 0}
                     )
@@ -244,9 +280,7 @@ class OutboxStore:
         return None if value is None else max(0.0, float(value))
 
     async def housekeeping(self) -> None:
-        """Prune kept rows past their retention and old throughput buckets."""
-        if self._settings.on_sent is OnSent.KEEP:
-            await self._fetch("prune_published", {"retention": self._settings.retention})
+        """Prune old throughput buckets (kept events: relay/upkeep.py)."""
         await self._fetch("prune_stats")
         await self.commit()
 

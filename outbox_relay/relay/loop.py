@@ -21,6 +21,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
+from outbox_relay.db.archive import ArchivePolicy, SentArchive
 from outbox_relay.db.pool import DatabaseHub
 from outbox_relay.db.store import OutboxStore, Share
 from outbox_relay.errors import (
@@ -32,8 +33,9 @@ from outbox_relay.messages import OutboxMessage, PublishResult
 from outbox_relay.publishers.base import OnResult, Publisher
 from outbox_relay.relay.hooks import CompositeHooks, RelayHooks
 from outbox_relay.relay.leases import Leases
-from outbox_relay.relay.settings import Mode, RelaySettings
+from outbox_relay.relay.settings import Mode, OnSent, RelaySettings
 from outbox_relay.relay.sources import Source, TableSource
+from outbox_relay.relay.upkeep import StorageUpkeep
 from outbox_relay.relay.window import Batch, Window
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,18 @@ class Relay:
         # Why the relay is reconnecting (a link found dead), until it is connected again: unready
         # at once, not only once closing the dead connections has given up on them.
         self._link_down: str | None = None
+        # --on-sent keep: sent rows move to partitions of outbox_sent (db/archive.py).
+        archive = (
+            SentArchive(ArchivePolicy.for_retention(settings.retention))
+            if settings.on_sent is OnSent.KEEP
+            else None
+        )
         self._lanes = [
-            OutboxStore(settings, self._hub.lanes, role=f"lane{n}" if n else "")
+            OutboxStore(settings, self._hub.lanes, role=f"lane{n}" if n else "", archive=archive)
             for n in range(LANES)
         ]
         self._store = self._lanes[0]
+        self._upkeep = StorageUpkeep(settings, self._hub, self._store.queries, archive)
         self._hub.lanes.reserve(LANES)
         # At most --batch-size rows are in flight (claimed, not yet settled), so that a relay
         # killed at any moment publishes at most that many twice.
@@ -222,6 +231,7 @@ class Relay:
         self._link_down = None
 
     async def _disconnect(self) -> None:
+        await self._upkeep.stop()
         await self._source.close()
         await self._leases.close()
         for lane in self._lanes:
@@ -288,6 +298,7 @@ class Relay:
             while not self._stop.is_set():
                 window.watch()
                 self._tick(window, settling)
+                self._upkeep.poke()
                 if free:
                     await self._source.housekeeping(free[-1])
                 if len(free) == len(self._lanes) and time.monotonic() >= next_housekeeping:
@@ -335,6 +346,7 @@ class Relay:
             while window.batches or settling:
                 window.watch()
                 self._tick(window, settling)
+                self._upkeep.poke()
                 await self._wait_for(window.changed())
         except TRANSIENT as exc:
             if window.error is exc:

@@ -149,6 +149,61 @@ def test_the_relay_runs_as_the_relay_role(
     assert row == (False, False, False, False)
 
 
+def test_the_relay_role_keeps_sent_events_in_partitions_it_may_not_touch_otherwise(
+    database_url: str,
+    roles: Roles,
+    broker_url: str,
+    exchange: str,
+    bind_queue: Callable[..., RabbitQueue],
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    grant(database_url, roles)
+    app_url = add_login(database_url, roles)
+    relay_url = roles.url(database_url, roles.relay)
+    queue = bind_queue("order.*")
+    env = cli_env(database_url=relay_url, broker_url=broker_url, exchange=exchange)
+    relay = relay_factory(
+        env, "--poll-interval", "0.2", "--on-sent", "keep", "--retention", "1h"
+    ).start()
+    relay.wait_for_log("holding 64 of 64 partitions")
+    with psycopg.connect(app_url) as conn:
+        for number in range(10):
+            conn.execute(
+                "SELECT outbox_emit('order.created', '1', %s)", (json.dumps({"n": number}),)
+            )
+            conn.commit()
+    got: list[bytes] = []
+    wait_until(lambda: got.extend(body for *_, body in queue.drain()) or len(got) >= 10)
+    wait_until(lambda: json.loads(run_cli("status", "--json", env=env).stdout)["pending"] == 0)
+    # Made by the relay role through the owner's function: partitions an hour ahead.
+    wait_until(
+        lambda: (
+            json.loads(run_cli("status", "--json", env=env).stdout)["storage"]["retention_seconds"]
+            == 3600
+        )
+    )
+    assert relay.terminate() == 0
+    assert "permission denied" not in relay.log()
+    assert "vacuuming it is left to autovacuum" in relay.log()
+    with psycopg.connect(database_url) as conn:
+        kept = conn.execute("SELECT payload->>'n' FROM outbox_sent ORDER BY id").fetchall()
+        partition = conn.execute("SELECT name FROM outbox_sent_partitions LIMIT 1").fetchone()
+    assert [int(n) for (n,) in kept] == list(range(10))
+    assert partition is not None
+
+    # The relay may add kept events and drop expired partitions, never change or delete them.
+    assert refused(relay_url, "UPDATE outbox_sent SET payload = '{}'")
+    assert refused(relay_url, "DELETE FROM outbox_sent")
+    assert refused(relay_url, "TRUNCATE outbox_sent")
+    assert refused(relay_url, f"DROP TABLE {partition[0]}")
+    assert refused(relay_url, "DELETE FROM outbox_sent_partitions")
+    # The application role may neither read kept events nor manage partitions.
+    assert refused(app_url, "SELECT * FROM outbox_sent")
+    assert refused(app_url, "SELECT * FROM outbox_history")
+    assert refused(app_url, "SELECT outbox_sent_drop_before(now())")
+    assert refused(app_url, "SELECT outbox_sent_cover(now(), now(), interval '1 hour')")
+
+
 def test_the_cdc_relay_runs_as_the_relay_role_with_replication(
     database_url: str,
     roles: Roles,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -178,7 +178,7 @@ def test_every_producer_path_is_delivered_with_the_full_contract_and_the_rows_ar
     assert len(queue.drain()) == 0, "each event exactly once"
 
 
-def test_on_sent_keep_marks_rows_published_instead_of_deleting_them(
+def test_on_sent_keep_moves_sent_rows_to_the_archive_with_their_sending_time(
     database_url: str, broker_url: str, exchange: str, bind_queue: Callable[..., RabbitQueue]
 ) -> None:
     queue = bind_queue("order.*")
@@ -190,19 +190,18 @@ def test_on_sent_keep_marks_rows_published_instead_of_deleting_them(
 
     with RelayThread(relay_settings(database_url, broker_url, exchange, on_sent=OnSent.KEEP)):
         deliveries = collect(queue, 3)
-        wait_until(
-            lambda: (
-                scalar(database_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
-            )
-        )
+        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM outbox") == 0)
 
     assert [d.event_id for d in deliveries] == ids
     with psycopg.connect(database_url, autocommit=True) as conn:
         kept = conn.execute(
-            "SELECT event_id::text, published_at >= created_at, attempts, last_error, dead_at"
-            " FROM outbox ORDER BY id"
+            "SELECT event_id::text, published_at >= created_at, attempts, payload"
+            " FROM outbox_sent ORDER BY id"
         ).fetchall()
-    assert kept == [(event_id, True, 0, None, None) for event_id in ids]
+        # The partition of the sending time holds them, and partitions exist ahead of it.
+        ahead = conn.execute("SELECT max(to_time) - now() FROM outbox_sent_partitions").fetchone()
+    assert kept == [(event_id, True, 0, {"n": n}) for n, event_id in enumerate(ids)]
+    assert ahead is not None and ahead[0] >= timedelta(minutes=14)
 
 
 def test_a_rolled_back_event_is_never_published(

@@ -33,7 +33,8 @@ SELECT has_database_privilege(%(role)s, current_database(), 'CONNECT');
 -- Each run starts from nothing, so the grant scripts leave exactly the rights they list.
 REVOKE ALL ON {{schema}}.outbox, {{schema}}.outbox_schema_version, {{schema}}.outbox_relay_wakeup,
     {{schema}}.outbox_relay_listeners, {{schema}}.outbox_relay_stats, {{schema}}.outbox_relay_leases,
-    {{schema}}.outbox_relay_members, {{schema}}.outbox_replays
+    {{schema}}.outbox_relay_members, {{schema}}.outbox_replays, {{schema}}.outbox_sent,
+    {{schema}}.outbox_sent_partitions, {{schema}}.outbox_sent_policy, {{schema}}.outbox_history
 FROM {app}, {relay};
 
 -- name: revoke_outbox_sequence
@@ -41,7 +42,9 @@ REVOKE ALL ON SEQUENCE {{schema}}.outbox_id_seq FROM {app}, {relay};
 
 -- name: revoke_outbox_emit
 REVOKE ALL ON FUNCTION {{schema}}.outbox_emit(text, text, jsonb, text, jsonb, uuid),
-    {{schema}}.outbox_lock_bucket(text)
+    {{schema}}.outbox_lock_bucket(text),
+    {{schema}}.outbox_sent_cover(timestamptz, timestamptz, interval),
+    {{schema}}.outbox_sent_drop_before(timestamptz)
 FROM {app}, {relay};
 
 -- name: revoke_outbox_schema

@@ -63,11 +63,6 @@ FOR UPDATE OF o;
 -- name: delete_sent
 DELETE FROM {{schema}}.outbox WHERE id = ANY(%(ids)s);
 
--- name: mark_sent
-UPDATE {{schema}}.outbox
-SET published_at = now(), next_attempt_at = NULL, last_error = NULL
-WHERE id = ANY(%(ids)s);
-
 -- name: record_failures
 -- Exponential backoff per event; dead after max_attempts, or at once when the failure is permanent.
 UPDATE {{schema}}.outbox AS o
@@ -119,12 +114,6 @@ SELECT EXISTS (SELECT FROM {{schema}}.outbox
 SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
 FROM {{schema}}.outbox
 WHERE next_attempt_at IS NOT NULL AND published_at IS NULL AND dead_at IS NULL;
-
--- name: prune_published
-DELETE FROM {{schema}}.outbox
-WHERE id IN (SELECT id FROM {{schema}}.outbox
-             WHERE published_at < now() - make_interval(secs => %(retention)s)
-             LIMIT 10000);
 
 -- name: prune_stats
 DELETE FROM {{schema}}.outbox_relay_stats WHERE minute < now() - interval '2 hours';

@@ -1,29 +1,36 @@
 -- `outbox-relay replay` (outbox_relay/db/replays.py): sent events kept by --on-sent keep, read
--- again in id (= per-aggregate commit) order, and the progress of each named replay.
+-- again in id (= per-aggregate commit) order from outbox_history (kept events and dead rows,
+-- see migration 0006), and the progress of each named replay.
 -- {{schema}} is the configured schema, %(name)s are psycopg parameters.
 --
 -- The selection, the same in replay_count and replay_page: created_at from since (inclusive) to
 -- until (exclusive), event types matching any of the patterns (regular expressions over
 -- '.' || event_type, made from AMQP topic patterns by messages.topic_regex), aggregate types
 -- and ids among those given; an empty list selects all. A kept row was published after it was
--- created, so published_at >= since holds for every row created since then: the planner may
--- use outbox_published_v1 for a recent window.
+-- created, so published_at >= since holds for every row created since then: only the partitions
+-- of outbox_sent sent since then are read.
 
 -- name: replay_kept_range
 -- Whether anything is kept at all (--on-sent delete keeps nothing), and from when to when it
--- was sent: both ends read from outbox_published_v1.
-SELECT min(published_at), max(published_at) FROM {{schema}}.outbox WHERE published_at IS NOT NULL;
+-- was sent: the sending times of the first and last kept events by id (each an index probe;
+-- exact to within the few events a retry sent out of id order), and of sent rows kept in the
+-- outbox by relays before migration 0006.
+SELECT least((SELECT published_at FROM {{schema}}.outbox_sent ORDER BY id LIMIT 1),
+             (SELECT min(published_at) FROM {{schema}}.outbox WHERE published_at IS NOT NULL)),
+       greatest((SELECT published_at FROM {{schema}}.outbox_sent ORDER BY id DESC LIMIT 1),
+                (SELECT max(published_at) FROM {{schema}}.outbox WHERE published_at IS NOT NULL));
 
 -- name: replay_upper_id
 -- Rows above this were not sent when the replay started: they are the relay's.
-SELECT coalesce(max(id), 0) FROM {{schema}}.outbox;
+SELECT greatest(coalesce((SELECT max(id) FROM {{schema}}.outbox), 0),
+                coalesce((SELECT max(id) FROM {{schema}}.outbox_sent), 0));
 
 -- name: replay_count
 -- Per event type: kept rows and dead rows of the selection after a position.
 SELECT o.event_type,
        count(*) FILTER (WHERE o.published_at IS NOT NULL),
        count(*) FILTER (WHERE o.dead_at IS NOT NULL)
-FROM {{schema}}.outbox AS o
+FROM {{schema}}.outbox_history AS o
 WHERE o.id > %(after)s AND o.id <= %(upper_id)s
   AND (o.published_at IS NOT NULL OR o.dead_at IS NOT NULL)
   AND (%(since)s::timestamptz IS NULL
@@ -49,7 +56,7 @@ SELECT o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id,
             THEN NULL ELSE o.created_at::text END,
        o.attempts,
        o.dead_at IS NOT NULL
-FROM {{schema}}.outbox AS o
+FROM {{schema}}.outbox_history AS o
 WHERE o.id > %(after)s AND o.id <= %(upper_id)s
   AND (o.published_at IS NOT NULL OR (%(include_dead)s AND o.dead_at IS NOT NULL))
   AND (%(since)s::timestamptz IS NULL

@@ -18,5 +18,15 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_stats TO {relay}
 -- Its share of the outbox: leases on partitions and membership (see relay/leases.py).
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_leases TO {relay};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_relay_members TO {relay};
--- `outbox-relay replay`: reads sent events (SELECT above) and records its progress.
+-- --on-sent keep: sent rows move to outbox_sent; its partitions are made ahead and dropped past
+-- --retention through the two functions (they run as the owner: partitions need ownership).
+-- The relay reads the statistics to vacuum the outbox, which only its owner may (else
+-- autovacuum's job).
+GRANT SELECT, INSERT ON {{schema}}.outbox_sent TO {relay};
+GRANT SELECT ON {{schema}}.outbox_sent_partitions TO {relay};
+GRANT SELECT, INSERT, UPDATE ON {{schema}}.outbox_sent_policy TO {relay};
+GRANT EXECUTE ON FUNCTION {{schema}}.outbox_sent_cover(timestamptz, timestamptz, interval),
+    {{schema}}.outbox_sent_drop_before(timestamptz) TO {relay};
+-- `outbox-relay replay`: reads kept and dead events (outbox_history) and records its progress.
+GRANT SELECT ON {{schema}}.outbox_history TO {relay};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_replays TO {relay};
