@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,58 @@ WHERE s.relid = 'outbox'::regclass
 """
 
 
+# Sent events kept in partitions of outbox_sent (migration 0006; 0 before it).
+KEPT_BYTES = """
+SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint, count(i.inhrelid)
+FROM pg_inherits AS i WHERE i.inhparent = to_regclass('outbox_sent')
+"""
+
+# Producers waiting on a lock now, and for how long their statement has run: the soak's lock
+# waits (retention must never make a producer wait). The relay's sessions name themselves.
+PRODUCER_LOCK_WAITS = """
+SELECT coalesce(max(extract(epoch FROM clock_timestamp() - a.query_start)) * 1000, 0)::float8,
+       count(*)
+FROM pg_stat_activity AS a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND a.backend_type = 'client backend' AND a.wait_event_type = 'Lock'
+  AND a.application_name NOT LIKE 'outbox-relay%%'
+"""
+LOCK_SAMPLE_EVERY = 0.05
+
+
+class LockWaits:
+    """Samples producers' lock waits every LOCK_SAMPLE_EVERY seconds in a thread; take() gives
+    the longest wait seen since the last take and how many samples saw one."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._longest = 0.0
+        self._seen = 0
+        self._thread = threading.Thread(target=self._run, name="lock-waits", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            while not self._stop.wait(LOCK_SAMPLE_EVERY):
+                row = conn.execute(PRODUCER_LOCK_WAITS).fetchone()
+                if row is not None and row[1]:
+                    with self._lock:
+                        self._longest = max(self._longest, float(row[0]))
+                        self._seen += 1
+
+    def take(self) -> tuple[float, int]:
+        with self._lock:
+            taken = (round(self._longest, 1), self._seen)
+            self._longest, self._seen = 0.0, 0
+        return taken
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def _ms(values: list[float], q: float) -> float | None:
     value = percentile(values, q)
     return None if math.isnan(value) else round(value, 2)
@@ -78,7 +131,9 @@ class Step:
 def table_stats(database_url: str) -> dict[str, int]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         row = conn.execute(TABLE_STATS).fetchone()
+        kept = conn.execute(KEPT_BYTES).fetchone()
     assert row is not None
+    assert kept is not None
     keys = (
         "total_bytes",
         "table_bytes",
@@ -88,8 +143,10 @@ def table_stats(database_url: str) -> dict[str, int]:
         "autovacuum_count",
         "autoanalyze_count",
         "vacuum_count",
+        "kept_bytes",
+        "kept_partitions",
     )
-    return dict(zip(keys, (int(value) for value in row), strict=True))
+    return dict(zip(keys, (int(value) for value in (*row, *kept)), strict=True))
 
 
 def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -122,6 +179,7 @@ def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             args.connections,
             args.aggregates,
         )
+        waits = LockWaits(env.database_url)
         try:
             # The first second (connections, the first ticks) is not measured; its events
             # still count for latency matching.
@@ -145,6 +203,7 @@ def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     for event_id in both
                 )
                 stats = table_stats(env.database_url)
+                longest_wait, waits_seen = waits.take()
                 sample = {
                     "minute": round((now - started) / 60, 2),
                     "producer_tx_per_s": round(len(committed) / max(now - last, 1e-9), 1),
@@ -154,6 +213,8 @@ def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     "claim_ms_per_call": claim.per_call_ms(steps),
                     "settle_ms_per_call": settle.per_call_ms(steps),
                     "pending": pending(env.database_url),
+                    "producer_lock_wait_max_ms": longest_wait,
+                    "producer_lock_wait_samples": waits_seen,
                     "load1": round(os.getloadavg()[0], 2),
                     **stats,
                 }
@@ -161,12 +222,15 @@ def soak(env: BenchEnv, mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 log(
                     f"{mode} {sample['minute']:6.2f} min: {sample['producer_tx_per_s']:.0f} tx/s, "
                     f"p99 {sample['commit_to_confirm_p99_ms']} ms, outbox "
-                    f"{stats['total_bytes'] / 2**20:.1f} MiB, {stats['dead_tuples']} dead tuples"
+                    f"{stats['total_bytes'] / 2**20:.1f} MiB, {stats['dead_tuples']} dead tuples, "
+                    f"kept {stats['kept_bytes'] / 2**20:.1f} MiB, longest producer lock wait "
+                    f"{longest_wait} ms"
                 )
                 # The bench queue would hold every event: emptied at each sample.
                 env.purge_queue()
                 last = now
         finally:
+            waits.close()
             producers.close()
         relay.stop()
     return {"mode": mode, "samples": samples, "degradation": degradation(samples)}
@@ -186,6 +250,7 @@ def degradation(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "producer_tx_per_s",
         "total_bytes",
         "index_bytes",
+        "kept_bytes",
     ):
         a, b = first.get(key), last.get(key)
         ratios[key] = round(b / a, 3) if a and b is not None else None
@@ -213,6 +278,11 @@ def degradation(samples: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "largest_total_bytes": max(s["total_bytes"] for s in samples),
         "largest_dead_tuples": max(s["dead_tuples"] for s in samples),
+        "largest_kept_bytes": max(s.get("kept_bytes", 0) for s in samples),
+        "longest_producer_lock_wait_ms": max(
+            s.get("producer_lock_wait_max_ms", 0.0) for s in samples
+        ),
+        "vacuums": last["vacuum_count"] - first["vacuum_count"],
         "autovacuum_runs": last["autovacuum_count"] - first["autovacuum_count"],
     }
 
@@ -228,7 +298,9 @@ def render(results: dict[str, Any]) -> str:
         "table MiB",
         "index MiB",
         "dead tup",
-        "autovac",
+        "vacuums",
+        "kept MiB",
+        "lock wait ms",
         "pending",
     )
     out: list[str] = []
@@ -244,7 +316,9 @@ def render(results: dict[str, Any]) -> str:
                 f"{s['table_bytes'] / 2**20:.1f}",
                 f"{s['index_bytes'] / 2**20:.1f}",
                 str(s["dead_tuples"]),
-                str(s["autovacuum_count"]),
+                str(s["autovacuum_count"] + s["vacuum_count"]),
+                f"{s.get('kept_bytes', 0) / 2**20:.1f}",
+                str(s.get("producer_lock_wait_max_ms")),
                 str(s["pending"]),
             )
             for s in run["samples"]
@@ -262,7 +336,8 @@ def render(results: dict[str, Any]) -> str:
                 f"x{ratios['claim_ms_per_call']}, settle x{ratios['settle_ms_per_call']}; "
                 f"p99 past 1.5x at minute {verdict['p99_past_1_5x_at_minute']}, producers "
                 f"below 95% at minute {verdict['producer_below_95pct_at_minute']}, "
-                f"{verdict['autovacuum_runs']} autovacuum runs"
+                f"{verdict['autovacuum_runs']} autovacuum runs, {verdict['vacuums']} vacuums by "
+                f"the relay, longest producer lock wait {verdict['longest_producer_lock_wait_ms']} ms"
             )
         out.append("")
     return "\n".join(out)
