@@ -152,6 +152,14 @@ def _status_of_all(config: RelayConfig, options: StatusOptions) -> None:
         Console().print(_outboxes_table(config.path, found))
     for line in lagging:
         typer.echo(line, err=True)
+    for name, current in found:
+        behind = (
+            current.storage.behind_line
+            if isinstance(current, OutboxStatus) and current.storage is not None
+            else None
+        )
+        if behind is not None:
+            typer.echo(f"outbox {name!r}: {behind}", err=True)
     errors = [current for _name, current in found if isinstance(current, OutboxRelayError)]
     if errors:
         raise errors[0]
