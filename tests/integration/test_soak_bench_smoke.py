@@ -56,8 +56,14 @@ def test_soak_bench_samples_both_modes_and_records_the_degradation(
         verdict = run["degradation"]
         assert set(verdict["last_vs_first"]) >= {"commit_to_confirm_p99_ms", "total_bytes"}
         assert isinstance(verdict["p99_within_1_5x"], bool)
-    # Kept rows stay in the table: it holds more live rows at the end than in delete mode.
+        for sample in samples:
+            assert sample["producer_lock_wait_max_ms"] >= 0
+            assert sample["producer_ordering_lock_wait_max_ms"] >= 0
+        assert verdict["longest_producer_lock_wait_ms"] >= 0
+    # Kept rows go to partitions of outbox_sent (delete mode keeps none).
     delete, keep = results["runs"]
-    assert keep["samples"][-1]["live_tuples"] >= delete["samples"][-1]["live_tuples"]
+    assert delete["samples"][-1]["kept_bytes"] == 0
+    assert keep["samples"][-1]["kept_bytes"] > 0
+    assert keep["samples"][-1]["kept_partitions"] >= 2  # made ahead of the sending time
     assert "--on-sent keep" in done.stdout
     assert "p99 ms" in done.stdout
