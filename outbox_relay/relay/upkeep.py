@@ -3,8 +3,8 @@
 In the background of the relay's loop, never in its way:
 
 * every VACUUM_CHECK_EVERY seconds, the outbox's dead row versions are read from the
-  statistics (one statement in the coordinator's shared round); past VACUUM_DEAD_ROWS the
-  relay vacuums the outbox on a pooled connection, when its role may;
+  statistics (one statement in the coordinator's shared round); past VACUUM_DEAD_ROWS, and as
+  many as the live rows, the relay vacuums the outbox on a pooled connection, when its role may;
 * in keep mode, every RETENTION_EVERY seconds: partitions of ``outbox_sent`` are created ahead,
   those past --retention dropped, and sent rows kept in the outbox by relays before migration
   0006 moved over in batches.
@@ -110,7 +110,7 @@ class StorageUpkeep:
     async def vacuum_if_needed(self) -> bool:
         """Vacuum the outbox if dead rows piled up and this role may; True if it did."""
         rows = await self._hub.coordinator.fetch(self._queries["outbox_dead_rows"], {})
-        dead, may = int(rows[0][0]), bool(rows[0][1])
+        dead, live, may = int(rows[0][0]), int(rows[0][1]), bool(rows[0][2])
         if may != self._may_vacuum:
             self._may_vacuum = may
             if not may:
@@ -118,7 +118,10 @@ class StorageUpkeep:
                     "this role does not own the outbox table: vacuuming it is left to "
                     "autovacuum (docs/retention.md)"
                 )
-        if not may or dead < VACUUM_DEAD_ROWS:
+        # A vacuum reads the whole table: waiting for as many dead rows as live ones keeps its
+        # cost per dead row bounded while a large backlog drains (the steady state is a few
+        # hundred live rows, so there the fixed threshold decides).
+        if not may or dead < max(VACUUM_DEAD_ROWS, live):
             return False
         started = time.perf_counter()
         await self._autocommit(self._queries["vacuum_outbox"])

@@ -69,9 +69,11 @@ WITH moved AS (
 SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM kept);
 
 -- name: outbox_dead_rows
--- Dead row versions in the outbox (the statistics' estimate) and whether this role may vacuum
--- it (its owner, or a superuser: VACUUM by anyone else only warns and does nothing).
+-- Dead and live row versions in the outbox (the statistics' estimates) and whether this role may
+-- vacuum it (its owner, or a superuser: VACUUM by anyone else only warns and does nothing).
 SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
+                 WHERE relid = '{{schema}}.outbox'::regclass), 0),
+       coalesce((SELECT n_live_tup FROM pg_stat_user_tables
                  WHERE relid = '{{schema}}.outbox'::regclass), 0),
        (SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class AS c
         WHERE c.oid = '{{schema}}.outbox'::regclass)
