@@ -44,7 +44,7 @@ class StorageStatus:
 
     outbox_bytes: int  # the outbox table with its indexes and TOAST
     outbox_dead_rows: int  # dead row versions not vacuumed yet (the statistics' estimate)
-    kept_events: int  # sent events kept by --on-sent keep (estimate; 0 before any ANALYZE)
+    kept_events: int  # sent events kept by --on-sent keep (estimate: partitions whose time is over)
     kept_partitions: int
     kept_bytes: int
     kept_since: str | None  # start of the oldest partition

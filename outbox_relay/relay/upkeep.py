@@ -6,8 +6,8 @@ In the background of the relay's loop, never in its way:
   statistics (one statement in the coordinator's shared round); past VACUUM_DEAD_ROWS, and as
   many as the live rows, the relay vacuums the outbox on a pooled connection, when its role may;
 * in keep mode, every RETENTION_EVERY seconds: partitions of ``outbox_sent`` are created ahead,
-  those past --retention dropped, and sent rows kept in the outbox by relays before migration
-  0006 moved over in batches.
+  those past --retention dropped, those whose time is over analyzed (once), and sent rows kept
+  in the outbox by relays before migration 0006 moved over in batches.
 
 A pass that fails is logged and tried again at the next turn; settling never depends on it
 (a settle covers partitions itself when they run short, see OutboxStore).
@@ -147,6 +147,8 @@ class StorageUpkeep:
                 await cur.execute(self._queries["sent_policy"], policy)
                 await cur.execute(self._queries["sent_drop_expired"], policy)
                 dropped = await cur.fetchone()
+                await conn.commit()
+                await cur.execute(self._queries["sent_analyze_closed"])
                 await conn.commit()
                 if until is not None:
                     archive.covered(float(until[0]))

@@ -34,6 +34,10 @@ SET retention = EXCLUDED.retention, width = EXCLUDED.width, updated_at = now();
 -- Retention: every partition whose newest possible event is older than --retention.
 SELECT {{schema}}.outbox_sent_drop_before(now() - make_interval(secs => %(retention)s));
 
+-- name: sent_analyze_closed
+-- Statistics for partitions whose time is over (the planner's and status's row estimates).
+SELECT {{schema}}.outbox_sent_analyze_closed();
+
 -- name: upkeep_lock_timeout
 -- Dropping a partition waits at most this long for relays settling into it (never producers).
 SET LOCAL lock_timeout = '1s';
@@ -85,7 +89,8 @@ SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
 VACUUM (SKIP_LOCKED) {{schema}}.outbox;
 
 -- name: status_kept
--- `outbox-relay status`: kept sent events (planner estimates: exact counts would read them all),
+-- `outbox-relay status`: kept sent events (the statistics' estimates, of the partitions whose time
+-- is over: exact counts would read them all),
 -- their size and time span, the retention recorded by the relays, and how far behind it is.
 SELECT (SELECT count(*) FROM {{schema}}.outbox_sent_partitions),
        (SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint

@@ -44,7 +44,8 @@ REVOKE ALL ON SEQUENCE {{schema}}.outbox_id_seq FROM {app}, {relay};
 REVOKE ALL ON FUNCTION {{schema}}.outbox_emit(text, text, jsonb, text, jsonb, uuid),
     {{schema}}.outbox_lock_bucket(text),
     {{schema}}.outbox_sent_cover(timestamptz, timestamptz, interval),
-    {{schema}}.outbox_sent_drop_before(timestamptz)
+    {{schema}}.outbox_sent_drop_before(timestamptz),
+    {{schema}}.outbox_sent_analyze_closed()
 FROM {app}, {relay};
 
 -- name: revoke_outbox_schema

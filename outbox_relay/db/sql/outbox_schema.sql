@@ -284,9 +284,29 @@ BEGIN
 END
 $$;
 
+-- Statistics for partitions whose time is over, once each (nothing is added to them any more):
+-- the planner's row counts, and `outbox-relay status`'s estimate of the kept events. Returns how
+-- many it analyzed.
+CREATE FUNCTION {{schema}}.outbox_sent_analyze_closed() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    analyzed integer := 0;
+    closed   record;
+BEGIN
+    FOR closed IN SELECT p.name FROM {{schema}}.outbox_sent_partitions AS p
+                  JOIN pg_class AS c ON c.oid = to_regclass('{{schema}}.' || p.name)
+                  WHERE p.to_time <= now() AND c.reltuples < 0 LOOP
+        EXECUTE format('ANALYZE {{schema}}.%I', closed.name);
+        analyzed := analyzed + 1;
+    END LOOP;
+    RETURN analyzed;
+END
+$$;
+
 -- Only the owner and the roles granted it (the relay role, `migrate --grants`) may run them.
 REVOKE EXECUTE ON FUNCTION {{schema}}.outbox_sent_cover(timestamptz, timestamptz, interval),
-    {{schema}}.outbox_sent_drop_before(timestamptz) FROM PUBLIC;
+    {{schema}}.outbox_sent_drop_before(timestamptz), {{schema}}.outbox_sent_analyze_closed()
+    FROM PUBLIC;
 
 -- Everything ever sent or dead that is still kept, in one place: kept sent events (outbox_sent),
 -- sent rows kept in the outbox before this migration, and dead rows (dead_at set). What replay

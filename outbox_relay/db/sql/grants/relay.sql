@@ -26,7 +26,8 @@ GRANT SELECT, INSERT ON {{schema}}.outbox_sent TO {relay};
 GRANT SELECT ON {{schema}}.outbox_sent_partitions TO {relay};
 GRANT SELECT, INSERT, UPDATE ON {{schema}}.outbox_sent_policy TO {relay};
 GRANT EXECUTE ON FUNCTION {{schema}}.outbox_sent_cover(timestamptz, timestamptz, interval),
-    {{schema}}.outbox_sent_drop_before(timestamptz) TO {relay};
+    {{schema}}.outbox_sent_drop_before(timestamptz), {{schema}}.outbox_sent_analyze_closed()
+    TO {relay};
 -- `outbox-relay replay`: reads kept and dead events (outbox_history) and records its progress.
 GRANT SELECT ON {{schema}}.outbox_history TO {relay};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {{schema}}.outbox_replays TO {relay};
