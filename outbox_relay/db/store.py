@@ -27,7 +27,7 @@ from outbox_relay.db.connect import translate_errors_async
 from outbox_relay.db.pool import ConnectionPool
 from outbox_relay.db.queries import Queries
 from outbox_relay.db.rows import message_from_row
-from outbox_relay.errors import SchemaError
+from outbox_relay.errors import DatabaseUnavailableError, SchemaError
 from outbox_relay.messages import Failure, OutboxMessage
 from outbox_relay.redact import redact_url
 from outbox_relay.relay.settings import OnSent, RelaySettings
@@ -192,6 +192,17 @@ class OutboxStore:
         """Mark the confirmed rows sent and record failures, then commit. Returns dead-lettered."""
         try:
             return await self._settle(sent, failures)
+        except psycopg.errors.CheckViolation as exc:
+            if self._archive is None or exc.diag.table_name != "outbox_sent":
+                raise
+            # No partition for the sending time: dropped by hand, or a restored database. Not
+            # the end of the relay: it reconnects, publishes the batch again (at least once)
+            # and the next settle covers first.
+            self._archive.forget()
+            raise DatabaseUnavailableError(
+                f"PostgreSQL at {self._where}: no partition of outbox_sent for the sending "
+                "time (dropped?); covering partitions and settling again"
+            ) from exc
         except BaseException:
             if self._archive is not None:
                 self._archive.forget()
