@@ -146,13 +146,17 @@ class RelaySettings(Settings):
     on_sent: Annotated[
         OnSent,
         Field(
-            description="delete: remove rows once confirmed; keep: set published_at, prune "
-            "after --retention."
+            description="delete: remove rows once confirmed; keep: move them to outbox_sent "
+            "(partitioned by sending time, dropped after --retention; docs/retention.md)."
         ),
     ] = OnSent.DELETE
-    retention: Annotated[Duration, Field(description="How long kept rows stay (e.g. 24h, 7d).")] = (
-        7 * 24 * 3600.0
-    )
+    retention: Annotated[
+        Duration,
+        Field(
+            description="How long kept events stay in outbox_sent (e.g. 24h, 7d); whole "
+            "partitions are dropped once older."
+        ),
+    ] = 7 * 24 * 3600.0
     shutdown_timeout: Annotated[
         float,
         Field(
