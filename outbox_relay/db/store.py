@@ -237,6 +237,7 @@ class OutboxStore:
     @property
     def _sent_query(self) -> str:
         """Sent rows leave the outbox: deleted, or moved to outbox_sent (db/archive.py)."""
+        # One assignment naming both, the form tests/unit/test_queries.py reads query names in.
         query = "delete_sent" if self._settings.on_sent is OnSent.DELETE else "archive_sent"
         return query
 
