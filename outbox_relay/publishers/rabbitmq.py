@@ -161,10 +161,11 @@ _CACHED_NAMES = 1024
 class _BinaryEncoder:
     """The AMQP binding's binary mode, written straight as the content header's properties.
 
-    pika's generic table encoder costs more than everything else about publishing a message
-    (binary mode has 9 fields against native's 3), so what every row shares is encoded once:
-    the flags and content type, the ``specversion`` and ``source`` fields, the attribute names
-    with their ``cloudEvents:`` prefix. The bytes are those pika would write for the same
+    Through pika's generic table encoder, a binary message cost about twice a native one to
+    encode (a row with a trace context makes 9 table fields here, 3 in native): about 7 µs more
+    relay CPU per event. So what every row shares is encoded once (the flags and content type,
+    the ``specversion`` and ``source`` fields, the attribute names with their ``cloudEvents:``
+    prefix), and the rest directly. The bytes are those pika would write for the same
     properties (tests/unit/test_envelopes.py holds them equal)."""
 
     __slots__ = ("_ce", "_fixed", "_keys")
