@@ -146,21 +146,30 @@ def default_source(database_url: str, schema: str) -> str:
 class CloudEvents:
     """Builds a row's CloudEvent for one source; shared by every publisher (one per publisher)."""
 
-    __slots__ = ("source",)
+    __slots__ = ("_last_time", "fixed", "source")
 
     def __init__(self, source: str) -> None:
         self.source = source
+        #: The attributes every event of this source shares (``datacontenttype`` aside, which
+        #: each binding places on its own): a binding may encode them once.
+        self.fixed: dict[str, str] = {"specversion": SPECVERSION, "source": source}
+        # The last ``time`` rendered, with its moment: the rows of one transaction share
+        # created_at (PostgreSQL's now()), and a backlog comes in runs of them.
+        self._last_time: tuple[datetime, str] | None = None
 
     def attributes(self, message: OutboxMessage) -> dict[str, Any]:
         """Every attribute (``datacontenttype`` included), values typed per
         :func:`extension_value`."""
+        return {**self.fixed, "datacontenttype": DATA_CONTENT_TYPE, **self.varying(message)}
+
+    def varying(self, message: OutboxMessage) -> dict[str, Any]:
+        """The attributes of the row but :attr:`fixed` and ``datacontenttype``: ``id``,
+        ``type``, ``time``, ``subject`` and ``aggregatetype`` when the row has them, and the
+        extensions of its headers."""
         attributes: dict[str, Any] = {
-            "specversion": SPECVERSION,
             "id": message.event_id,
-            "source": self.source,
             "type": message.event_type,
-            "datacontenttype": DATA_CONTENT_TYPE,
-            "time": rfc3339(message.created_at),
+            "time": self.time(message.created_at),
         }
         if message.aggregate_id:  # an empty subject is not allowed
             attributes["subject"] = message.aggregate_id
@@ -172,6 +181,21 @@ class CloudEvents:
                 if value is not None:
                     attributes[name] = extension_value(value)
         return attributes
+
+    def time(self, moment: datetime) -> str:
+        """:func:`rfc3339` of ``moment``, remembered for the next row (the same moment, zone
+        and fold render the same text; equal moments in other zones do not)."""
+        last = self._last_time
+        if (
+            last is not None
+            and last[0] == moment
+            and last[0].tzinfo is moment.tzinfo
+            and last[0].fold == moment.fold
+        ):
+            return last[1]
+        text = rfc3339(moment)
+        self._last_time = (moment, text)
+        return text
 
     def text_attributes(self, message: OutboxMessage) -> dict[str, str]:
         """The attributes as canonical strings (MQTT user properties, Redis fields, ...)."""

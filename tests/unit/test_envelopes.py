@@ -5,9 +5,10 @@ choose a format; the consumer decoding all three formats of RabbitMQ into one Ev
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
+import pika.exceptions
 import pytest
 from cloudevents.core.formats.json import JSONFormat
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,6 +18,7 @@ from pika.spec import Basic, BasicProperties
 
 from outbox_relay.consumer.events import Event, Undeliverable, decode
 from outbox_relay.envelopes import (
+    DATA_CONTENT_TYPE,
     CloudEvents,
     MessageFormat,
     default_source,
@@ -30,7 +32,7 @@ from outbox_relay.messages import OutboxMessage
 from outbox_relay.observability.tracing.consumer import ConsumerTracing
 from outbox_relay.publishers import create_publisher
 from outbox_relay.publishers.base import PublisherSettings
-from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
+from outbox_relay.publishers.rabbitmq import CE_PREFIX, RabbitMQPublisher
 from outbox_relay.relay.settings import RelaySettings
 
 CREATED = datetime(2026, 3, 1, 12, 30, 45, 123456, tzinfo=UTC)
@@ -144,6 +146,41 @@ def test_the_attribute_set_of_a_row() -> None:
     }
 
 
+class _ClocksGoBack(tzinfo):
+    """A zone whose clocks go back an hour: the first pass (fold 0) is +02:00, the second +01:00."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        return timedelta(hours=1 if dt is not None and dt.fold else 2)
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+def test_the_time_of_the_previous_row_is_reused_only_for_the_same_moment_zone_and_fold() -> None:
+    ce = CloudEvents("/shop")
+    zone = _ClocksGoBack()
+    first_pass = datetime(2026, 10, 25, 2, 30, tzinfo=zone)
+    moments = [
+        CREATED,
+        CREATED.replace(),  # equal, another object: the remembered text
+        CREATED.astimezone(timezone(timedelta(hours=2))),  # equal, another zone
+        CREATED.replace(microsecond=0),
+        first_pass,
+        first_pass.replace(fold=1),  # equal within the zone, an hour later
+        CREATED.replace(tzinfo=None),  # naive: UTC
+    ]
+
+    assert [ce.time(moment) for moment in moments] == [
+        "2026-03-01T12:30:45.123456Z",
+        "2026-03-01T12:30:45.123456Z",
+        "2026-03-01T14:30:45.123456+02:00",
+        "2026-03-01T12:30:45Z",
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-25T02:30:00+01:00",
+        "2026-03-01T12:30:45.123456Z",
+    ]
+
+
 def test_no_subject_or_aggregatetype_without_an_aggregate_and_no_null_headers() -> None:
     attributes = CloudEvents("/shop").attributes(
         message(aggregate_type=None, aggregate_id=None, headers={"gone": None})
@@ -241,6 +278,83 @@ def _delivery(message_format: MessageFormat, row: OutboxMessage) -> tuple[BasicP
     received = BasicProperties()
     received.decode(encoded, 0)
     return received, body
+
+
+def _binary_settings() -> PublisherSettings:
+    return PublisherSettings.from_mapping(
+        {"message_format": MessageFormat.BINARY, "ce_source": "postgresql://db/shop/public"}
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        message(),
+        message(aggregate_type=None, aggregate_id=None, headers={}),
+        message(aggregate_id="", headers={"gone": None}),  # no subject, an empty aggregate_id
+        message(
+            headers={
+                "Tenant-ID": 'acmé "north" 100%',
+                "flag": True,
+                "n": -7,
+                "big": 2**40,
+                "ratio": 0.5,
+                "nested": {"a": [1, "ü"]},
+                "emoji": "😀",
+            }
+        ),
+        message(created_at=CREATED.astimezone(timezone(timedelta(hours=-5)))),
+        message(event_id="e" * 255, event_type="order." + "x" * 200, payload=b"[]"),
+    ],
+    ids=["full", "bare", "empty-aggregate", "typed-headers", "offset", "long-ids"],
+)
+def test_binary_properties_are_the_bytes_pika_writes_for_the_binding(row: OutboxMessage) -> None:
+    """The binary encoder writes the properties itself (every row's shared part encoded once):
+    byte for byte what pika encodes for the AMQP binding's mapping of the same row."""
+    settings = _binary_settings()
+    ce = settings.cloudevents
+    assert ce is not None
+    attributes = ce.attributes(row)
+    assert attributes.pop("datacontenttype") == DATA_CONTENT_TYPE  # the content type instead
+    headers = {CE_PREFIX + name: value for name, value in attributes.items()}
+    if row.aggregate_id is not None:
+        headers["aggregate_id"] = row.aggregate_id  # the ordered consumer hashes it
+    expected = BasicProperties(
+        content_type=DATA_CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=row.event_id,
+        type=row.event_type,
+        timestamp=int(row.created_at.timestamp()),
+        headers=headers,
+    )
+
+    body, properties = RabbitMQPublisher(settings)._encode(row)
+
+    assert body == row.payload
+    assert b"".join(properties.encode()) == b"".join(expected.encode())
+
+
+def test_binary_properties_read_like_any_others() -> None:
+    row = message()
+    _body, properties = RabbitMQPublisher(_binary_settings())._encode(row)
+
+    assert properties.message_id == row.event_id
+    assert properties.type == "order.created"
+    assert properties.headers["cloudEvents:id"] == row.event_id
+    assert properties.headers["cloudEvents:time"] == "2026-03-01T12:30:45.123456Z"
+    assert properties.priority is None
+    assert "cloudEvents:source" in repr(properties)
+    with pytest.raises(AttributeError):
+        _ = properties.no_such_property
+
+
+def test_a_binary_attribute_name_amqp_cannot_carry_is_refused_like_pika_refuses_it() -> None:
+    publisher = RabbitMQPublisher(_binary_settings())
+    row = message(headers={"k" * 250: "v"})  # cloudEvents: + 250 letters > 255 bytes
+
+    with pytest.raises(pika.exceptions.ShortStringTooLong):
+        publisher._encode(row)
+    assert "headers cannot be encoded as AMQP" in (publisher.message_problem(row) or "")
 
 
 def _decode(properties: BasicProperties, body: bytes) -> Event:
