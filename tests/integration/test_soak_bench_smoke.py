@@ -55,6 +55,11 @@ def test_soak_bench_samples_both_modes_and_records_the_degradation(
             assert sample["autovacuum_count"] >= 0
         verdict = run["degradation"]
         assert set(verdict["last_vs_first"]) >= {"commit_to_confirm_p99_ms", "total_bytes"}
+        assert set(verdict["last_vs_first_5min_medians"]) == {
+            "commit_to_confirm_p99_ms",
+            "producer_tx_per_s",
+            "total_bytes",
+        }
         assert isinstance(verdict["p99_within_1_5x"], bool)
         for sample in samples:
             assert sample["producer_lock_wait_max_ms"] >= 0
