@@ -280,7 +280,9 @@ class Replay:
             result.update(
                 replayed=replayed,
                 seconds=seconds,
+                # The summary gives tenths of a second: a replay shorter than that has no rate.
                 events_per_s=round(replayed / seconds, 1) if seconds else None,
+                under_resolution=not seconds,
             )
         if process.returncode not in (0, 130) or "Traceback" in err:
             result["stderr"] = err[-2000:]

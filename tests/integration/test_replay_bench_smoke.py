@@ -53,7 +53,10 @@ def test_replay_bench_replays_complete_in_order_and_resumes_within_the_bound(
     assert aggregate["check"]["expected"] == 5 * EVENTS // AGGREGATES
     for entry in (window, aggregate):
         assert entry["check"]["received"] == entry["check"]["expected"]
-        assert entry["replay"]["events_per_s"] > 0
+        # Tiny replays may end within the summary's tenth of a second: no rate then.
+        replay = entry["replay"]
+        assert replay["under_resolution"] or replay["events_per_s"] > 0
+        assert replay["replayed"] == entry["check"]["expected"]
         assert entry["raw"]["msg_per_s"] > 0
     sigint, sigkill = results["interrupt"]
     assert sigint["first"]["exit_code"] == 130
