@@ -152,6 +152,17 @@ class Delivery:
         return json.loads(self.body)
 
 
+def first_deliveries(deliveries: list[Delivery]) -> list[Delivery]:
+    """Each event's first delivery, in arrival order (republished copies left out)."""
+    seen: set[str] = set()
+    first = []
+    for delivery in deliveries:
+        if delivery.event_id not in seen:
+            seen.add(delivery.event_id)
+            first.append(delivery)
+    return first
+
+
 def collect(queue: RabbitQueue, count: int, timeout: float = 30.0) -> list[Delivery]:
     """Drain ``queue`` until at least ``count`` messages arrived (in queue order)."""
     got: list[Delivery] = []

@@ -19,6 +19,7 @@ from tests.integration.relay_harness import (
     RelayThread,
     collect,
     drain,
+    first_deliveries,
     per_aggregate,
     relay_settings,
     rows,
@@ -103,16 +104,6 @@ class Producer:
             for aggregate, version in rows(self._url, "SELECT id, version FROM aggregates")
             if version
         }
-
-
-def first_deliveries(deliveries: list[Delivery]) -> list[Delivery]:
-    seen: set[str] = set()
-    first = []
-    for delivery in deliveries:
-        if delivery.event_id not in seen:
-            seen.add(delivery.event_id)
-            first.append(delivery)
-    return first
 
 
 def assert_every_event_delivered_in_order(

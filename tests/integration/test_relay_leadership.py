@@ -17,10 +17,10 @@ from outbox_relay.db.pool import DatabaseHub
 from outbox_relay.db.status import OutboxStatus, read_status
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
-    Delivery,
     RelayThread,
     collect,
     drain,
+    first_deliveries,
     kill,
     per_aggregate,
     relay_settings,
@@ -90,16 +90,6 @@ def producing(database_url: str, events: int) -> Iterator[threading.Event]:
 def expected_order(events: int) -> dict[str, list[int]]:
     per = events // len(AGGREGATES)
     return {aggregate: list(range(1, per + 1)) for aggregate in AGGREGATES}
-
-
-def first_deliveries(deliveries: list[Delivery]) -> list[Delivery]:
-    seen: set[str] = set()
-    first = []
-    for delivery in deliveries:
-        if delivery.event_id not in seen:
-            seen.add(delivery.event_id)
-            first.append(delivery)
-    return first
 
 
 def test_two_relays_share_the_partitions_and_one_takes_all_when_the_other_stops(

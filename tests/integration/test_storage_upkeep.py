@@ -25,10 +25,10 @@ from outbox_relay.relay.settings import OnSent
 from outbox_relay.relay.upkeep import VACUUM_DEAD_ROWS
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
-    Delivery,
     RelayThread,
     collect,
     drain,
+    first_deliveries,
     per_aggregate,
     relay_settings,
     rows,
@@ -43,17 +43,6 @@ def storage_of(database_url: str) -> StorageStatus:
         storage = read_status(conn, "public").storage
     assert storage is not None
     return storage
-
-
-def first_deliveries(deliveries: list[Delivery]) -> list[Delivery]:
-    """Each event's first delivery, in arrival order (republished copies left out)."""
-    seen: set[str] = set()
-    first = []
-    for delivery in deliveries:
-        if delivery.event_id not in seen:
-            seen.add(delivery.event_id)
-            first.append(delivery)
-    return first
 
 
 def uncovered_gaps(database_url: str) -> list[tuple[Any, ...]]:
