@@ -54,18 +54,18 @@ class BenchEnv:
 
     def purge_queue(self) -> int:
         """Empty the bench queue; returns how many messages it held."""
-        with _amqp(self.broker_url) as channel:
+        with amqp_channel(self.broker_url) as channel:
             frame = channel.queue_purge(self.queue)
             return int(frame.method.message_count)
 
     def queue_depth(self) -> int:
-        with _amqp(self.broker_url) as channel:
+        with amqp_channel(self.broker_url) as channel:
             frame = channel.queue_declare(self.queue, passive=True)
             return int(frame.method.message_count)
 
 
 @contextmanager
-def _amqp(url: str) -> Iterator[Any]:
+def amqp_channel(url: str) -> Iterator[Any]:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         yield connection.channel()
@@ -100,7 +100,7 @@ def _create(env: BenchEnv) -> None:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(env.database)))
     with psycopg.connect(env.database_url, autocommit=True) as conn:
         migrate(conn, "public")
-    with _amqp(env.broker_url) as channel:
+    with amqp_channel(env.broker_url) as channel:
         channel.exchange_declare(env.exchange, "topic", durable=True)
         channel.queue_declare(env.queue, durable=True)
         channel.queue_bind(env.queue, env.exchange, "#")
@@ -167,7 +167,7 @@ def _drop_slots_of(env: BenchEnv) -> None:
 
 def _teardown(env: BenchEnv) -> None:
     def remove_broker_objects() -> None:
-        with _amqp(env.broker_url) as channel:
+        with amqp_channel(env.broker_url) as channel:
             channel.queue_delete(env.queue)
             channel.exchange_delete(env.exchange)
 

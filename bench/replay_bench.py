@@ -39,9 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
-from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, PAD, BenchEnv, bench_env
+from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, PAD, BenchEnv, amqp_channel, bench_env
 from raw_publisher import run_in_child as raw_publisher_child
 from relay_bench import DEFAULT_ADMIN_URL, DEFAULT_BROKER_URL, RESULTS, code_version, log, uptime
 from relay_process import RelayProcess
@@ -85,20 +84,20 @@ class Destination:
 
     def depth(self, channel: Any = None) -> int:
         if channel is None:
-            with _channel(self.broker_url) as channel:
+            with amqp_channel(self.broker_url) as channel:
                 return self.depth(channel)
         frame = channel.queue_declare(self.queue, passive=True)
         return int(frame.method.message_count)
 
     def purge(self) -> None:
-        with _channel(self.broker_url) as channel:
+        with amqp_channel(self.broker_url) as channel:
             channel.queue_purge(self.queue)
 
     def receive_all(self, idle: float = 5.0) -> list[Received]:
         """Everything in the queue, in queue order: as many messages as it holds now (what a
         replay that exited left there), or fewer if none comes for ``idle`` seconds."""
         got: list[Received] = []
-        with _channel(self.broker_url) as channel:
+        with amqp_channel(self.broker_url) as channel:
             holds = self.depth(channel)
             channel.basic_qos(prefetch_count=2000)
             for method, properties, body in channel.consume(
@@ -124,26 +123,17 @@ class Destination:
 
 
 @contextmanager
-def _channel(url: str) -> Iterator[Any]:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        yield connection.channel()
-    finally:
-        connection.close()
-
-
-@contextmanager
 def destination(env: BenchEnv) -> Iterator[Destination]:
     name = f"{env.exchange}.replay"
     target = Destination(env.broker_url, name, name)
-    with _channel(env.broker_url) as channel:
+    with amqp_channel(env.broker_url) as channel:
         channel.exchange_declare(name, "topic", durable=True)
         channel.queue_declare(name, durable=True)
         channel.queue_bind(name, name, "#")
     try:
         yield target
     finally:
-        with _channel(env.broker_url) as channel:
+        with amqp_channel(env.broker_url) as channel:
             channel.queue_delete(name)
             channel.exchange_delete(name)
 
@@ -448,7 +438,7 @@ def interrupted(
     process = replay.start("--all", "--name", name)
     depth_at_signal = -1
     try:
-        with _channel(target.broker_url) as channel:
+        with amqp_channel(target.broker_url) as channel:
             while process.poll() is None:
                 depth = target.depth(channel)
                 if depth >= threshold:
