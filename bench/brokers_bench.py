@@ -15,6 +15,14 @@ With several ``--message-formats`` (``serve --message-format``), each round runs
 for a broker back to back, the order turning each round, so a pair of runs shares the machine's
 load; the summary gives each format's median rate and, per CloudEvents format, the median of the
 per-round ratios to native (the issue's target: cloudevents-binary within 5% on RabbitMQ).
+
+``--raw-ceiling`` (RabbitMQ; native and cloudevents-binary) adds, in every round and next to each
+relay run, a raw pipelined publisher (bench/raw_publisher.py, no database) sending the very
+messages the relay would send for the same rows in that format, properties encoded by the
+relay's own publisher, with a window of 200 (the backlog's aggregates: what per-aggregate order
+allows). Its rate is the broker's ceiling for the format; the summary gives each format's ratio
+to its own ceiling, and the ceiling's own cloudevents-binary/native ratio: what the format costs
+the broker, whatever publishes it.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from raw_publisher import Row, run_in_child
 
 from outbox_relay.db.migrations import migrate
 from outbox_relay.relay.settings import DEFAULT_BATCH_SIZE
@@ -58,15 +67,36 @@ NATS_URL = os.environ.get("OUTBOX_RELAY_TEST_NATS_URL", "nats://127.0.0.1:4222")
 REDIS_URL = os.environ.get("OUTBOX_RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MQTT_URL = os.environ.get("OUTBOX_RELAY_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
 RESULTS = Path(__file__).resolve().parent / "results" / "brokers-latest.json"
+# The raw ceiling's CloudEvents source: as long as the relay's default for a bench database.
+RAW_SOURCE = "postgresql://127.0.0.1:5432/bench_brokers_0123456789/public"
+RAW_FORMATS = ("native", "cloudevents-binary")
 
-BACKLOG_SQL = """
+AGGREGATES = 200
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+BACKLOG_SQL = f"""
 INSERT INTO outbox (event_type, aggregate_type, aggregate_id, payload, headers)
-SELECT 'order.created', 'order', 'order-' || (i %% 200),
+SELECT 'order.created', 'order', 'order-' || (i %% {AGGREGATES}),
        jsonb_build_object('order_id', i, 'customer', 'customer-' || (i %% 997),
                           'note', repeat('x', 220)),
-       '{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'
+       '{{"traceparent": "{TRACEPARENT}"}}'
 FROM generate_series(1, %(events)s) AS i
 """
+
+
+def backlog_rows(events: int) -> list[Row]:
+    """BACKLOG_SQL's rows as the relay reads them (the payload as jsonb renders it: shorter
+    keys first)."""
+    note = "x" * 220
+    return [
+        Row(
+            "order.created",
+            "order",
+            f"order-{i % AGGREGATES}",
+            f'{{"note": "{note}", "customer": "customer-{i % 997}", "order_id": {i}}}'.encode(),
+            {"traceparent": TRACEPARENT},
+        )
+        for i in range(1, events + 1)
+    ]
 
 
 FORMATS = ("native", "cloudevents-binary", "cloudevents-structured")
@@ -313,6 +343,35 @@ def measure(broker: str, events: int, batch_size: int, message_format: str = "na
     return Result(broker, remaining, elapsed, message_format)
 
 
+def measure_raw(events: int, message_format: str) -> Result:
+    """The broker's ceiling for the format: raw_publisher sending the relay's messages for the
+    backlog's rows (see the module docstring)."""
+    context = multiprocessing.get_context("spawn")
+    with rabbitmq() as options:
+        receiver, sender = context.Pipe(duplex=False)
+        shaped = (backlog_rows(events), message_format, RAW_SOURCE)
+        process = context.Process(
+            target=run_in_child,
+            args=(options["broker_url"], options["exchange"], events, AGGREGATES, sender),
+            kwargs={"shaped": shaped},
+            name="bench-raw",
+        )
+        process.start()
+        sender.close()
+        try:
+            if not receiver.poll(events / 500 + 60):
+                raise RuntimeError("raw publisher: no answer")
+            kind, value = receiver.recv()
+            process.join(10)
+        finally:
+            if process.is_alive():
+                process.kill()
+                process.join(10)
+    if kind != "ok":
+        raise RuntimeError(f"raw publisher: {value}")
+    return Result("rabbitmq raw", value["messages"], value["seconds"], message_format)
+
+
 def summarise(results: list[Result], formats: list[str]) -> list[dict[str, Any]]:
     """Per broker and format: the median rate; per CloudEvents format, the per-round ratios to
     the native run of the same round and their median."""
@@ -343,6 +402,14 @@ def summarise(results: list[Result], formats: list[str]) -> list[dict[str, Any]]
                 if pairs:
                     entry["ratios_to_native"] = [round(p, 3) for p in pairs]
                     entry["median_ratio_to_native"] = round(statistics.median(pairs), 3)
+            ceiling = {
+                r.round: r.rate
+                for r in results
+                if r.broker == f"{broker} raw" and r.message_format == fmt
+            }
+            to_ceiling = [rate / ceiling[n] for n, rate in rates[fmt].items() if ceiling.get(n)]
+            if to_ceiling:
+                entry["median_ratio_to_raw_ceiling"] = round(statistics.median(to_ceiling), 3)
             summary.append(entry)
     return summary
 
@@ -362,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="paired rounds (each runs every format once)"
     )
+    parser.add_argument(
+        "--raw-ceiling",
+        action="store_true",
+        help="RabbitMQ: also a raw publisher sending the relay's messages per format, each round",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
@@ -373,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--message-formats: choose among {', '.join(FORMATS)}")
     if args.rounds < 1:
         parser.error("--rounds: must be at least 1")
+    if args.raw_ceiling and ("rabbitmq" not in brokers or set(formats) - set(RAW_FORMATS)):
+        parser.error(f"--raw-ceiling: RabbitMQ only, with formats among {', '.join(RAW_FORMATS)}")
 
     results: list[Result] = []
     failures: dict[str, str] = {}
@@ -389,22 +463,37 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     print(f"{label:<14} failed: {exc!r}"[:200], flush=True)
                     continue
-                result.round = round_
-                print(
-                    f"{label:<14} {result.events:>7} events {result.seconds:>7.2f} s "
-                    f"{result.rate:>9.0f} events/s",
-                    flush=True,
-                )
-                results.append(result)
+                runs = [result]
+                if args.raw_ceiling and broker == "rabbitmq":
+                    try:
+                        runs.append(measure_raw(args.events, fmt))
+                    except Exception as exc:
+                        failures[f"{label} raw round {round_}"] = (
+                            f"{type(exc).__name__}: {exc}".splitlines()[0]
+                        )
+                        print(f"{label} raw failed: {exc!r}"[:200], flush=True)
+                for run in runs:
+                    run.round = round_
+                    name = label if run is result else f"{label} (raw)"
+                    print(
+                        f"{name:<14} {run.events:>7} events {run.seconds:>7.2f} s "
+                        f"{run.rate:>9.0f} events/s",
+                        flush=True,
+                    )
+                    results.append(run)
 
     summary = summarise(results, formats)
     print("\nrelay throughput, backlog to all confirmed (median of rounds)")
-    print(f"{'broker':<14} {'format':<24} {'runs':>4} {'events/s':>9} {'vs native':>9}")
+    print(
+        f"{'broker':<14} {'format':<24} {'runs':>4} {'events/s':>9} {'vs native':>9} {'vs raw':>7}"
+    )
     for entry in summary:
         ratio = entry.get("median_ratio_to_native")
+        to_raw = entry.get("median_ratio_to_raw_ceiling")
         print(
             f"{entry['broker']:<14} {entry['message_format']:<24} {entry['runs']:>4} "
-            f"{entry['median_events_per_s']:>9} {'' if ratio is None else f'{ratio:.3f}':>9}"
+            f"{entry['median_events_per_s']:>9} {'' if ratio is None else f'{ratio:.3f}':>9} "
+            f"{'' if to_raw is None else f'{to_raw:.3f}':>7}"
         )
     for label, reason in failures.items():
         print(f"{label} failed: {reason}")
@@ -417,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cpus": os.cpu_count(),
                 "rounds": args.rounds,
                 "message_formats": formats,
+                "raw_ceiling": args.raw_ceiling,
                 "results": [
                     {
                         "broker": r.broker,

@@ -3,6 +3,11 @@
 Same exchange, same queue, same message shape as the relay (300-byte persistent JSON body,
 message_id, type, timestamp, aggregate headers, mandatory), but no database at all: whatever the
 relay does beyond this is its overhead. Runs in a process of its own (see ``run_in_child``).
+
+``relay_shaped`` gives instead the exact messages the relay would send for a list of rows in a
+``--message-format`` (properties encoded by the relay's own code, before the clock starts): the
+broker's ceiling for that format, so a format's cost to the broker is told apart from the
+relay's.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,6 +26,9 @@ from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, payload_json
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
+
+# (routing key, body, properties): one message exactly as it goes on the wire.
+Prepared = tuple[str, bytes, BasicProperties]
 
 
 @dataclass
@@ -43,11 +52,13 @@ class _WindowedPublisher:
         count: int,
         window: int,
         on_start: Callable[[], None] | None = None,
+        prepared: Sequence[Prepared] | None = None,
     ) -> None:
         self._parameters = pika.URLParameters(url)
         self._on_start = on_start
         self._exchange = exchange
-        self._count = count
+        self._prepared = prepared
+        self._count = count if prepared is None else len(prepared)
         self._window = window
         self._bodies = [payload_json(n).encode() for n in range(1000)]
         self._sent = 0
@@ -118,8 +129,15 @@ class _WindowedPublisher:
     def _fill(self) -> None:
         channel = self._channel
         assert channel is not None
+        prepared = self._prepared
         while self._sent < self._count and len(self._unconfirmed) < self._window:
             n = self._sent
+            if prepared is not None:
+                routing_key, body, ready = prepared[n]
+                channel.basic_publish(self._exchange, routing_key, body, ready, mandatory=True)
+                self._sent += 1
+                self._unconfirmed.append(self._sent)
+                continue
             properties = BasicProperties(
                 content_type="application/json",
                 delivery_mode=2,
@@ -167,6 +185,45 @@ class _WindowedPublisher:
         self._returned += 1
 
 
+@dataclass(frozen=True)
+class Row:
+    """An outbox row as the relay reads it, enough to shape its message."""
+
+    event_type: str
+    aggregate_type: str | None
+    aggregate_id: str | None
+    payload: bytes
+    headers: dict[str, Any]
+
+
+def relay_shaped(rows: Sequence[Row], message_format: str, source: str) -> list[Prepared]:
+    """The messages the relay's RabbitMQ publisher sends for ``rows`` in ``message_format``,
+    encoded by the publisher itself (``RabbitMQPublisher.encode``)."""
+    from outbox_relay.messages import OutboxMessage
+    from outbox_relay.publishers.base import PublisherSettings
+    from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
+
+    settings: dict[str, Any] = {"message_format": message_format}
+    if message_format != "native":
+        settings["ce_source"] = source
+    publisher = RabbitMQPublisher(PublisherSettings(**settings))
+    prepared: list[Prepared] = []
+    for n, row in enumerate(rows, start=1):
+        message = OutboxMessage(
+            n,
+            str(uuid.uuid4()),
+            row.event_type,
+            row.aggregate_type,
+            row.aggregate_id,
+            row.payload,
+            row.headers,
+            datetime.now(UTC),
+        )
+        body, properties = publisher.encode(message)
+        prepared.append((message.event_type, body, properties))
+    return prepared
+
+
 def run_in_child(
     url: str,
     exchange: str,
@@ -174,17 +231,21 @@ def run_in_child(
     window: int,
     pipe: Connection,
     announce_start: bool = False,
+    shaped: tuple[Sequence[Row], str, str] | None = None,
 ) -> None:
     """Process target: publish ``count`` messages and send back a RawResult as a dict. With
     ``announce_start``, ("started", None) is sent first, the moment the first message goes out
-    (connected and in confirm mode), so the caller can start measuring the broker then."""
+    (connected and in confirm mode), so the caller can start measuring the broker then. With
+    ``shaped`` (rows, message format, CloudEvents source), the messages are those the relay
+    would send for the rows (``relay_shaped``), ``count`` aside."""
 
     def started() -> None:
         pipe.send(("started", None))
 
     try:
+        prepared = None if shaped is None else relay_shaped(*shaped)
         result = _WindowedPublisher(
-            url, exchange, count, window, started if announce_start else None
+            url, exchange, count, window, started if announce_start else None, prepared
         ).run()
         pipe.send(("ok", asdict(result)))
     except Exception as exc:

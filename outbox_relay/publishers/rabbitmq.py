@@ -569,6 +569,11 @@ class RabbitMQPublisher:
             )
         return None
 
+    def encode(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
+        """The message's body and properties as they go on the wire, in the chosen format
+        (bench/raw_publisher.py sends exactly these to measure a format's cost to the broker)."""
+        return self._encode(message)
+
     def _native(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
         return message.payload, self._properties(message)
 

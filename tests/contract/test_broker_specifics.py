@@ -22,7 +22,7 @@ from outbox_relay.publishers.rabbitmq import RabbitMQPublisher
 from tests.brokers import NATS_URL, REDIS_URL, redis_cleanup, redis_client, unique
 from tests.contract.adapters import NatsUnderTest, WebhookUnderTest
 from tests.contract.http_sink import HttpSink, Request
-from tests.contract.test_publisher_contract import TRACEPARENT, make_messages, publish
+from tests.contract.messages import TRACEPARENT, make_messages, publish
 from tests.faults import HangingProxy, via
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -38,11 +36,11 @@ from tests.contract.adapters import (
     RedisUnderTest,
     WebhookUnderTest,
 )
+from tests.contract.messages import TRACEPARENT, make_messages, publish
 from tests.integration.relay_harness import RelayThread, relay_settings
 
 pytestmark = pytest.mark.integration
 
-TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 CE_SOURCE = "postgresql://db.example/shop/public"
 # Row headers of the CloudEvents cases: the trace context, a plain one, one whose key is no
 # extension name (sanitised to ``tenantid``) and whose value needs percent-encoding in HTTP and
@@ -55,52 +53,6 @@ CE_HEADERS: dict[str, Any] = {
     "n": 3,
 }
 CE_FORMATS = ["cloudevents-binary", "cloudevents-structured"]
-
-
-def make_messages(
-    count: int,
-    *,
-    event_type: str = ROUTED,
-    aggregates: Sequence[str] = ("agg-1",),
-    headers: dict[str, Any] | None = None,
-    first_id: int = 1,
-) -> list[OutboxMessage]:
-    """``count`` events, aggregates taking turns, payloads naming their aggregate and sequence."""
-    now = datetime.now(UTC)
-    made = []
-    for n in range(count):
-        aggregate = aggregates[n % len(aggregates)]
-        payload = {"aggregate": aggregate, "n": n, "note": "grüße"}
-        made.append(
-            OutboxMessage(
-                id=first_id + n,
-                event_id=str(uuid.uuid4()),
-                event_type=event_type,
-                aggregate_type="order",
-                aggregate_id=aggregate,
-                payload=json.dumps(payload, separators=(",", ":")).encode(),
-                headers=dict(headers or {"producer": "contract"}),
-                created_at=now,
-            )
-        )
-    return made
-
-
-def publish(
-    broker: BrokerUnderTest, *batches: Sequence[OutboxMessage], **overrides: Any
-) -> list[list[PublishResult]]:
-    """Connect a fresh publisher, publish the batches one after the other, close."""
-
-    async def run() -> list[list[PublishResult]]:
-        publisher = create_publisher(broker.settings(**overrides))
-        await publisher.connect()
-        try:
-            assert publisher.is_healthy()
-            return [await publisher.publish_batch(batch) for batch in batches]
-        finally:
-            await publisher.close()
-
-    return asyncio.run(run())
 
 
 def arrived(broker: BrokerUnderTest, messages: Sequence[OutboxMessage]) -> list[Received]:

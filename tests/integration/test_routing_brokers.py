@@ -28,7 +28,7 @@ from tests.brokers import (
 )
 from tests.conftest import wait_until
 from tests.contract.http_sink import HttpSink
-from tests.contract.test_publisher_contract import make_messages
+from tests.contract.messages import make_messages
 
 pytestmark = pytest.mark.integration
 
