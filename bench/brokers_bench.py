@@ -51,8 +51,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import raw_publisher
 from psycopg import sql
-from raw_publisher import Row, run_in_child
+from raw_publisher import Row
 
 from outbox_relay.db.migrations import migrate
 from outbox_relay.relay.settings import DEFAULT_BATCH_SIZE
@@ -346,29 +347,11 @@ def measure(broker: str, events: int, batch_size: int, message_format: str = "na
 def measure_raw(events: int, message_format: str) -> Result:
     """The broker's ceiling for the format: raw_publisher sending the relay's messages for the
     backlog's rows (see the module docstring)."""
-    context = multiprocessing.get_context("spawn")
     with rabbitmq() as options:
-        receiver, sender = context.Pipe(duplex=False)
         shaped = (backlog_rows(events), message_format, RAW_SOURCE)
-        process = context.Process(
-            target=run_in_child,
-            args=(options["broker_url"], options["exchange"], events, AGGREGATES, sender),
-            kwargs={"shaped": shaped},
-            name="bench-raw",
+        value = raw_publisher.run(
+            options["broker_url"], options["exchange"], events, AGGREGATES, shaped
         )
-        process.start()
-        sender.close()
-        try:
-            if not receiver.poll(events / 500 + 60):
-                raise RuntimeError("raw publisher: no answer")
-            kind, value = receiver.recv()
-            process.join(10)
-        finally:
-            if process.is_alive():
-                process.kill()
-                process.join(10)
-    if kind != "ok":
-        raise RuntimeError(f"raw publisher: {value}")
     return Result("rabbitmq raw", value["messages"], value["seconds"], message_format)
 
 

@@ -12,6 +12,7 @@ relay's.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import uuid
 from collections import deque
@@ -252,3 +253,36 @@ def run_in_child(
         pipe.send(("error", repr(exc)))
     finally:
         pipe.close()
+
+
+def run(
+    url: str,
+    exchange: str,
+    count: int,
+    window: int,
+    shaped: tuple[Sequence[Row], str, str] | None = None,
+) -> dict[str, Any]:
+    """``run_in_child`` in a spawned process, waited for: its RawResult as a dict."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(
+        target=run_in_child,
+        args=(url, exchange, count, window, sender),
+        kwargs={"shaped": shaped},
+        name="bench-raw",
+    )
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(count / 200 + 60):
+            raise RuntimeError("the raw publisher did not finish in time")
+        kind, value = receiver.recv()
+        process.join(10)
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+    if kind != "ok":
+        raise RuntimeError(f"raw publisher: {value}")
+    result: dict[str, Any] = value
+    return result

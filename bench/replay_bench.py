@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import multiprocessing
 import os
 import platform
 import re
@@ -40,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import raw_publisher
 from bench_setup import AGGREGATE_TYPE, EVENT_TYPE, PAD, BenchEnv, amqp_channel, bench_env
-from raw_publisher import run_in_child as raw_publisher_child
 from relay_bench import DEFAULT_ADMIN_URL, DEFAULT_BROKER_URL, RESULTS, code_version, log, uptime
 from relay_process import RelayProcess
 from scale_bench import relay_command
@@ -354,26 +353,7 @@ def check(
 def raw(env: BenchEnv, count: int, window: int) -> dict[str, Any]:
     """bench/raw_publisher.py in a child process: ``count`` messages to the bench exchange with
     ``window`` unconfirmed; the bench queue is emptied afterwards."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(
-        target=raw_publisher_child,
-        args=(env.broker_url, env.exchange, count, window, sender, False),
-        name="bench-raw",
-    )
-    process.start()
-    sender.close()
-    try:
-        if not receiver.poll(count / 200 + 60):
-            raise RuntimeError("the raw publisher did not finish in time")
-        kind, value = receiver.recv()
-        process.join(10)
-    finally:
-        if process.is_alive():
-            process.kill()
-            process.join(10)
-    if kind != "ok":
-        raise RuntimeError(f"raw publisher: {value}")
+    value = raw_publisher.run(env.broker_url, env.exchange, count, window)
     queued = env.queue_depth()
     env.purge_queue()
     return {

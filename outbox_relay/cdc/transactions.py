@@ -58,6 +58,13 @@ class TransactionTracker:
     _id_column: dict[int, int] = field(default_factory=dict)  # outbox relation oid -> index
 
     def feed(self, frame: ReplicationFrame, message: PgOutputMessage | None) -> None:
+        if isinstance(message, Insert):  # first: nearly every frame of a busy stream
+            index = self._id_column.get(message.relation_oid)
+            if index is not None:
+                value = message.new_tuple[index].data
+                if value is not None:
+                    self._current.append(int(value))
+            return
         if isinstance(frame, PrimaryKeepalive):
             if not self.in_transaction:
                 self.idle_lsn = max(self.idle_lsn, frame.wal_end)
@@ -70,12 +77,6 @@ class TransactionTracker:
             self._xid = message.xid
         elif isinstance(message, Relation):
             self._relation(message)
-        elif isinstance(message, Insert):
-            index = self._id_column.get(message.relation_oid)
-            if index is not None:
-                value = message.new_tuple[index].data
-                if value is not None:
-                    self._current.append(int(value))
         elif isinstance(message, Commit):
             self.ready.append(WalTransaction(message.end_lsn, tuple(self._current), self._xid))
             self._current = []

@@ -190,7 +190,8 @@ def test_memory_bench_reports_idle_and_peak_rss(services: Services, tmp_path: Pa
 def test_brokers_bench_pairs_message_formats_on_rabbitmq(
     services: Services, tmp_path: Path
 ) -> None:
-    # Given two rounds of native and cloudevents-binary on RabbitMQ, tiny backlogs
+    # Given two rounds of native and cloudevents-binary on RabbitMQ, tiny backlogs, each run
+    # beside a raw publisher sending the relay's messages in that format
     output = tmp_path / "brokers.json"
     env = {
         **os.environ,
@@ -206,6 +207,7 @@ def test_brokers_bench_pairs_message_formats_on_rabbitmq(
             "--brokers=rabbitmq",
             "--message-formats=native,cloudevents-binary",
             "--rounds=2",
+            "--raw-ceiling",
             f"--output={output}",
         ],
         capture_output=True,
@@ -215,12 +217,23 @@ def test_brokers_bench_pairs_message_formats_on_rabbitmq(
         env=env,
     )
 
-    # Then every run is recorded, and the binary format's paired ratios to native
+    # Then every run is recorded, relay and raw, and the binary format's paired ratios to
+    # native, and each format's ratio to its own raw ceiling
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(output.read_text())
-    runs = {(r["message_format"], r["round"]) for r in results["results"]}
-    assert runs == {(f, n) for f in ("native", "cloudevents-binary") for n in (1, 2)}
-    [binary] = [s for s in results["summary"] if s["message_format"] == "cloudevents-binary"]
-    assert len(binary["ratios_to_native"]) == 2
-    assert binary["median_ratio_to_native"] > 0
+    runs = {(r["broker"], r["message_format"], r["round"]) for r in results["results"]}
+    assert runs == {
+        (b, f, n)
+        for b in ("rabbitmq", "rabbitmq raw")
+        for f in ("native", "cloudevents-binary")
+        for n in (1, 2)
+    }
+    summary = {(s["broker"], s["message_format"]): s for s in results["summary"]}
+    for broker in ("rabbitmq", "rabbitmq raw"):
+        binary = summary[broker, "cloudevents-binary"]
+        assert len(binary["ratios_to_native"]) == 2
+        assert binary["median_ratio_to_native"] > 0
+    for fmt in ("native", "cloudevents-binary"):
+        assert summary["rabbitmq", fmt]["median_ratio_to_raw_ceiling"] > 0
     assert "vs native" in done.stdout
+    assert "vs raw" in done.stdout
