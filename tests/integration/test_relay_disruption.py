@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,6 +12,7 @@ import psycopg
 import pytest
 
 import outbox_relay
+from tests.background import BackgroundLoop
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     Delivery,
@@ -33,18 +33,16 @@ BATCH_SIZE = 50
 MAX_EVENTS = 3000
 
 
-class Producer:
+class Producer(BackgroundLoop):
     """Writes events on a thread until stopped, each stamped with its aggregate's version taken
     under the aggregate's row lock (= its commit order). Survives a PostgreSQL restart by
     reconnecting; a commit lost with the connection rolls back, so versions stay gapless."""
 
     def __init__(self, database_url: str) -> None:
+        super().__init__("producer", join_timeout=60)
         self._url = database_url
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="producer", daemon=True)
         self.committed = 0
         self.reconnects = 0
-        self.failure: BaseException | None = None
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("CREATE TABLE aggregates (id text PRIMARY KEY, version int NOT NULL)")
             conn.execute("INSERT INTO aggregates SELECT unnest(%s::text[]), 0", (AGGREGATES,))
@@ -55,48 +53,37 @@ class Producer:
         except psycopg.OperationalError:
             return None
 
-    def _run(self) -> None:
+    def work(self) -> None:
         rng = random.Random(7)
-        try:
-            conn: psycopg.Connection[Any] | None = None
-            while not self._stop.is_set() and self.committed < MAX_EVENTS:
-                if conn is None or conn.closed:
-                    conn = wait_until(self._connect, timeout=60, interval=0.2)
-                    self.reconnects += 1
-                aggregate = rng.choice(AGGREGATES)
-                try:
-                    row = conn.execute(
-                        "UPDATE aggregates SET version = version + 1 WHERE id = %s"
-                        " RETURNING version",
-                        (aggregate,),
-                    ).fetchone()
-                    assert row is not None
-                    outbox_relay.emit(
-                        conn, "order.updated", payload={"seq": row[0]}, aggregate_id=aggregate
-                    )
-                    conn.commit()
-                    self.committed += 1
-                except psycopg.OperationalError:
-                    conn.close()
-            if conn is not None:
+        conn: psycopg.Connection[Any] | None = None
+        while not self.stopping.is_set() and self.committed < MAX_EVENTS:
+            if conn is None or conn.closed:
+                conn = wait_until(self._connect, timeout=60, interval=0.2)
+                self.reconnects += 1
+            aggregate = rng.choice(AGGREGATES)
+            try:
+                row = conn.execute(
+                    "UPDATE aggregates SET version = version + 1 WHERE id = %s RETURNING version",
+                    (aggregate,),
+                ).fetchone()
+                assert row is not None
+                outbox_relay.emit(
+                    conn, "order.updated", payload={"seq": row[0]}, aggregate_id=aggregate
+                )
+                conn.commit()
+                self.committed += 1
+            except psycopg.OperationalError:
                 conn.close()
-        except BaseException as exc:
-            self.failure = exc
+        if conn is not None:
+            conn.close()
 
     @contextmanager
     def running(self) -> Iterator[Producer]:
-        self._thread.start()
+        self.start()
         try:
             yield self
         finally:
             self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
-        assert not self._thread.is_alive()
-        if self.failure is not None:
-            raise self.failure
 
     def versions(self) -> dict[str, int]:
         return {

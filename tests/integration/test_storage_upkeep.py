@@ -23,6 +23,7 @@ from outbox_relay.db.migrations import OUTBOX_MIGRATIONS, available_migrations, 
 from outbox_relay.db.status import StorageStatus, read_status
 from outbox_relay.relay.settings import OnSent
 from outbox_relay.relay.upkeep import VACUUM_DEAD_ROWS
+from tests.background import BackgroundLoop
 from tests.conftest import RabbitQueue, wait_until
 from tests.integration.relay_harness import (
     RelayThread,
@@ -286,108 +287,76 @@ HOLD_SECONDS = 2.0  # the old relay's transaction stays open this long across th
 INSERT_WAIT_LIMIT = 0.5
 
 
-class Producer:
+class Producer(BackgroundLoop):
     """Inserts events one transaction each until stopped, with a per-aggregate sequence number,
     timing every INSERT."""
 
     def __init__(self, database_url: str, number: int) -> None:
+        super().__init__(f"producer-{number}")
         self._url = database_url
         self._aggregates = [f"p{number}-{n}" for n in range(AGGREGATES_PER_PRODUCER)]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"producer-{number}", daemon=True)
         self.inserted: list[str] = []
         self.timings: list[tuple[float, float]] = []  # (started, seconds), monotonic
-        self.failure: BaseException | None = None
 
-    def start(self) -> Producer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
-        if self.failure is not None:
-            raise AssertionError(f"producer failed: {self.failure!r}") from self.failure
-
-    def _run(self) -> None:
+    def work(self) -> None:
         seq = dict.fromkeys(self._aggregates, 0)
-        try:
-            with psycopg.connect(self._url, autocommit=True) as conn:
-                n = 0
-                while not self._stop.is_set():
-                    aggregate = self._aggregates[n % len(self._aggregates)]
-                    n += 1
-                    started = time.monotonic()
-                    row = conn.execute(
-                        "INSERT INTO outbox (event_type, aggregate_id, payload)"
-                        " VALUES ('order.created', %s, %s) RETURNING event_id",
-                        (aggregate, json.dumps({"seq": seq[aggregate]})),
-                    ).fetchone()
-                    self.timings.append((started, time.monotonic() - started))
-                    assert row is not None
-                    self.inserted.append(str(row[0]))
-                    seq[aggregate] += 1
-                    time.sleep(0.005)
-        except BaseException as exc:
-            self.failure = exc
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            n = 0
+            while not self.stopping.is_set():
+                aggregate = self._aggregates[n % len(self._aggregates)]
+                n += 1
+                started = time.monotonic()
+                row = conn.execute(
+                    "INSERT INTO outbox (event_type, aggregate_id, payload)"
+                    " VALUES ('order.created', %s, %s) RETURNING event_id",
+                    (aggregate, json.dumps({"seq": seq[aggregate]})),
+                ).fetchone()
+                self.timings.append((started, time.monotonic() - started))
+                assert row is not None
+                self.inserted.append(str(row[0]))
+                seq[aggregate] += 1
+                time.sleep(0.005)
 
 
-class VersionFiveRelay:
+class VersionFiveRelay(BackgroundLoop):
     """What a keep-mode relay of schema version 5 does to the outbox: claim pending rows in id
     order, publish them (not here: storage is what matters) and mark them sent in the same
     transaction. On request it keeps one transaction open, as a slow broker would."""
 
     def __init__(self, database_url: str) -> None:
+        super().__init__("relay-v5")
         self._url = database_url
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="relay-v5", daemon=True)
         self.sent: list[str] = []
         self.hold = threading.Event()  # set: hold the next transaction open
         self.holding = threading.Event()  # set by the relay: rows claimed, transaction open
         self.held_until: float | None = None  # monotonic time that transaction committed
-        self.failure: BaseException | None = None
 
-    def start(self) -> VersionFiveRelay:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
-        if self.failure is not None:
-            raise AssertionError(f"the version 5 relay failed: {self.failure!r}") from self.failure
-
-    def _run(self) -> None:
-        try:
-            with psycopg.connect(self._url) as conn:
-                while not self._stop.is_set():
-                    ids = [
-                        row[0]
-                        for row in conn.execute(
-                            "SELECT id FROM outbox WHERE published_at IS NULL AND dead_at IS NULL"
-                            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                            (OLD_RELAY_BATCH,),
-                        )
-                    ]
-                    held = bool(ids) and self.hold.is_set()
-                    if held:
-                        self.hold.clear()
-                        self.holding.set()
-                        time.sleep(HOLD_SECONDS)
-                    sent = conn.execute(
-                        "UPDATE outbox SET published_at = now(), next_attempt_at = NULL,"
-                        " last_error = NULL WHERE id = ANY(%s) RETURNING event_id",
-                        (ids,),
-                    ).fetchall()
-                    conn.commit()
-                    if held:
-                        self.held_until = time.monotonic()
-                    self.sent.extend(str(row[0]) for row in sent)
-                    time.sleep(0.05)
-        except BaseException as exc:
-            self.failure = exc
+    def work(self) -> None:
+        with psycopg.connect(self._url) as conn:
+            while not self.stopping.is_set():
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM outbox WHERE published_at IS NULL AND dead_at IS NULL"
+                        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                        (OLD_RELAY_BATCH,),
+                    )
+                ]
+                held = bool(ids) and self.hold.is_set()
+                if held:
+                    self.hold.clear()
+                    self.holding.set()
+                    time.sleep(HOLD_SECONDS)
+                sent = conn.execute(
+                    "UPDATE outbox SET published_at = now(), next_attempt_at = NULL,"
+                    " last_error = NULL WHERE id = ANY(%s) RETURNING event_id",
+                    (ids,),
+                ).fetchall()
+                conn.commit()
+                if held:
+                    self.held_until = time.monotonic()
+                self.sent.extend(str(row[0]) for row in sent)
+                time.sleep(0.05)
 
 
 def test_upgrading_a_populated_outbox_online_loses_nothing(
