@@ -74,6 +74,13 @@ class Share:
         return _buckets(self.partitions, self.count)
 
 
+def id_array(ids: Iterable[int]) -> str:
+    """Row ids as a PostgreSQL array literal, for ``%(ids)s::bigint[]``. psycopg adapts a list
+    element by element in Python (about 0.5 µs each, six times this): every claim passes over
+    the few thousand ids in flight, and every settle names its rows, about 1-2 µs per event."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
 @functools.lru_cache(maxsize=256)
 def _buckets(partitions: tuple[int, ...], count: int) -> list[int]:
     # Built once per share (an idle relay claims with the same one for hours); never mutated.
@@ -183,7 +190,7 @@ class OutboxStore:
         # pending row instead of walking the pending index (queries.sql, claim).
         rows = await self._fetch(
             "claim",
-            {"limit": limit, "in_flight": list(in_flight), **share.parameters()},
+            {"limit": limit, "in_flight": id_array(in_flight), **share.parameters()},
             prepare=False,
         )
         return [message_from_row(row) for row in rows]
@@ -215,7 +222,7 @@ class OutboxStore:
         dead = 0
         if sent:
             await self._cover_if_needed()
-            await self._fetch(self._sent_query, {"ids": list(sent)})
+            await self._fetch(self._sent_query, {"ids": id_array(sent)})
         if failures:
             rows = await self._fetch(
                 "record_failures",
@@ -260,7 +267,7 @@ class OutboxStore:
             conn = await self._connection()
             async with conn.pipeline():
                 if sent:
-                    await conn.execute(self._queries[self._sent_query], {"ids": list(sent)})
+                    await conn.execute(self._queries[self._sent_query], {"ids": id_array(sent)})
                     await conn.execute(
                         self._queries["count_published"], {"published": len(sent), "dead": 0}
                     )
@@ -301,7 +308,7 @@ class OutboxStore:
     async def claim_ids(self, ids: Sequence[int], share: Share) -> list[OutboxMessage]:
         """Lock the rows of ``share`` with these ids that are still pending. Open until
         settle()/commit()."""
-        rows = await self._fetch("cdc_claim_ids", {"ids": list(ids), **share.parameters()})
+        rows = await self._fetch("cdc_claim_ids", {"ids": id_array(ids), **share.parameters()})
         return [message_from_row(row) for row in rows]
 
     async def wait_visible(self, xids: Iterable[int]) -> None:
@@ -322,7 +329,7 @@ class OutboxStore:
         """Per aggregate, its earliest pending id below ``before`` and not in ``ids``."""
         rows = await self._fetch(
             "cdc_earliest_pending",
-            {"aggregates": list(aggregates), "ids": list(ids), "before": before},
+            {"aggregates": list(aggregates), "ids": id_array(ids), "before": before},
         )
         return {aggregate: int(first) for aggregate, first in rows}
 

@@ -6,7 +6,7 @@
 -- name: archive_sent
 -- Settling a batch in keep mode: the confirmed rows leave the outbox for the partition of now().
 WITH sent AS (
-    DELETE FROM {{schema}}.outbox WHERE id = ANY(%(ids)s)
+    DELETE FROM {{schema}}.outbox WHERE id = ANY(%(ids)s::bigint[])
     RETURNING id, event_id, event_type, aggregate_type, aggregate_id, payload, headers,
               created_at, attempts
 )

@@ -61,7 +61,7 @@ LIMIT %(limit)s
 FOR UPDATE OF o;
 
 -- name: delete_sent
-DELETE FROM {{schema}}.outbox WHERE id = ANY(%(ids)s);
+DELETE FROM {{schema}}.outbox WHERE id = ANY(%(ids)s::bigint[]);
 
 -- name: record_failures
 -- Exponential backoff per event; dead after max_attempts, or at once when the failure is permanent.
@@ -211,7 +211,7 @@ SELECT o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id,
             THEN NULL ELSE o.created_at::text END,
        o.attempts
 FROM {{schema}}.outbox AS o
-WHERE o.id = ANY(%(ids)s) AND o.published_at IS NULL AND o.dead_at IS NULL
+WHERE o.id = ANY(%(ids)s::bigint[]) AND o.published_at IS NULL AND o.dead_at IS NULL
   AND mod(coalesce(hashtext(o.aggregate_id), uuid_hash(o.event_id)) & 1023, %(count)s)
       IN (SELECT partition FROM mine)
 ORDER BY o.id
