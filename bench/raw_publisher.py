@@ -261,22 +261,27 @@ def run(
     count: int,
     window: int,
     shaped: tuple[Sequence[Row], str, str] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """``run_in_child`` in a spawned process, waited for: its RawResult as a dict."""
+    """``run_in_child`` in a spawned process, waited for: its RawResult as a dict.
+    ``on_start`` is called the moment the first message goes out (to start measuring the
+    broker then)."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
         target=run_in_child,
-        args=(url, exchange, count, window, sender),
+        args=(url, exchange, count, window, sender, on_start is not None),
         kwargs={"shaped": shaped},
         name="bench-raw",
     )
     process.start()
     sender.close()
     try:
-        if not receiver.poll(count / 200 + 60):
-            raise RuntimeError("the raw publisher did not finish in time")
-        kind, value = receiver.recv()
+        kind, value = _receive(receiver, count / 200 + 60)
+        if kind == "started":
+            assert on_start is not None
+            on_start()
+            kind, value = _receive(receiver, count / 200 + 60)
         process.join(10)
     finally:
         if process.is_alive():
@@ -286,3 +291,10 @@ def run(
         raise RuntimeError(f"raw publisher: {value}")
     result: dict[str, Any] = value
     return result
+
+
+def _receive(receiver: Connection, timeout: float) -> tuple[str, Any]:
+    if not receiver.poll(timeout):
+        raise RuntimeError(f"the raw publisher did not finish within {timeout:.0f}s")
+    kind, value = receiver.recv()
+    return str(kind), value

@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import shutil
@@ -30,12 +29,12 @@ from typing import Any
 
 import pika.exceptions
 import psycopg
+import raw_publisher
 from bench_setup import BenchEnv, bench_env, drop_replication_slot
 from consumer import Consumer
 from cpu_usage import CpuMeter
 from pgbench_runs import PLAIN_TABLE, PLAIN_TABLE_DDL, run_pgbench
 from producers import PacedProducers, PublishedCounter, insert_backlog, pending
-from raw_publisher import run_in_child as raw_publisher_child
 from relay_process import RelayProcess
 
 from outbox_relay.cdc import slots
@@ -226,33 +225,19 @@ class Bench:
         """``events`` messages (default --events) with ``window`` unconfirmed (--window)."""
         window = window or self.sizes.window
         events = events or self.sizes.events
-        context = multiprocessing.get_context("spawn")
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(
-            target=raw_publisher_child,
-            args=(self.env.broker_url, self.env.exchange, events, window, sender, True),
-            name="bench-raw",
-        )
-        process.start()
-        sender.close()
+        # The broker is measured from the first publish (the publisher connected) to the last
+        # confirm, as the publisher times itself.
+        meters: list[CpuMeter] = []
+
+        def start_meter() -> None:
+            meters.append(CpuMeter(database=self.env.database).start())
+
         try:
-            # The broker is measured from the first publish (the publisher connected) to the
-            # last confirm, as the publisher times itself.
-            kind, value = self._receive(receiver, 60, "start")
-            if kind != "started":
-                raise RuntimeError(f"raw publisher: {value}")
-            meter = CpuMeter(database=self.env.database).start()
-            try:
-                kind, value = self._receive(receiver, events / 200 + 60, "finish")
-            finally:
-                cpu = meter.stop()
-            process.join(10)
+            value = raw_publisher.run(
+                self.env.broker_url, self.env.exchange, events, window, on_start=start_meter
+            )
         finally:
-            if process.is_alive():
-                process.kill()
-                process.join(10)
-        if kind != "ok":
-            raise RuntimeError(f"raw publisher: {value}")
+            cpu = meters[0].stop() if meters else {}
         depth = self.env.queue_depth()
         self.env.purge_queue()
         result: dict[str, Any] = dict(value)
@@ -261,13 +246,6 @@ class Bench:
         result.update(queued=depth, cpu_percent=cpu)
         log(f"raw pika publisher (window {window}): {result['msg_per_s']:.0f} msg/s")
         return result
-
-    @staticmethod
-    def _receive(receiver: Any, timeout: float, what: str) -> tuple[str, Any]:
-        if not receiver.poll(timeout):
-            raise RuntimeError(f"the raw publisher did not {what} within {timeout:.0f}s")
-        kind, value = receiver.recv()
-        return str(kind), value
 
     # -- 2. backlog -------------------------------------------------------------------------
 

@@ -4,10 +4,11 @@ by the test that started it."""
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from typing import Self
 
 
-class BackgroundLoop:
+class BackgroundLoop(ABC):
     """Runs :meth:`work` on a daemon thread until :meth:`stop`, which joins the thread and
     re-raises whatever the work failed with: a helper that broke fails its test, it does not
     go quiet. ``work`` returns once ``stopping`` is set."""
@@ -18,8 +19,9 @@ class BackgroundLoop:
         self._join_timeout = join_timeout
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
+    @abstractmethod
     def work(self) -> None:
-        raise NotImplementedError
+        """The loop itself; returns once ``stopping`` is set (or its work is done)."""
 
     def start(self) -> Self:
         self._thread.start()
