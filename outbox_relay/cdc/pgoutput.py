@@ -387,9 +387,10 @@ PgOutputMessage = (
 
 
 def _read_tuple(reader: _Reader) -> tuple[TupleValue, ...]:
-    # Every streamed outbox insert comes through here, a dozen columns each: the loop reads the
-    # buffer directly rather than through _Reader's bounds-checked calls (about 4x faster), and
-    # leaves a failed bound to _Reader._take, which words the error.
+    # Every streamed outbox insert comes through here (its id alone with the relay's own
+    # publication, every column with one of the whole table): the loop reads the buffer
+    # directly rather than through _Reader's bounds-checked calls (a 13-column frame decodes in
+    # half the time), and leaves a failed bound to _Reader._take, which words the error.
     count = reader.i16()
     if count < 0:
         raise PgOutputDecodeError(f"negative column count {count} in TupleData")
