@@ -168,6 +168,24 @@ def _verification(exc: ssl.SSLCertVerificationError) -> str:
     return f"the server's certificate did not verify ({message or exc.reason})"
 
 
+def hung_up_after_handshake(link: str, where: str, files: TlsFiles) -> TlsError:
+    """The error for a server that completed the TLS handshake, then closed the connection
+    without a word. Through TLS 1.3 a server checks the client certificate after the handshake
+    and sends its alert as it hangs up; when our first request crosses that hang-up, the reset
+    can swallow the alert, and the close is all the client sees."""
+    if files.cert_file is None:
+        problem = (
+            "the server closed the connection right after the handshake, as one that requires "
+            f"a client certificate does: set {CERT_OPTION} and {KEY_OPTION}"
+        )
+    else:
+        problem = (
+            "the server closed the connection right after the handshake, as one that refuses "
+            f"our client certificate does: check {CERT_OPTION}"
+        )
+    return TlsError(f"--broker-url: TLS with {link} at {where} failed: {problem}")
+
+
 def refused(link: str, where: str, exc: BaseException) -> TlsError | None:
     """The one-line error for a TLS failure that settings must fix, or None; raise it
     ``from exc`` (the CLI prints its message alone)."""

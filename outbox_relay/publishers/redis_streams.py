@@ -324,6 +324,8 @@ class RedisStreamsPublisher:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), timeout=timeout)
+        if not answer and ssl_context is not None:
+            raise tls.hung_up_after_handshake("Redis", where, self._settings.broker_tls)
         problem = reply_problem(answer)
         if problem is not None:
             raise ConfigError(

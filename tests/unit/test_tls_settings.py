@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from outbox_relay.consumer.settings import TopologySettings
-from outbox_relay.errors import ConfigError
+from outbox_relay.errors import ConfigError, TlsError
 from outbox_relay.publishers.base import PublisherSettings
 from outbox_relay.relay.settings import RelaySettings
 from outbox_relay.settings import check_database_url
-from outbox_relay.tls import TlsFiles, certificate_problem
+from outbox_relay.tls import TlsFiles, certificate_problem, hung_up_after_handshake
 
 
 @pytest.mark.parametrize("scheme", ["amqp", "nats", "redis", "mqtt", "http"])
@@ -114,3 +114,18 @@ def test_a_verification_failure_in_a_cause_chain_is_found() -> None:
     outer = OSError("wrapped")
     outer.__cause__ = verify
     assert certificate_problem(outer) == "the server's certificate has expired"
+
+
+def test_a_server_hanging_up_after_the_handshake_points_at_the_client_certificate() -> None:
+    # TLS 1.3: the server's alert refusing a missing or bad client certificate can be lost to
+    # the reset when our first request crosses its hang-up.
+    without = hung_up_after_handshake("Redis", "rediss://h:6380/0", TlsFiles())
+    with_one = hung_up_after_handshake("Redis", "rediss://h:6380/0", TlsFiles(cert_file="c.pem"))
+
+    assert isinstance(without, TlsError)
+    assert str(without).startswith("--broker-url: TLS with Redis at rediss://h:6380/0 failed: ")
+    assert (
+        "requires a client certificate does: set --broker-cert-file and --broker-key-file"
+        in str(without)
+    )
+    assert "refuses our client certificate does: check --broker-cert-file" in str(with_one)
