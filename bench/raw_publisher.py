@@ -134,22 +134,18 @@ class _WindowedPublisher:
         while self._sent < self._count and len(self._unconfirmed) < self._window:
             n = self._sent
             if prepared is not None:
-                routing_key, body, ready = prepared[n]
-                channel.basic_publish(self._exchange, routing_key, body, ready, mandatory=True)
-                self._sent += 1
-                self._unconfirmed.append(self._sent)
-                continue
-            properties = BasicProperties(
-                content_type="application/json",
-                delivery_mode=2,
-                message_id=str(uuid.uuid4()),
-                type=EVENT_TYPE,
-                timestamp=int(time.time()),
-                headers={"aggregate_type": AGGREGATE_TYPE, "aggregate_id": str(n)},
-            )
-            channel.basic_publish(
-                self._exchange, EVENT_TYPE, self._bodies[n % 1000], properties, mandatory=True
-            )
+                routing_key, body, properties = prepared[n]
+            else:
+                routing_key, body = EVENT_TYPE, self._bodies[n % 1000]
+                properties = BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=str(uuid.uuid4()),
+                    type=EVENT_TYPE,
+                    timestamp=int(time.time()),
+                    headers={"aggregate_type": AGGREGATE_TYPE, "aggregate_id": str(n)},
+                )
+            channel.basic_publish(self._exchange, routing_key, body, properties, mandatory=True)
             self._sent += 1
             self._unconfirmed.append(self._sent)  # delivery tags start at 1
 
