@@ -7,6 +7,10 @@ ack arrives. RabbitMQ sends a message's ``basic.return`` before its ``basic.ack`
 message is known to have failed by the time it is acked. Several waves may be in flight on the
 channel at once; each delivery tag maps to its wave.
 
+Messages are encoded to their frames by ``amqp_wire`` (what pika would write, without its
+per-message objects) and written through pika's connection, which keeps everything else: the
+handshake, heartbeats, channels, confirms, returns.
+
 What RabbitMQ would close the connection or the channel for is refused before sending: a
 content-header frame larger than the negotiated frame_max, ``CC``/``BCC`` headers that are not
 lists of strings (sender-selected distribution), values AMQP cannot encode.
@@ -44,6 +48,14 @@ from outbox_relay.envelopes import (
 )
 from outbox_relay.errors import BrokerRejectedMessageError, BrokerUnavailableError, ConfigError
 from outbox_relay.messages import CONFIRMED, OutboxMessage, PublishResult, failed
+from outbox_relay.publishers.amqp_wire import (
+    EncodedProperties,
+    NativeEncoder,
+    PropertiesEncoder,
+    PublishFrames,
+    short_string,
+    table_field,
+)
 from outbox_relay.publishers.base import BrokerOptions, OnResult, PublisherSettings
 from outbox_relay.redact import redact_url
 
@@ -56,19 +68,19 @@ HEADER_FRAME_OVERHEAD = 20
 _ROUTING_HEADERS = ("CC", "BCC")
 # The AMQP binding's prefix of CloudEvents attributes among the application properties.
 CE_PREFIX = "cloudEvents:"
+# What encoding a message can raise: pika's UnsupportedAMQPFieldException (a value AMQP has no
+# type for); ShortStringTooLong (a header name over 255 bytes: an AMQPError, but no sign of a
+# broken link); struct.error (an integer header outside 64 bits); RecursionError (nesting).
+_UNENCODABLE = (
+    pika.exceptions.UnsupportedAMQPFieldException,
+    pika.exceptions.ShortStringTooLong,
+    struct.error,
+    ValueError,
+    TypeError,
+    RecursionError,
+)
 # Reply codes with which RabbitMQ closes a channel or connection over something it was sent.
 _MESSAGE_FAULTS = {406, 501, 502, 503, 505}
-
-
-def _amqp_value(value: Any) -> Any:
-    """AMQP tables have no float type in pika; carry floats as their JSON text."""
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _amqp_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_amqp_value(v) for v in value]
-    return value
 
 
 def _routing_keys(value: Any) -> bool:
@@ -92,67 +104,6 @@ def _properties_bound(message: OutboxMessage) -> int | None:
     return HEADER_FRAME_OVERHEAD + _AMQP_BYTES_PER_CHARACTER * rest
 
 
-_U32 = struct.Struct(">I").pack
-_U64 = struct.Struct(">Q").pack
-_LONG_STRING = struct.Struct(">cI").pack
-
-
-def _short_string(value: str) -> bytes:
-    """An AMQP short string, refused like pika refuses it (ShortStringTooLong)."""
-    encoded = value.encode()
-    if len(encoded) > 255:
-        raise pika.exceptions.ShortStringTooLong(encoded)
-    return bytes((len(encoded),)) + encoded
-
-
-def _table_field(key: bytes, value: Any) -> bytes:
-    """One field of an AMQP table, its name encoded already; as pika encodes it."""
-    if isinstance(value, str):
-        encoded = value.encode()
-        return key + _LONG_STRING(b"S", len(encoded)) + encoded
-    pieces = [key]
-    pika.data.encode_value(pieces, value)  # Boolean and Integer attributes: rare, pika's own
-    return b"".join(pieces)
-
-
-class _EncodedProperties(BasicProperties):
-    """Basic properties already in the wire encoding BasicProperties.encode() would give them:
-    pika writes them as they are. Their fields are decoded when first read (tests, a debugger);
-    publishing never reads them."""
-
-    def __init__(self, encoded: bytes) -> None:  # no super().__init__(): decode() sets fields
-        self._encoded = encoded
-
-    def encode(self) -> list[bytes]:
-        return [self._encoded]
-
-    def __getattr__(self, name: str) -> Any:
-        # Reached only for what is not set: every field until the first read decodes them all.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        self.decode(self._encoded)
-        try:
-            return self.__dict__[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __repr__(self) -> str:
-        return repr(BasicProperties().decode(self._encoded))
-
-
-# Binary mode sets these properties, in this (the encoding's) order: content_type, headers,
-# delivery_mode, message_id, timestamp, type. All flags fit the first flag word.
-_BINARY_FLAGS = (
-    BasicProperties.FLAG_CONTENT_TYPE
-    | BasicProperties.FLAG_HEADERS
-    | BasicProperties.FLAG_DELIVERY_MODE
-    | BasicProperties.FLAG_MESSAGE_ID
-    | BasicProperties.FLAG_TIMESTAMP
-    | BasicProperties.FLAG_TYPE
-)
-_BINARY_HEAD = struct.pack(">H", _BINARY_FLAGS) + _short_string(DATA_CONTENT_TYPE)
-_PERSISTENT = b"\x02"  # delivery_mode 2
-_AGGREGATE_ID_KEY = _short_string("aggregate_id")
 # Attribute names whose encoded table key is kept: the context attributes and the extensions
 # of the producers' header keys; bounded, should a producer make up keys per row.
 _CACHED_NAMES = 1024
@@ -168,22 +119,24 @@ class _BinaryEncoder:
     prefix), and the rest directly. The bytes are those pika would write for the same
     properties (tests/unit/test_envelopes.py holds them equal)."""
 
-    __slots__ = ("_ce", "_fixed", "_keys")
+    __slots__ = ("_aggregate_id_key", "_ce", "_fixed", "_keys", "_properties")
 
     def __init__(self, ce: CloudEvents) -> None:
         self._ce = ce
+        self._properties = PropertiesEncoder(DATA_CONTENT_TYPE)
+        self._aggregate_id_key = short_string("aggregate_id")
         self._keys: dict[str, bytes] = {}
         self._fixed = b"".join(self._field(name, value) for name, value in ce.fixed.items())
 
     def _field(self, name: str, value: Any) -> bytes:
         key = self._keys.get(name)
         if key is None:
-            key = _short_string(CE_PREFIX + name)
+            key = short_string(CE_PREFIX + name)
             if len(self._keys) < _CACHED_NAMES:
                 self._keys[name] = key
-        return _table_field(key, value)
+        return table_field(key, value)
 
-    def properties(self, message: OutboxMessage) -> _EncodedProperties:
+    def properties(self, message: OutboxMessage) -> bytes:
         """Attributes as ``cloudEvents:`` application properties (native AMQP boolean/long,
         else canonical strings: ``time`` keeps its microseconds), datacontenttype as
         content_type; ``aggregate_id`` stays a plain header too (the consumer's ordered mode
@@ -192,21 +145,8 @@ class _BinaryEncoder:
         fields = [self._fixed]
         fields += [field(name, value) for name, value in self._ce.varying(message).items()]
         if message.aggregate_id is not None:
-            fields.append(_table_field(_AGGREGATE_ID_KEY, message.aggregate_id))
-        table = b"".join(fields)
-        return _EncodedProperties(
-            b"".join(
-                (
-                    _BINARY_HEAD,
-                    _U32(len(table)),
-                    table,
-                    _PERSISTENT,
-                    _short_string(message.event_id),
-                    _U64(int(message.created_at.timestamp())),
-                    _short_string(message.event_type),
-                )
-            )
-        )
+            fields.append(table_field(self._aggregate_id_key, message.aggregate_id))
+        return self._properties.encode(message, b"".join(fields))
 
 
 class _CorkedConnection(AsyncioConnection):
@@ -222,6 +162,12 @@ class _CorkedConnection(AsyncioConnection):
         frames, self._corked = self._corked, None
         if frames and self.is_open:
             super()._adapter_emit_data(b"".join(frames))
+
+    def write_frames(self, data: bytes, frames: int) -> None:
+        """Frames encoded already (amqp_wire.PublishFrames), counted like pika counts its own."""
+        self.bytes_sent += len(data)
+        self.frames_sent += frames
+        self._adapter_emit_data(data)
 
     def _adapter_emit_data(self, data: bytes) -> None:
         if self._corked is None:
@@ -330,7 +276,16 @@ _CHUNK = 200
 class _Wave:
     """One publish_batch call in flight: its results, filled in as the broker settles them."""
 
-    __slots__ = ("done", "messages", "on_result", "results", "returned", "tags", "unsettled")
+    __slots__ = (
+        "_positions",
+        "done",
+        "messages",
+        "on_result",
+        "results",
+        "returned",
+        "tags",
+        "unsettled",
+    )
 
     def __init__(self, messages: Sequence[OutboxMessage], on_result: OnResult | None) -> None:
         self.messages = messages
@@ -340,6 +295,14 @@ class _Wave:
         self.tags: list[int] = []
         self.unsettled = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._positions: dict[str, int] | None = None
+
+    def index_of(self, event_id: str) -> int | None:
+        """The position of the message with this event id (built on the first call: only a
+        returned message is looked up)."""
+        if self._positions is None:
+            self._positions = {m.event_id: i for i, m in enumerate(self.messages)}
+        return self._positions.get(event_id)
 
     def settle(self, index: int, result: PublishResult) -> None:
         reason = self.returned.get(index)
@@ -376,7 +339,11 @@ class RabbitMQPublisher:
         self._router = settings.router()
         self._declaring = settings.exchange  # the exchange being declared, for errors
         self._ce = settings.cloudevents
+        self._native_encoder = NativeEncoder()
         self._binary_encoder = None if self._ce is None else _BinaryEncoder(self._ce)
+        self._structured_encoder = PropertiesEncoder(STRUCTURED_CONTENT_TYPE)
+        # basic.publish frames for the open channel (set when it opens).
+        self._frames: PublishFrames | None = None
         # Body and properties of one message, in the chosen format; picked once.
         self._encode = {
             MessageFormat.NATIVE: self._native,
@@ -396,9 +363,8 @@ class RabbitMQPublisher:
         self._connection: _CorkedConnection | None = None
         self._channel: Channel | None = None
         # Several waves may be in flight at once (the relay sends the next before the previous
-        # is confirmed). Delivery tag -> (wave, position), in tag order; message id -> the same.
+        # is confirmed). Delivery tag -> (wave, position), in tag order.
         self._unconfirmed: dict[int, tuple[_Wave, int]] = {}
-        self._by_message_id: dict[str, tuple[_Wave, int]] = {}
         self._waves: set[_Wave] = set()
         self._next_tag = 1
         self._failure: BaseException | None = None
@@ -468,7 +434,6 @@ class RabbitMQPublisher:
         self._failure = None
         self._next_tag = 1
         self._unconfirmed.clear()
-        self._by_message_id.clear()
         if self._connections is not None:
             self._connection = await self._connections.attach(self)
             self._connection.channel(on_open_callback=on_channel)
@@ -497,6 +462,8 @@ class RabbitMQPublisher:
         finally:
             self._opening = None
         self._frame_max = int(self._connection.params.frame_max)
+        assert self._channel is not None
+        self._frames = PublishFrames(self._channel.channel_number, self._frame_max)
         self._answered = True
         log.info("connected to broker", extra={"broker": "rabbitmq", "url": where})
 
@@ -558,9 +525,8 @@ class RabbitMQPublisher:
         if bound is not None and bound + self._bound_extra <= self._frame_max:
             return None
         try:
-            properties = self._encode(message)[1]
-            size = HEADER_FRAME_OVERHEAD + len(b"".join(properties.encode()))
-        except (pika.exceptions.AMQPError, struct.error, ValueError, TypeError) as exc:
+            size = HEADER_FRAME_OVERHEAD + len(self._encode(message)[1])
+        except _UNENCODABLE as exc:
             return f"headers cannot be encoded as AMQP: {exc!r}"
         if size > self._frame_max:
             return (
@@ -572,51 +538,29 @@ class RabbitMQPublisher:
     def encode(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
         """The message's body and properties as they go on the wire, in the chosen format
         (bench/raw_publisher.py sends exactly these to measure a format's cost to the broker)."""
-        return self._encode(message)
+        body, properties = self._encode(message)
+        return body, EncodedProperties(properties)
 
-    def _native(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
-        return message.payload, self._properties(message)
+    def _native(self, message: OutboxMessage) -> tuple[bytes, bytes]:
+        return message.payload, self._native_encoder.properties(message)
 
-    def _binary(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
+    def _binary(self, message: OutboxMessage) -> tuple[bytes, bytes]:
         """AMQP binding, binary mode: the payload as the body, the attributes in the properties
         (:meth:`_BinaryEncoder.properties`)."""
         assert self._binary_encoder is not None
         return message.payload, self._binary_encoder.properties(message)
 
-    def _structured(self, message: OutboxMessage) -> tuple[bytes, BasicProperties]:
+    def _structured(self, message: OutboxMessage) -> tuple[bytes, bytes]:
         """AMQP binding, structured mode: the JSON event format as the body."""
         ce = self._ce
         assert ce is not None
-        headers = None if message.aggregate_id is None else {"aggregate_id": message.aggregate_id}
-        properties = self._amqp_properties(message, STRUCTURED_CONTENT_TYPE, headers)
-        return ce.structured(message), properties
-
-    @staticmethod
-    def _amqp_properties(
-        message: OutboxMessage, content_type: str, headers: dict[str, Any] | None
-    ) -> BasicProperties:
-        # message_id, type and timestamp in every format: returns, retries and dead letters
-        # are matched and routed by them.
-        return BasicProperties(
-            content_type=content_type,
-            delivery_mode=2,
-            message_id=message.event_id,
-            type=message.event_type,
-            timestamp=int(message.created_at.timestamp()),
-            headers=headers,
+        encoder = self._structured_encoder
+        table = (
+            None
+            if message.aggregate_id is None
+            else encoder.field("aggregate_id", message.aggregate_id)
         )
-
-    @staticmethod
-    def _properties(message: OutboxMessage) -> BasicProperties:
-        headers = message.broker_headers()
-        return BasicProperties(
-            content_type="application/json",
-            delivery_mode=2,
-            message_id=message.event_id,
-            type=message.event_type,
-            timestamp=int(message.created_at.timestamp()),
-            headers=_amqp_value(headers) if headers else None,
-        )
+        return ce.structured(message), encoder.encode(message, table)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -631,7 +575,12 @@ class RabbitMQPublisher:
         exchange = self._settings.exchange
         router = self._router if self._router else None
         connection = self._connection
+        frames = self._frames
         assert connection is not None
+        assert frames is not None
+        encode = self._encode
+        unconfirmed = self._unconfirmed
+        tags = wave.tags
         try:
             for index, message in enumerate(messages):
                 if index % _CHUNK == 0:
@@ -644,36 +593,25 @@ class RabbitMQPublisher:
                         ) from self._failure
                     connection.cork()
                 try:
-                    body, properties = self._encode(message)
-                    channel.basic_publish(
+                    body, properties = encode(message)
+                    data = frames.message(
                         exchange if router is None else router.destination(message),
                         message.event_type,
                         body,
                         properties,
-                        mandatory=True,
                     )
-                except (
-                    pika.exceptions.UnsupportedAMQPFieldException,
-                    # A header name over 255 bytes; an AMQPError, but no sign of a broken link.
-                    pika.exceptions.ShortStringTooLong,
-                    # An integer header outside 64 bits.
-                    struct.error,
-                    ValueError,
-                    TypeError,
-                    RecursionError,
-                ) as exc:
-                    # Marshalled before anything is written, so nothing was sent.
+                except _UNENCODABLE as exc:
+                    # Encoded before anything is written, so nothing was sent.
                     wave.refuse(
                         index, failed(f"headers cannot be encoded as AMQP: {exc!r}", permanent=True)
                     )
                     continue
-                except pika.exceptions.AMQPError as exc:
-                    raise BrokerUnavailableError(f"RabbitMQ publish failed: {exc!r}") from exc
-                self._unconfirmed[self._next_tag] = (wave, index)
-                self._by_message_id[message.event_id] = (wave, index)
-                wave.tags.append(self._next_tag)
+                connection.write_frames(data, frames.frames(body))
+                tag = self._next_tag
+                unconfirmed[tag] = (wave, index)
+                tags.append(tag)
                 wave.unsettled += 1
-                self._next_tag += 1
+                self._next_tag = tag + 1
             connection.uncork()
             wave.maybe_done()
             try:
@@ -698,8 +636,6 @@ class RabbitMQPublisher:
             wave.done.exception()  # raised already in another form; not worth a log line
         for tag in wave.tags:
             self._unconfirmed.pop(tag, None)
-        for message in wave.messages:
-            self._by_message_id.pop(message.event_id, None)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -727,14 +663,17 @@ class RabbitMQPublisher:
     ) -> None:
         if channel is not self._channel or properties.message_id is None:
             return
-        entry = self._by_message_id.get(properties.message_id)
-        if entry is not None:
-            wave, index = entry
-            wave.returned[index] = (
-                f"unroutable: {method.reply_code} {method.reply_text} (exchange "
-                f"{method.exchange!r}, routing key {method.routing_key!r}); bind a queue or "
-                "set an alternate exchange"
-            )
+        # Returns are rare (nothing bound for a routing key): the message is looked for among
+        # the waves in flight, instead of indexing every message sent by its id.
+        for wave in self._waves:
+            index = wave.index_of(properties.message_id)
+            if index is not None:
+                wave.returned[index] = (
+                    f"unroutable: {method.reply_code} {method.reply_text} (exchange "
+                    f"{method.exchange!r}, routing key {method.routing_key!r}); bind a queue or "
+                    "set an alternate exchange"
+                )
+                return
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc

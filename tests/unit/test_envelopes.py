@@ -272,7 +272,7 @@ def _delivery(message_format: MessageFormat, row: OutboxMessage) -> tuple[BasicP
         | ({} if message_format is MessageFormat.NATIVE else {"ce_source": "/shop"})
     )
     publisher = RabbitMQPublisher(settings)
-    body, properties = publisher._encode(row)  # the encoding alone
+    body, properties = publisher.encode(row)  # the encoding alone
     # Through the AMQP codec and back, as pika delivers it.
     encoded = b"".join(properties.encode())
     received = BasicProperties()
@@ -328,7 +328,7 @@ def test_binary_properties_are_the_bytes_pika_writes_for_the_binding(row: Outbox
         headers=headers,
     )
 
-    body, properties = RabbitMQPublisher(settings)._encode(row)
+    body, properties = RabbitMQPublisher(settings).encode(row)
 
     assert body == row.payload
     assert b"".join(properties.encode()) == b"".join(expected.encode())
@@ -336,7 +336,7 @@ def test_binary_properties_are_the_bytes_pika_writes_for_the_binding(row: Outbox
 
 def test_binary_properties_read_like_any_others() -> None:
     row = message()
-    _body, properties = RabbitMQPublisher(_binary_settings())._encode(row)
+    _body, properties = RabbitMQPublisher(_binary_settings()).encode(row)
 
     assert properties.message_id == row.event_id
     assert properties.type == "order.created"
@@ -353,7 +353,7 @@ def test_a_binary_attribute_name_amqp_cannot_carry_is_refused_like_pika_refuses_
     row = message(headers={"k" * 250: "v"})  # cloudEvents: + 250 letters > 255 bytes
 
     with pytest.raises(pika.exceptions.ShortStringTooLong):
-        publisher._encode(row)
+        publisher.encode(row)
     assert "headers cannot be encoded as AMQP" in (publisher.message_problem(row) or "")
 
 
