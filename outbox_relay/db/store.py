@@ -69,8 +69,9 @@ class Share:
         }
 
     @property
-    def buckets(self) -> list[int]:
-        """The ordering buckets of the partitions (a bucket's partition: bucket mod count)."""
+    def buckets(self) -> str:
+        """The ordering buckets of the partitions (a bucket's partition: bucket mod count), as
+        an array literal (``id_array``): every claim sends them, up to 1,024 of them."""
         return _buckets(self.partitions, self.count)
 
 
@@ -82,10 +83,10 @@ def id_array(ids: Iterable[int]) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _buckets(partitions: tuple[int, ...], count: int) -> list[int]:
-    # Built once per share (an idle relay claims with the same one for hours); never mutated.
+def _buckets(partitions: tuple[int, ...], count: int) -> str:
+    # Built once per share (an idle relay claims with the same one for hours).
     owned = set(partitions)
-    return [b for b in range(BUCKETS) if count and b % count in owned]
+    return id_array(b for b in range(BUCKETS) if count and b % count in owned)
 
 
 class OutboxStore:
