@@ -33,7 +33,6 @@ from itertools import takewhile
 from typing import Any
 
 import pika
-import pika.data
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
