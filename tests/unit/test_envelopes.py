@@ -5,7 +5,7 @@ choose a format; the consumer decoding all three formats of RabbitMQ into one Ev
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import pika.exceptions
@@ -34,24 +34,15 @@ from outbox_relay.publishers import create_publisher
 from outbox_relay.publishers.base import PublisherSettings
 from outbox_relay.publishers.rabbitmq import CE_PREFIX, RabbitMQPublisher
 from outbox_relay.relay.settings import RelaySettings
+from tests.unit.outbox_messages import (
+    CREATED,
+    TRACEPARENT,
+    TYPED_HEADERS,
+    outbox_message,
+    pika_properties,
+)
 
-CREATED = datetime(2026, 3, 1, 12, 30, 45, 123456, tzinfo=UTC)
-TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-def message(**changes: Any) -> OutboxMessage:
-    values: dict[str, Any] = {
-        "id": 1,
-        "event_id": "8d4f6a53-1c1e-4a0e-9a55-1f0a3f2b8c11",
-        "event_type": "order.created",
-        "aggregate_type": "order",
-        "aggregate_id": "o-42",
-        "payload": b'{"total":12.5,"note":"gr\xc3\xbc\xc3\x9fe"}',
-        "headers": {"tenant": "acme", "traceparent": TRACEPARENT, "tracestate": "k=v"},
-        "created_at": CREATED,
-    }
-    values.update(changes)
-    return OutboxMessage(**values)
+message = outbox_message
 
 
 # -- extension names ------------------------------------------------------------------------
@@ -292,17 +283,7 @@ def _binary_settings() -> PublisherSettings:
         message(),
         message(aggregate_type=None, aggregate_id=None, headers={}),
         message(aggregate_id="", headers={"gone": None}),  # no subject, an empty aggregate_id
-        message(
-            headers={
-                "Tenant-ID": 'acmé "north" 100%',
-                "flag": True,
-                "n": -7,
-                "big": 2**40,
-                "ratio": 0.5,
-                "nested": {"a": [1, "ü"]},
-                "emoji": "😀",
-            }
-        ),
+        message(headers=TYPED_HEADERS),
         message(created_at=CREATED.astimezone(timezone(timedelta(hours=-5)))),
         message(event_id="e" * 255, event_type="order." + "x" * 200, payload=b"[]"),
     ],
@@ -319,19 +300,12 @@ def test_binary_properties_are_the_bytes_pika_writes_for_the_binding(row: Outbox
     headers = {CE_PREFIX + name: value for name, value in attributes.items()}
     if row.aggregate_id is not None:
         headers["aggregate_id"] = row.aggregate_id  # the ordered consumer hashes it
-    expected = BasicProperties(
-        content_type=DATA_CONTENT_TYPE,
-        delivery_mode=2,
-        message_id=row.event_id,
-        type=row.event_type,
-        timestamp=int(row.created_at.timestamp()),
-        headers=headers,
-    )
+    expected = pika_properties(row, DATA_CONTENT_TYPE, headers)
 
     body, properties = RabbitMQPublisher(settings).encode(row)
 
     assert body == row.payload
-    assert b"".join(properties.encode()) == b"".join(expected.encode())
+    assert b"".join(properties.encode()) == expected
 
 
 def test_binary_properties_read_like_any_others() -> None:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from outbox_relay.messages import (
     CONFIRMED,
     MAX_EVENT_TYPE_BYTES,
-    OutboxMessage,
     event_type_problem,
     failed,
 )
+from tests.unit.outbox_messages import outbox_message
 
 
 @pytest.mark.parametrize(
@@ -50,32 +48,21 @@ def test_event_type_longer_than_a_short_string_is_refused() -> None:
     assert str(MAX_EVENT_TYPE_BYTES) in problem
 
 
-def message(**changes: object) -> OutboxMessage:
-    fields: dict[str, object] = {
-        "id": 1,
-        "event_id": "5b7a3a52-8d0e-4b8e-9d55-3b1d1b1b1b1b",
-        "event_type": "order.created",
-        "aggregate_type": "order",
-        "aggregate_id": "42",
-        "payload": b'{"id": 42}',
-        "headers": {"traceparent": "00-abc-def-01"},
-        "created_at": datetime(2024, 1, 1, tzinfo=UTC),
-    }
-    fields.update(changes)
-    return OutboxMessage(**fields)  # type: ignore[arg-type]  # fields of mixed types by design
+message = outbox_message
 
 
 def test_broker_headers_carry_row_headers_and_the_aggregate() -> None:
-    assert message().broker_headers() == {
+    row = message(headers={"traceparent": "00-abc-def-01"})
+    assert row.broker_headers() == {
         "traceparent": "00-abc-def-01",
         "aggregate_type": "order",
-        "aggregate_id": "42",
+        "aggregate_id": "o-42",
     }
 
 
 def test_broker_headers_leave_out_a_missing_aggregate() -> None:
-    headers = message(aggregate_type=None, aggregate_id=None).broker_headers()
-    assert headers == {"traceparent": "00-abc-def-01"}
+    row = message(aggregate_type=None, aggregate_id=None, headers={"traceparent": "t"})
+    assert row.broker_headers() == {"traceparent": "t"}
 
 
 def test_broker_headers_do_not_mutate_the_row_headers() -> None:
@@ -89,7 +76,7 @@ def test_broker_headers_do_not_mutate_the_row_headers() -> None:
 def test_the_row_aggregate_wins_over_a_header_of_the_same_name() -> None:
     # Consumers route and deduplicate on aggregate_id: a producer's header must not spoof it.
     headers = message(headers={"aggregate_id": "spoofed"}).broker_headers()
-    assert headers["aggregate_id"] == "42"
+    assert headers["aggregate_id"] == "o-42"
 
 
 def test_publish_results() -> None:
