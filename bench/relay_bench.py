@@ -173,11 +173,19 @@ def quiet_database(env: BenchEnv) -> None:
 
 
 class Bench:
-    def __init__(self, env: BenchEnv, sizes: Sizes, batch_size: int, profile_dir: Path | None):
+    def __init__(
+        self,
+        env: BenchEnv,
+        sizes: Sizes,
+        batch_size: int,
+        profile_dir: Path | None,
+        raw_batched: bool = False,
+    ):
         self.env = env
         self.sizes = sizes
         self.batch_size = batch_size
         self.profile_dir = profile_dir
+        self.raw_batched = raw_batched  # the raw publisher batches its writes (raw_publisher.py)
         self._relay_pids: set[int] = set()  # the relay running during a pgbench run, if any
         self.interrupted: list[str] = []  # phases run again after a service restart
 
@@ -234,7 +242,12 @@ class Bench:
 
         try:
             value = raw_publisher.run(
-                self.env.broker_url, self.env.exchange, events, window, on_start=start_meter
+                self.env.broker_url,
+                self.env.exchange,
+                events,
+                window,
+                on_start=start_meter,
+                batched=self.raw_batched,
             )
         finally:
             cpu = meters[0].stop() if meters else {}
@@ -244,7 +257,8 @@ class Bench:
         cpu.pop("relay")
         cpu["publisher"] = result["cpu_percent"]  # measured by the publisher itself
         result.update(queued=depth, cpu_percent=cpu)
-        log(f"raw pika publisher (window {window}): {result['msg_per_s']:.0f} msg/s")
+        writes = ", batched writes" if self.raw_batched else ""
+        log(f"raw pika publisher (window {window}{writes}): {result['msg_per_s']:.0f} msg/s")
         return result
 
     # -- 2. backlog -------------------------------------------------------------------------
@@ -991,6 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, metavar="DIR", help="py-spy the relay during the backlog runs"
     )
     parser.add_argument(
+        "--raw-batched-writes",
+        action="store_true",
+        help="the raw publisher writes the messages one read of acks releases in one piece, "
+        "as the relay does, instead of pika's send per frame: the stronger ceiling",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(PARTS),
         help=f"comma-separated parts to run (default all): {', '.join(PARTS)}",
@@ -1037,6 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
             "parts": parts,
             "sizes": sizes.__dict__,
             "batch_size": args.batch_size,
+            "raw_batched_writes": args.raw_batched_writes,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "relay_version": code_version(),
@@ -1044,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     }
     with bench_env(args.admin_url, args.broker_url) as env:
-        bench = Bench(env, sizes, args.batch_size, args.profile)
+        bench = Bench(env, sizes, args.batch_size, args.profile, args.raw_batched_writes)
         results["meta"]["database"] = env.database  # and the slot name of the CDC runs
         relay_rate = 5000.0  # sizes the "relay busy" backlog when throughput is not measured
         if "throughput" in parts:
