@@ -240,3 +240,75 @@ def test_brokers_bench_pairs_message_formats_on_rabbitmq(
         assert summary["rabbitmq", fmt]["median_ratio_to_raw_ceiling"] > 0
     assert "vs native" in done.stdout
     assert "vs raw" in done.stdout
+
+
+def _drain_results(relay_runs: dict[str, tuple[float, float]]) -> dict[str, object]:
+    """A saved drain matrix of one profile: a raw publisher at 10,000 msg/s with the broker at
+    90% of a core, and per mode one relay run at (events/s, broker CPU %)."""
+    raw = {"msg_per_s": 10_000.0, "cpu_us_per_msg": 20.0, "cpu_percent": {"rabbitmq": 90.0}}
+    return {
+        "meta": {"uptime_before": "-", "uptime_after": "-", "seconds": 1.0},
+        "drain": {
+            "events": 100_000,
+            "rounds": 1,
+            "batch_size": 4000,
+            "profiles": {
+                "c": {
+                    "label": "1,000 aggregates",
+                    "raw_window": 1000,
+                    "target_ratio": 0.85,
+                    "raw": {"runs": [raw]},
+                    "relay": {
+                        mode: {
+                            "runs": [
+                                {
+                                    "events_per_s": rate,
+                                    "raw_just_before": 10_000.0,
+                                    "relay_cpu_us_per_event": 20.0,
+                                    "broker_cpu_percent": broker,
+                                }
+                            ]
+                        }
+                        for mode, (rate, broker) in relay_runs.items()
+                    },
+                }
+            },
+        },
+    }
+
+
+def test_summarise_recomputes_the_verdicts_of_a_saved_run(tmp_path: Path) -> None:
+    # Given a saved run where the broker works 15 points more than under the raw publisher:
+    # in notify mode because the relay drains 20% faster (at raw's rate: 87.5%, within 10
+    # points), in cdc mode at raw's rate (harder per message), in poll mode 15 points less
+    saved = tmp_path / "saved.json"
+    saved.write_text(
+        json.dumps(
+            _drain_results({"notify": (12_000, 105), "cdc": (10_000, 105), "poll": (9_000, 75)})
+        )
+    )
+    output = tmp_path / "summarised.json"
+
+    # When the bench recomputes it
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--summarise", str(saved), "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    # Then only a broker left idler or made to work harder per message misses
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(output.read_text())
+    relay = results["drain"]["profiles"]["c"]["relay"]
+    broker = {mode: entry["verdicts"]["broker_cpu"] for mode, entry in relay.items()}
+    assert {mode: verdict["met"] for mode, verdict in broker.items()} == {
+        "notify": True,
+        "cdc": False,
+        "poll": False,
+    }
+    assert broker["notify"]["value_at_raw_rate"] == -2.5
+    assert relay["notify"]["median"]["ratio_vs_raw_median"] == 1.2
+    assert results["targets"]["drain_matrix"]["value"] == "6 of 8"
+    assert "broker MISSED" in done.stdout
