@@ -50,7 +50,7 @@ class RawResult:
     cpu_us_per_msg: float
 
 
-class _CorkedSelectConnection(SelectConnection):  # type: ignore[misc]
+class _CorkedSelectConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped (Any)
     """While corked, frames are collected and written in one piece (see ``batched``)."""
 
     corked: list[bytes] | None = None
