@@ -110,11 +110,13 @@ _PERSISTENT = b"\x02"  # delivery_mode 2
 class PropertiesEncoder:
     """The properties of one content type: the table of headers given per message, message_id,
     type and timestamp from the row (returns, retries and dead letters are matched and routed by
-    them), persistent delivery."""
+    them), persistent delivery. Table keys are the names given with ``key_prefix`` before them
+    (CloudEvents binary mode: ``cloudEvents:``)."""
 
-    __slots__ = ("_keys", "_with_headers", "_without_headers")
+    __slots__ = ("_key_prefix", "_keys", "_with_headers", "_without_headers")
 
-    def __init__(self, content_type: str) -> None:
+    def __init__(self, content_type: str, key_prefix: str = "") -> None:
+        self._key_prefix = key_prefix
         self._keys: dict[str, bytes] = {}
         content_type_field = short_string(content_type)
         self._with_headers = _U16(_FLAGS | BasicProperties.FLAG_HEADERS) + content_type_field
@@ -124,7 +126,7 @@ class PropertiesEncoder:
         """A table key, encoded once per name."""
         key = self._keys.get(name)
         if key is None:
-            key = short_string(name)
+            key = short_string(self._key_prefix + name)
             if len(self._keys) < _CACHED:
                 self._keys[name] = key
         return key

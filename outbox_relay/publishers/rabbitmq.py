@@ -103,11 +103,6 @@ def _properties_bound(message: OutboxMessage) -> int | None:
     return HEADER_FRAME_OVERHEAD + _AMQP_BYTES_PER_CHARACTER * rest
 
 
-# Attribute names whose encoded table key is kept: the context attributes and the extensions
-# of the producers' header keys; bounded, should a producer make up keys per row.
-_CACHED_NAMES = 1024
-
-
 class _BinaryEncoder:
     """The AMQP binding's binary mode, written straight as the content header's properties.
 
@@ -118,29 +113,22 @@ class _BinaryEncoder:
     prefix), and the rest directly. The bytes are those pika would write for the same
     properties (tests/unit/test_envelopes.py holds them equal)."""
 
-    __slots__ = ("_aggregate_id_key", "_ce", "_fixed", "_keys", "_properties")
+    __slots__ = ("_aggregate_id_key", "_ce", "_fixed", "_properties")
 
     def __init__(self, ce: CloudEvents) -> None:
         self._ce = ce
-        self._properties = PropertiesEncoder(DATA_CONTENT_TYPE)
+        # Attribute names are encoded with their prefix once (properties.key).
+        self._properties = PropertiesEncoder(DATA_CONTENT_TYPE, key_prefix=CE_PREFIX)
         self._aggregate_id_key = short_string("aggregate_id")
-        self._keys: dict[str, bytes] = {}
-        self._fixed = b"".join(self._field(name, value) for name, value in ce.fixed.items())
-
-    def _field(self, name: str, value: Any) -> bytes:
-        key = self._keys.get(name)
-        if key is None:
-            key = short_string(CE_PREFIX + name)
-            if len(self._keys) < _CACHED_NAMES:
-                self._keys[name] = key
-        return table_field(key, value)
+        field = self._properties.field
+        self._fixed = b"".join(field(name, value) for name, value in ce.fixed.items())
 
     def properties(self, message: OutboxMessage) -> bytes:
         """Attributes as ``cloudEvents:`` application properties (native AMQP boolean/long,
         else canonical strings: ``time`` keeps its microseconds), datacontenttype as
         content_type; ``aggregate_id`` stays a plain header too (the consumer's ordered mode
         hashes it); message_id, type and timestamp as in every format."""
-        field = self._field
+        field = self._properties.field
         fields = [self._fixed]
         fields += [field(name, value) for name, value in self._ce.varying(message).items()]
         if message.aggregate_id is not None:
